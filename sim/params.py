@@ -1,0 +1,78 @@
+"""Parameters of the simulated optics, sensor and display.
+
+These pydantic models are the `[sim.*]` sections of a bench file: `hil.config` composes them, and the
+physics in `sim/` takes them directly, so a key has one name, one default and one bound everywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FrontendParams(_Section):
+    """The designed optical frontend: which kernels sit on the sensor, and how."""
+
+    kernels: int = Field(8, ge=1, le=1024, description="number of kernels (feature maps)")
+    kernel_size: int = Field(7, ge=1, le=256, description="kernel (PSF) side in sensor pixels")
+    signed: bool = Field(True, description="signed kernels as a positive/negative PSF pair")
+    channels: Literal[1, 3] = Field(1, description="input colour channels (1 or 3)")
+    tile_gap_px: int = Field(4, ge=0, le=1024, description="dark gap between tiles on the sensor")
+    design_seed: int = Field(0, description="seed of the designed PSFs of the simulated bench")
+
+
+class FabricationParams(_Section):
+    """How the fabricated frontend differs from its design (NTKD.md: y = α·(a shifted by β) ⊛ (k + δ) + ε)."""
+
+    gain: float = Field(0.9, gt=0, description="brightness gain α of the fabricated optic")
+    shift_px: tuple[float, float] = Field(
+        (1.4, -0.8), description="image-on-kernel misalignment β (x, y) in pixels"
+    )
+    rotation_deg: float = Field(0.6, ge=-45, le=45, description="image rotation on the kernels")
+    kernel_error: float = Field(0.1, ge=0, le=1, description="relative kernel fabrication error δ")
+    kernel_blur_px: float = Field(0.5, ge=0, le=20, description="Gaussian blur σ of the PSFs")
+    background: float = Field(
+        0.01, ge=0, le=1, description="stray light, as a fraction of a white field's peak"
+    )
+    illumination_falloff: float = Field(
+        0.05, ge=0, lt=1, description="relative illumination drop at the display's corners"
+    )
+    seed: int = Field(0, description="seed of the random fabrication errors")
+
+
+class SensorParams(_Section):
+    """The camera sensor: photons to electrons to digital numbers."""
+
+    bit_depth: int = Field(12, ge=8, le=16, description="ADC bits")
+    full_well_e: float = Field(10000.0, gt=0, description="full-well capacity in electrons")
+    read_noise_e: float = Field(3.0, ge=0, description="read noise σ in electrons")
+    dark_e: float = Field(5.0, ge=0, description="mean dark signal per frame in electrons")
+    black_level_dn: int = Field(
+        32, ge=0, description="ADC offset in DN, keeps read noise unclipped"
+    )
+    exposure_s: float = Field(0.01, gt=0, le=60, description="exposure time in seconds")
+    fps_limit: float = Field(120.0, gt=0, description="maximum frame rate in frames per second")
+    flux_e_per_s: float = Field(
+        5.0e5, gt=0, description="electrons per second per pixel for unit irradiance"
+    )
+
+
+class DisplayParams(_Section):
+    """The display or SLM that shows the input images."""
+
+    width: int = Field(32, ge=1, le=8192, description="width in pixels")
+    height: int = Field(32, ge=1, le=8192, description="height in pixels")
+    gamma: float = Field(2.2, gt=0, le=5, description="emitted intensity = value ** gamma")
+    bit_depth: int = Field(8, ge=1, le=16, description="bits per pixel the display accepts")
+
+
+class SimParams(_Section):
+    frontend: FrontendParams = FrontendParams()
+    fabrication: FabricationParams = FabricationParams()
+    sensor: SensorParams = SensorParams()
+    display: DisplayParams = DisplayParams()

@@ -1,7 +1,7 @@
 """Parameters of the simulated optics, sensor and display.
 
-These pydantic models are the `[sim.*]` sections of a bench file: `hil.config` composes them, and the
-physics in `sim/` takes them directly, so a key has one name, one default and one bound everywhere.
+These pydantic models are the `[sim.*]` sections of a bench file: `hil.config` composes them, and
+the physics in `sim/` takes them directly, so a key has one name, one default and one bound.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class FrontendParams(_Section):
 
 
 class FabricationParams(_Section):
-    """How the fabricated frontend differs from its design (NTKD.md: y = α·(a shifted by β) ⊛ (k + δ) + ε)."""
+    """How the fabricated optic differs from its design: y = α·(a shifted by β) ⊛ (k + δ) + ε."""
 
     gain: float = Field(0.9, gt=0, description="brightness gain α of the fabricated optic")
     shift_px: tuple[float, float] = Field(
@@ -58,7 +58,7 @@ class SensorParams(_Section):
     exposure_s: float = Field(0.01, gt=0, le=60, description="exposure time in seconds")
     fps_limit: float = Field(120.0, gt=0, description="maximum frame rate in frames per second")
     flux_e_per_s: float = Field(
-        5.0e5, gt=0, description="electrons per second per pixel for unit irradiance"
+        1.0e6, gt=0, description="electrons per second per pixel for unit irradiance"
     )
 
 

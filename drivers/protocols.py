@@ -1,0 +1,239 @@
+"""The device protocols every backend implements, real or simulated.
+
+Public methods validate and convert; a backend implements only the small private hooks (`_show_hw`,
+`_snap_hw`, ...), so every backend gets the same checks and the same errors.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from drivers.errors import DeviceDisconnected, DeviceError
+
+
+class Device:
+    """Open/close life cycle, a context manager, and a settings snapshot for the run record."""
+
+    kind = "device"
+    simulated = False
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._open = False
+
+    @property
+    def is_open(self) -> bool:
+        return self._open
+
+    def open(self) -> None:
+        if not self._open:
+            self._open_hw()
+            self._open = True
+
+    def close(self) -> None:
+        if self._open:
+            try:
+                self._close_hw()
+            finally:
+                self._open = False
+
+    def __enter__(self):
+        self.open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _require_open(self) -> None:
+        if not self._open:
+            raise DeviceDisconnected(f"{self.kind} {self.name!r} is not open")
+
+    def snapshot(self) -> dict[str, Any]:
+        """Settings worth recording with every run."""
+        return {"name": self.name, "kind": self.kind, "simulated": self.simulated}
+
+    def _open_hw(self) -> None:
+        pass
+
+    def _close_hw(self) -> None:
+        pass
+
+
+def _check_timeout(timeout_s: float) -> float:
+    timeout_s = float(timeout_s)
+    if not (math.isfinite(timeout_s) and timeout_s > 0):
+        raise ValueError(f"timeout_s must be finite and positive, got {timeout_s}")
+    return timeout_s
+
+
+class Display(Device, ABC):
+    """A monitor or SLM: shows a (H, W) image of values in [0, 1] or integer levels."""
+
+    kind = "display"
+
+    def __init__(self, name: str, shape: tuple[int, int], bit_depth: int = 8) -> None:
+        super().__init__(name)
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.bit_depth = int(bit_depth)
+
+    def to_levels(self, image: np.ndarray) -> np.ndarray:
+        """Validate an image and convert it to float32 in [0, 1] as the display will show it."""
+        image = np.asarray(image)
+        if image.shape != self.shape:
+            raise ValueError(f"{self.name}: image must be {self.shape} (H, W), got {image.shape}")
+        top = 2**self.bit_depth - 1
+        if np.issubdtype(image.dtype, np.integer):
+            if image.min() < 0 or image.max() > top:
+                raise ValueError(f"{self.name}: integer levels must lie in [0, {top}]")
+            return (image.astype(np.float32) / top).astype(np.float32)
+        if np.issubdtype(image.dtype, np.floating):
+            if not np.isfinite(image).all() or image.min() < 0 or image.max() > 1:
+                raise ValueError(f"{self.name}: float images must be finite and in [0, 1]")
+            # a real display shows quantised levels; so does every backend
+            return (np.round(image * top) / top).astype(np.float32)
+        raise TypeError(f"{self.name}: unsupported image dtype {image.dtype}")
+
+    def show(self, image: np.ndarray) -> None:
+        self._require_open()
+        self._show_hw(self.to_levels(image))
+
+    def blank(self) -> None:
+        """Show black; also what every exit path does."""
+        if self._open:
+            self._show_hw(np.zeros(self.shape, np.float32))
+
+    def snapshot(self) -> dict[str, Any]:
+        return super().snapshot() | {"shape": list(self.shape), "bit_depth": self.bit_depth}
+
+    @abstractmethod
+    def _show_hw(self, levels: np.ndarray) -> None: ...
+
+
+@dataclass
+class Frame:
+    """One camera frame in digital numbers, with what a later reader needs to trust it."""
+
+    image: np.ndarray
+    timestamp_s: float
+    exposure_s: float
+    frame_id: int
+    simulated: bool
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Camera(Device, ABC):
+    """A camera delivering (H, W) frames in DN with a bounded exposure."""
+
+    kind = "camera"
+
+    def __init__(
+        self,
+        name: str,
+        shape: tuple[int, int],
+        bit_depth: int,
+        exposure_range_s: tuple[float, float],
+    ) -> None:
+        super().__init__(name)
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.bit_depth = int(bit_depth)
+        self.exposure_range_s = (float(exposure_range_s[0]), float(exposure_range_s[1]))
+
+    @property
+    def max_dn(self) -> int:
+        return 2**self.bit_depth - 1
+
+    @property
+    def exposure_s(self) -> float:
+        return self._get_exposure_hw()
+
+    @exposure_s.setter
+    def exposure_s(self, value: float) -> None:
+        lo, hi = self.exposure_range_s
+        value = float(value)
+        if not (lo <= value <= hi):
+            raise ValueError(f"{self.name}: exposure {value} s outside [{lo}, {hi}] s")
+        self._require_open()
+        self._set_exposure_hw(value)
+
+    def snap(self, timeout_s: float = 2.0) -> Frame:
+        """Acquire one frame; raises DeviceTimeout if none arrives within timeout_s."""
+        timeout_s = _check_timeout(timeout_s)
+        self._require_open()
+        frame = self._snap_hw(timeout_s)
+        if frame.image.shape != self.shape:
+            raise DeviceError(
+                f"{self.name}: frame is {frame.image.shape}, expected {self.shape} (corrupt?)"
+            )
+        return frame
+
+    def snapshot(self) -> dict[str, Any]:
+        return super().snapshot() | {
+            "shape": list(self.shape),
+            "bit_depth": self.bit_depth,
+            "exposure_s": self.exposure_s if self._open else None,
+        }
+
+    @abstractmethod
+    def _snap_hw(self, timeout_s: float) -> Frame: ...
+
+    @abstractmethod
+    def _get_exposure_hw(self) -> float: ...
+
+    @abstractmethod
+    def _set_exposure_hw(self, exposure_s: float) -> None: ...
+
+
+class LightSource(Device, ABC):
+    """A light source with an on/off switch and a relative level in [0, 1]."""
+
+    kind = "light"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self._on = False
+        self._level = 1.0
+
+    @property
+    def is_on(self) -> bool:
+        return self._on
+
+    @property
+    def level(self) -> float:
+        return self._level
+
+    @level.setter
+    def level(self, value: float) -> None:
+        value = float(value)
+        if not (0.0 <= value <= 1.0):
+            raise ValueError(f"{self.name}: level must be in [0, 1], got {value}")
+        self._require_open()
+        self._set_output_hw(self._on, value)
+        self._level = value
+
+    def on(self) -> None:
+        self._require_open()
+        self._set_output_hw(True, self._level)
+        self._on = True
+
+    def off(self) -> None:
+        """Switch off; safe to call on any exit path, open or not."""
+        if self._open:
+            self._set_output_hw(False, self._level)
+        self._on = False
+
+    def close(self) -> None:
+        try:
+            self.off()
+        finally:
+            super().close()
+
+    def snapshot(self) -> dict[str, Any]:
+        return super().snapshot() | {"on": self._on, "level": self._level}
+
+    @abstractmethod
+    def _set_output_hw(self, on: bool, level: float) -> None: ...

@@ -1,0 +1,190 @@
+"""The `hil` command line.
+
+Every command that touches the bench takes `--bench FILE` (default: the simulated bench); every
+command that does work writes a run folder under `--runs-dir` and prints its result object on
+stdout with `--json`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import hil
+from drivers.errors import DeviceError
+from hil.errors import UserError
+
+app = typer.Typer(
+    help="Bring hybrid optical neural networks from simulation onto a real bench.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+bench_app = typer.Typer(
+    help="Bench files: the devices and the simulated world.", no_args_is_help=True
+)
+sim_app = typer.Typer(
+    help="The simulated bench: see what the camera would see.", no_args_is_help=True
+)
+app.add_typer(bench_app, name="bench")
+app.add_typer(sim_app, name="sim")
+
+out = Console()
+err = Console(stderr=True)
+
+BenchOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--bench", help="Bench file (TOML); default: the simulated bench.", metavar="FILE"
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result object as JSON on stdout.")]
+RunsOpt = Annotated[Path, typer.Option("--runs-dir", help="Where run folders are written.")]
+
+
+def emit(result: dict[str, Any], as_json: bool, summary: str = "") -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+    elif summary:
+        out.print(summary)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"hil {hil.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    """Calibrate a fabricated optical frontend, capture its feature maps, and fine-tune the
+    digital backend against an electronic teacher (NTKD).
+
+    Start with `hil bench init bench.toml`, then `hil devices --bench bench.toml`.
+    """
+
+
+@bench_app.command("init")
+def bench_init(
+    path: Annotated[Path, typer.Argument(help="Where to write the bench file.")],
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write a commented bench file with every key at its default."""
+    from hil.config import default_bench_toml
+    from hil.records import atomic_write_text
+
+    if path.exists() and not force:
+        raise UserError(f"{path}: exists already (use --force to overwrite)")
+    atomic_write_text(path, default_bench_toml())
+    out.print(f"wrote {path}")
+
+
+@app.command("devices")
+def devices(bench: BenchOpt = None, as_json: JsonOpt = False) -> None:
+    """List the devices the bench file configures, and whether each one opens."""
+    from hil.bench import Bench
+    from hil.config import load_bench
+
+    config = load_bench(bench)
+    rows = []
+    b = Bench(config)
+    choices = (config.devices.display, config.devices.camera, config.devices.light)
+    for device, choice in zip(b.devices, choices, strict=True):
+        try:
+            with device:
+                snap = device.snapshot()
+            state, detail = "ok", snap
+        except (DeviceError, OSError) as e:
+            state, detail = "failed", {"error": str(e)}
+        rows.append(
+            {"kind": device.kind, "name": device.name, "backend": choice.backend,
+             "simulated": device.simulated, "state": state, "detail": detail}
+        )  # fmt: skip
+    result = {"bench": str(bench) if bench else None, "devices": rows}
+    if as_json:
+        return emit(result, True)
+    table = Table(title=f"{config.name} ({bench or 'built-in default'})")
+    for col in ("kind", "name", "backend", "simulated", "state", "settings"):
+        table.add_column(col)
+    for r in rows:
+        hidden = ("name", "kind", "simulated")
+        settings = ", ".join(f"{k}={v}" for k, v in r["detail"].items() if k not in hidden)
+        state = "[green]ok[/]" if r["state"] == "ok" else "[red]failed[/]"
+        simulated = str(r["simulated"]).lower()
+        table.add_row(r["kind"], r["name"], r["backend"], simulated, state, settings)
+    out.print(table)
+
+
+@sim_app.command("render")
+def sim_render(
+    image: Annotated[Path, typer.Argument(help="Input picture (PNG, JPEG, TIFF, .npy).")],
+    out_path: Annotated[Path, typer.Option("--out", help="Frame PNG to write (16-bit).")],
+    bench: BenchOpt = None,
+    tiles: Annotated[
+        Path | None, typer.Option("--tiles", help="Also write the cropped tiles as a PNG sheet.")
+    ] = None,
+    fill: Annotated[
+        float, typer.Option(min=0.05, max=1.0, help="Fraction of the display the image fills.")
+    ] = 0.75,
+    runs_dir: RunsOpt = Path("runs"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Show IMAGE on the simulated display and save the frame the camera records.
+
+    The frame is a 16-bit PNG whose values are the camera's DN shifted to the top bits.
+    """
+    from hil.config import load_bench
+    from hil.records import Run
+    from hil.simrender import render_image
+
+    config = load_bench(bench)
+    args = {"image": str(image), "out": str(out_path), "tiles": str(tiles) if tiles else None}
+    with Run("sim render", runs_dir, config, args) as run:
+        result = run.finish(render_image(config, image, out_path, tiles, fill))
+    h, w = result["frame_shape"]
+    emit(result, as_json, f"wrote {out_path} ({h}x{w}, max {result['max_dn']} DN); run {run.dir}")
+
+
+@app.command("demo")
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the demo's pictures.")] = Path(
+        "demo-output"
+    ),
+    bench: BenchOpt = None,
+    runs_dir: RunsOpt = Path("runs"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Run the pipeline on the simulated bench with the bundled digits and save its pictures."""
+    from hil.config import load_bench
+    from hil.demo import run_demo
+    from hil.records import Run
+
+    config = load_bench(bench)
+    with Run("demo", runs_dir, config, {"out": str(out_dir)}) as run:
+        result = run.finish(run_demo(config, out_dir, err))
+    emit(result, as_json, f"demo pictures in {out_dir}; run record {run.dir}")
+
+
+def main() -> None:
+    """Entry point: user and device errors end in one line on stderr, not a traceback."""
+    try:
+        app()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except DeviceError as e:
+        print(f"device error: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(3)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)

@@ -1,0 +1,83 @@
+"""The simulated optical table: display → fabricated frontend → sensor, on one clock.
+
+The simulated display, camera and light source are views of one `SimWorld`, so what the display
+shows is what the camera sees, through glass that is wrong in the ways fabricated glass is wrong
+(gain, misalignment, kernel error and blur, stray light, display gamma, uneven illumination).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from sim.clock import RealClock, VirtualClock
+from sim.fabrication import Fabrication
+from sim.layout import TileLayout
+from sim.params import SimParams
+from sim.psf_frontend import PSFFrontend
+from sim.sensor import Sensor
+
+
+class SimWorld:
+    """State the simulated devices share; designed PSFs (P, C, k, k) default to a seeded design."""
+
+    def __init__(
+        self,
+        params: SimParams,
+        designed_psfs: torch.Tensor | None = None,
+        clock: RealClock | VirtualClock | None = None,
+    ) -> None:
+        self.params, self.clock = params, clock or RealClock()
+        fp, dp = params.frontend, params.display
+        self.designed = PSFFrontend(
+            fp.kernels, fp.kernel_size, fp.channels, fp.signed,
+            psfs=designed_psfs, trainable=False, seed=fp.design_seed, method="fft",
+        )  # fmt: skip
+        self.fabrication = Fabrication(params.fabrication, dp)
+        self.frontend = PSFFrontend(
+            fp.kernels, fp.kernel_size, fp.channels, fp.signed,
+            psfs=self.fabrication.fabricate_psfs(self.designed.psfs), trainable=False, method="fft",
+        )  # fmt: skip
+        self.layout = TileLayout.grid(
+            self.frontend.n_psfs, (dp.height, dp.width), fp.tile_gap_px, fp.signed
+        )
+        self.sensor = Sensor(params.sensor)
+        self.noise = torch.Generator().manual_seed(params.fabrication.seed * 1_000_003 + 17)
+        self.levels = torch.zeros(fp.channels, dp.height, dp.width)
+        self.light_on, self.light_level = False, 1.0
+
+    @property
+    def display_shape(self) -> tuple[int, ...]:
+        dp = self.params.display
+        return (
+            (dp.height, dp.width)
+            if self.params.frontend.channels == 1
+            else (dp.height, dp.width, 3)
+        )
+
+    def show(self, levels: np.ndarray) -> None:
+        """Display levels (H, W) or (H, W, 3) in [0, 1]."""
+        t = torch.as_tensor(np.asarray(levels, np.float32))
+        self.levels = t[None] if t.ndim == 2 else t.permute(2, 0, 1)
+
+    @torch.no_grad()
+    def irradiance(self) -> torch.Tensor:
+        """The noise-free irradiance (H, W) on the sensor, in units of a white field's PSF sum."""
+        frame = torch.zeros(self.layout.frame_shape)
+        if not self.light_on or self.light_level == 0:
+            return frame
+        emitted = self.fabrication.apply_to_display(self.levels) * self.light_level
+        full = self.frontend.intensities(self.fabrication.warp(emitted[None]), mode="full")[0]
+        k = self.frontend.kernel_size
+        off = k - 1 - (k - 1) // 2  # where the "same" window starts inside the full result
+        canvas = torch.zeros(frame.shape[0] + 2 * k, frame.shape[1] + 2 * k)
+        for tile, (y, x, _, _) in zip(full, self.layout.boxes, strict=True):
+            y0, x0 = y - off + k, x - off + k
+            canvas[y0 : y0 + tile.shape[0], x0 : x0 + tile.shape[1]] += tile
+        frame = canvas[k : k + frame.shape[0], k : k + frame.shape[1]] * self.fabrication.gain
+        return frame + self.fabrication.background * self.light_level
+
+    def capture(self, exposure_s: float) -> np.ndarray:
+        """One noisy frame in DN (uint16) for the current display and light."""
+        dn = self.sensor.capture(self.irradiance(), generator=self.noise, exposure_s=exposure_s)
+        return dn.to(torch.int32).numpy().astype(np.uint16)

@@ -107,9 +107,15 @@ def devices(bench: BenchOpt = None, as_json: JsonOpt = False) -> None:
         except (DeviceError, OSError) as e:
             state, detail = "failed", {"error": str(e)}
         rows.append(
-            {"kind": device.kind, "name": device.name, "backend": choice.backend,
-             "simulated": device.simulated, "state": state, "detail": detail}
-        )  # fmt: skip
+            {
+                "kind": device.kind,
+                "name": device.name,
+                "backend": choice.backend,
+                "simulated": device.simulated,
+                "state": state,
+                "detail": detail,
+            }
+        )
     result = {"bench": str(bench) if bench else None, "devices": rows}
     if as_json:
         return emit(result, True)

@@ -110,8 +110,11 @@ def to_toml(config: BaseModel, comments: bool = True) -> str:
     lines: list[str] = []
 
     def section(model: BaseModel, name: str) -> None:
-        scalars = {k: f for k, f in type(model).model_fields.items()
-                   if not isinstance(getattr(model, k), BaseModel)}  # fmt: skip
+        scalars = {
+            k: f
+            for k, f in type(model).model_fields.items()
+            if not isinstance(getattr(model, k), BaseModel)
+        }
         if scalars:
             if name:
                 doc = (type(model).__doc__ or "").strip().splitlines()

@@ -41,9 +41,11 @@ def run_demo(config: BenchConfig, out_dir: Path, console: Console) -> dict[str, 
         bit_depth, simulated = bench.camera.bit_depth, bench.simulated
 
     with step(console, f"write pictures to {out_dir}"):
-        pictures = {"frame": out_dir / "frame_digit0.png",
-                    "frames": out_dir / "frames.png",
-                    "feature_maps": out_dir / "feature_maps.png"}  # fmt: skip
+        pictures = {
+            "frame": out_dir / "frame_digit0.png",
+            "frames": out_dir / "frames.png",
+            "feature_maps": out_dir / "feature_maps.png",
+        }
         save_frame_png(frames[0].image, bit_depth, pictures["frame"])
         raw = np.stack([f.image.astype(np.float32) for f in frames])
         save_map_sheet([("camera frames", raw)], pictures["frames"], "digits 0-9 on the sensor")

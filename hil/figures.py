@@ -27,8 +27,9 @@ def save_map_sheet(rows: list[tuple[str, np.ndarray]], path: Path | str, title: 
     """One row of maps (m, H, W) per label; signed maps on a symmetric red-blue scale."""
     path = Path(path)
     m = max(maps.shape[0] for _, maps in rows)
-    fig, axes = plt.subplots(len(rows), m, figsize=(1.3 * m + 1, 1.3 * len(rows) + 0.6),
-                             squeeze=False)  # fmt: skip
+    fig, axes = plt.subplots(
+        len(rows), m, figsize=(1.3 * m + 1, 1.3 * len(rows) + 0.6), squeeze=False
+    )
     for r, (label, maps) in enumerate(rows):
         signed = maps.min() < 0
         lim = float(np.abs(maps).max()) or 1.0

@@ -22,8 +22,21 @@ from typing import Any
 import hil
 from hil.config import BenchConfig, to_toml
 
-PACKAGES = ("torch", "torchvision", "numpy", "scipy", "h5py", "opencv-python", "harvesters",
-            "genicam", "pyvisa", "pyvisa-py", "pyserial", "pydantic", "typer")  # fmt: skip
+PACKAGES = (
+    "torch",
+    "torchvision",
+    "numpy",
+    "scipy",
+    "h5py",
+    "opencv-python",
+    "harvesters",
+    "genicam",
+    "pyvisa",
+    "pyvisa-py",
+    "pyserial",
+    "pydantic",
+    "typer",
+)
 
 log = logging.getLogger("hil")
 
@@ -49,8 +62,12 @@ def git_revision() -> str | None:
     try:
         out = subprocess.run(
             ["git", "describe", "--always", "--dirty", "--abbrev=12"],
-            cwd=root, capture_output=True, text=True, timeout=5, check=True,
-        )  # fmt: skip
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None

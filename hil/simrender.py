@@ -66,8 +66,10 @@ def render_image(
         (frame,) = snap_levels(bench, [levels])
         save_frame_png(frame.image, bench.camera.bit_depth, out)
         if tiles is not None:
-            rows = [("designed", designed_feature_maps(bench, levels)),
-                    ("captured", raw_feature_maps(bench, frame.image, dark))]  # fmt: skip
+            rows = [
+                ("designed", designed_feature_maps(bench, levels)),
+                ("captured", raw_feature_maps(bench, frame.image, dark)),
+            ]
             save_map_sheet(rows, tiles, f"{image.name}: feature maps, design vs simulated bench")
         return {
             "frame": str(out),

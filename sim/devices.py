@@ -54,9 +54,13 @@ class SimCamera(Camera):
         self._frame_id += 1
         saturated = float((image >= self.max_dn).mean())
         return Frame(
-            image, clock.now(), self._exposure_s, self._frame_id, True,
+            image,
+            clock.now(),
+            self._exposure_s,
+            self._frame_id,
+            True,
             {"saturated_fraction": saturated},
-        )  # fmt: skip
+        )
 
 
 class SimLightSource(LightSource):

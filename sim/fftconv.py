@@ -38,8 +38,19 @@ def output_window(size: int, k: int, mode: Mode) -> tuple[int, int]:
     raise ValueError(f"unknown convolution mode {mode!r}")
 
 
-def fft_shape(image_hw: tuple[int, int], kernel_hw: tuple[int, int]) -> tuple[int, int]:
-    return tuple(smooth_size(s + k - 1) for s, k in zip(image_hw, kernel_hw, strict=True))
+def fft_length(size: int, k: int, mode: Mode) -> int:
+    """Shortest smooth circular length whose wrap-around misses the `mode` window.
+
+    A circular convolution of length L folds full[n + L] onto full[n]; the window [o, o + len) is
+    clean when L ≥ size + k - 1 - o and L ≥ o + len. For `same` and `valid` that is shorter than
+    the full linear length, so those modes need smaller FFTs.
+    """
+    o, n = output_window(size, k, mode)
+    return smooth_size(max(size + k - 1 - o, o + n))
+
+
+def fft_shape(image_hw: tuple[int, int], kernel_hw: tuple[int, int], mode: Mode) -> tuple[int, int]:
+    return tuple(fft_length(s, k, mode) for s, k in zip(image_hw, kernel_hw, strict=True))
 
 
 def kernel_spectrum(kernels: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -63,7 +74,7 @@ def conv2d_fft(
     if images.shape[1] != kernels.shape[1]:
         raise ValueError(f"images have {images.shape[1]} channels, kernels {kernels.shape[1]}")
     (h, w), (kh, kw) = images.shape[-2:], kernels.shape[-2:]
-    shape = fft_shape((h, w), (kh, kw))
+    shape = fft_shape((h, w), (kh, kw), mode)
     if spectrum is None:
         spectrum = kernel_spectrum(kernels, shape)
     x = torch.fft.rfft2(images, s=shape)

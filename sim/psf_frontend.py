@@ -15,7 +15,8 @@ from torch import nn
 
 from sim.fftconv import Mode, conv2d_direct, conv2d_fft, fft_shape, kernel_spectrum
 
-# Up to this kernel side conv2d beats FFT on a CPU (benchmarks/optics_speed.py measures it).
+# On a CPU oneDNN's direct convolution beats FFT for small kernels, and for every kernel size when
+# no gradient is needed; FFT wins for large kernels in training (benchmarks/optics_speed.py).
 DIRECT_MAX_KERNEL = 11
 
 
@@ -115,19 +116,20 @@ class PSFFrontend(nn.Module):
         if x.ndim != 4 or x.shape[1] != self.channels:
             raise ValueError(f"input must be (N, {self.channels}, H, W), got {tuple(x.shape)}")
         kernels = self.psfs if which == "psfs" else self.kernel
+        training = torch.is_grad_enabled() and (kernels.requires_grad or x.requires_grad)
         direct = self.method == "direct" or (
-            self.method == "auto" and self.kernel_size <= DIRECT_MAX_KERNEL
+            self.method == "auto" and (self.kernel_size <= DIRECT_MAX_KERNEL or not training)
         )
         if direct:
             return conv2d_direct(x, kernels.to(x.dtype), mode)
-        return conv2d_fft(x, kernels, mode, spectrum=self._spectrum(x, kernels, which))
+        return conv2d_fft(x, kernels, mode, spectrum=self._spectrum(x, kernels, which, mode))
 
-    def _spectrum(self, x: torch.Tensor, kernels: torch.Tensor, which: str) -> torch.Tensor | None:
+    def _spectrum(self, x, kernels, which: str, mode: Mode) -> torch.Tensor | None:
         """Cached kernel spectrum while the PSFs are fixed; None (recompute) while they train."""
         if kernels.requires_grad and torch.is_grad_enabled():
             return None
         source = self.raw if hasattr(self, "raw") else self.fixed
-        shape = fft_shape(tuple(x.shape[-2:]), (self.kernel_size, self.kernel_size))
+        shape = fft_shape(tuple(x.shape[-2:]), (self.kernel_size, self.kernel_size), mode)
         key = (which, shape, x.dtype, x.device, source._version, source.data_ptr())
         if key not in self._spectra:
             self._spectra.clear()

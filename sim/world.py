@@ -30,14 +30,23 @@ class SimWorld:
         self.params, self.clock = params, clock or RealClock()
         fp, dp = params.frontend, params.display
         self.designed = PSFFrontend(
-            fp.kernels, fp.kernel_size, fp.channels, fp.signed,
-            psfs=designed_psfs, trainable=False, seed=fp.design_seed, method="fft",
-        )  # fmt: skip
+            fp.kernels,
+            fp.kernel_size,
+            fp.channels,
+            fp.signed,
+            psfs=designed_psfs,
+            trainable=False,
+            seed=fp.design_seed,
+        )
         self.fabrication = Fabrication(params.fabrication, dp)
         self.frontend = PSFFrontend(
-            fp.kernels, fp.kernel_size, fp.channels, fp.signed,
-            psfs=self.fabrication.fabricate_psfs(self.designed.psfs), trainable=False, method="fft",
-        )  # fmt: skip
+            fp.kernels,
+            fp.kernel_size,
+            fp.channels,
+            fp.signed,
+            psfs=self.fabrication.fabricate_psfs(self.designed.psfs),
+            trainable=False,
+        )
         self.layout = TileLayout.grid(
             self.frontend.n_psfs, (dp.height, dp.width), fp.tile_gap_px, fp.signed
         )

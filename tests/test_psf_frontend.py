@@ -112,3 +112,16 @@ def test_tile_layout_places_and_crops_back_exactly():
         assert not mask[y : y + h, x : x + w].any()  # boxes never overlap
         mask[y : y + h, x : x + w] = True
     assert frames[:, ~mask].abs().max() == 0  # gaps stay dark
+
+
+def test_short_circular_ffts_never_alias_into_the_output_window():
+    gen = torch.Generator().manual_seed(2)
+    for size in (5, 8, 13):
+        for k in (1, 2, 5, 9, 16):
+            x = torch.rand(1, 2, size, size + 3, generator=gen, dtype=torch.float64)
+            w = torch.rand(3, 2, k, k, generator=gen, dtype=torch.float64)
+            for mode, pad in (("full", (k - 1, k - 1)), ("same", "same"), ("valid", 0)):
+                if mode == "valid" and size < k:
+                    continue
+                ref = F.conv2d(x, w.flip(-2, -1), padding=pad)
+                assert rel_err(conv2d_fft(x, w, mode), ref) < 1e-10, (size, k, mode)

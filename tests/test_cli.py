@@ -1,0 +1,126 @@
+"""The command line: one clear line for user errors, run records, and what it writes."""
+
+import json
+import sys
+import tomllib
+
+import cv2
+import numpy as np
+import pytest
+
+from hil import __version__
+from hil.cli import main
+from hil.config import BenchConfig, default_bench_toml, load_bench
+
+
+def run_hil(monkeypatch, capsys, *args):
+    """Run `hil ARGS` in-process; returns (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["hil", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code or 0
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def test_version(monkeypatch, capsys):
+    code, out, _ = run_hil(monkeypatch, capsys, "--version")
+    assert code == 0 and __version__ in out
+
+
+def test_help_explains_every_command(monkeypatch, capsys):
+    code, out, _ = run_hil(monkeypatch, capsys, "--help")
+    assert code == 0
+    for command in ("bench", "devices", "sim", "demo"):
+        assert command in out
+
+
+@pytest.mark.parametrize(
+    "text, names",
+    [
+        ("[sim.sensor]\nexposure_s = -0.01\n", "sim.sensor.exposure_s"),
+        ("[sim.sensor]\nexposure = 0.01\n", "sim.sensor.exposure"),
+        ("[sim.frontend]\nkernels = 0\n", "sim.frontend.kernels"),
+        ("[sim\n", "not valid TOML"),
+    ],
+)
+def test_bad_bench_file_exits_non_zero_with_one_line_naming_it(
+    tmp_path, monkeypatch, capsys, text, names
+):
+    bench = tmp_path / "bench.toml"
+    bench.write_text(text)
+    code, out, err = run_hil(monkeypatch, capsys, "devices", "--bench", bench)
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert str(bench) in lines[0] and names in lines[0]
+    assert "Traceback" not in err + out
+
+
+def test_missing_bench_file(tmp_path, monkeypatch, capsys):
+    code, _, err = run_hil(monkeypatch, capsys, "devices", "--bench", tmp_path / "nope.toml")
+    assert code == 2 and "not found" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_init_writes_the_defaults_and_a_partial_file_keeps_the_rest(
+    tmp_path, monkeypatch, capsys
+):
+    path = tmp_path / "bench.toml"
+    code, _, _ = run_hil(monkeypatch, capsys, "bench", "init", path)
+    assert code == 0
+    assert tomllib.loads(path.read_text()) == tomllib.loads(default_bench_toml())
+    assert load_bench(path) == BenchConfig()
+    code, _, err = run_hil(monkeypatch, capsys, "bench", "init", path)
+    assert code == 2 and "--force" in err
+    partial = tmp_path / "partial.toml"
+    partial.write_text("[sim.sensor]\nbit_depth = 10\n")
+    cfg = load_bench(partial)
+    assert cfg.sim.sensor.bit_depth == 10
+    assert cfg.sim.sensor.full_well_e == BenchConfig().sim.sensor.full_well_e
+    assert cfg.sim.frontend == BenchConfig().sim.frontend
+
+
+def test_devices_lists_the_simulated_bench(monkeypatch, capsys):
+    code, out, _ = run_hil(monkeypatch, capsys, "devices", "--json")
+    assert code == 0
+    rows = json.loads(out)["devices"]
+    assert [r["kind"] for r in rows] == ["display", "camera", "light"]
+    assert all(r["state"] == "ok" and r["simulated"] for r in rows)
+    assert rows[1]["detail"]["shape"] == [148, 148]
+
+
+def test_sim_render_writes_the_frame_and_a_run_record(tmp_path, monkeypatch, capsys):
+    image = np.zeros((16, 16), np.uint8)
+    image[4:12, 7:9] = 255
+    src = tmp_path / "bar.png"
+    cv2.imwrite(str(src), image)
+    out_png, tiles = tmp_path / "frame.png", tmp_path / "tiles.png"
+    args = ["sim", "render", src, "--out", out_png, "--tiles", tiles]
+    code, out, err = run_hil(monkeypatch, capsys, *args, "--runs-dir", tmp_path / "runs", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    frame = cv2.imread(str(out_png), cv2.IMREAD_UNCHANGED)
+    assert frame.dtype == np.uint16 and list(frame.shape) == result["frame_shape"]
+    dn = frame // result["png_scale"]
+    assert int(dn.max()) == result["max_dn"]
+    assert dn.max() > 10 * dn.min()  # a lit bar on a dark background
+    assert tiles.stat().st_size > 0 and result["simulated"] is True
+    run_dir = tmp_path / "runs" / result["run_dir"].split("/")[-1]
+    recorded = json.loads((run_dir / "result.json").read_text())
+    assert recorded["status"] == "ok" and recorded["frame"] == str(out_png)
+    for name in ("config.toml", "environment.json", "command.json", "run.log"):
+        assert (run_dir / name).is_file()
+    env = json.loads((run_dir / "environment.json").read_text())
+    assert env["packages"]["torch"] and env["hil"] == __version__
+
+
+def test_sim_render_rejects_a_file_that_is_not_an_image(tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    args = ["sim", "render", bad, "--out", tmp_path / "f.png", "--runs-dir", tmp_path / "runs"]
+    code, _, err = run_hil(monkeypatch, capsys, *args)
+    assert code == 2 and "bad.png" in err and len(err.strip().splitlines()) == 1
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert json.loads((run_dir / "result.json").read_text())["status"] == "failed"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=1.0, help="per timing trial")
     args = ap.parse_args()
     torch.manual_seed(0)
+    warnings.filterwarnings("ignore", message="Using padding='same' with even kernel")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor()}")
     print(f"batch {args.batch}, best of 3 trials of {args.seconds} s each\n")
     header = f"{'case':38s} {'mode':9s} {'conv2d':>10s} {'fft':>10s} {'auto':>10s}"

@@ -6,34 +6,75 @@ Public methods validate and convert; a backend implements only the small private
 
 from __future__ import annotations
 
+import logging
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from drivers.errors import DeviceDisconnected, DeviceError
 
+log = logging.getLogger("hil.drivers")
+
+
+class BackendOptions(BaseModel):
+    """A backend's keys in its bench-file section; unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    timeout_s: float = Field(2.0, gt=0, le=600, description="timeout of every device call")
+
 
 class Device:
-    """Open/close life cycle, a context manager, and a settings snapshot for the run record."""
+    """Open/close life cycle, a context manager, and a settings snapshot for the run record.
 
-    kind = "device"
-    simulated = False
+    A backend sets `backend`, an `Options` model for its bench-file keys, and `from_options`; the
+    registry builds it from a bench file through those three.
+    """
+
+    kind: ClassVar[str] = "device"
+    backend: ClassVar[str] = ""
+    simulated: bool = False
+    Options: ClassVar[type[BackendOptions]] = BackendOptions
 
     def __init__(self, name: str) -> None:
         self.name = name
         self._open = False
+
+    @classmethod
+    def from_options(cls, name: str, options: BackendOptions, context: Any) -> Device:
+        """Build from validated options; `context.sim_world()` serves simulated backends."""
+        raise NotImplementedError(f"{cls.__name__} cannot be built from a bench file")
 
     @property
     def is_open(self) -> bool:
         return self._open
 
     def open(self) -> None:
-        if not self._open:
+        """Open the device; any failure surfaces as a DeviceError naming the device."""
+        if self._open:
+            return
+        try:
             self._open_hw()
-            self._open = True
+        except DeviceError:
+            raise
+        except Exception as e:
+            raise DeviceDisconnected(f"{self.kind} {self.name!r}: cannot open: {e}") from e
+        self._open = True
+
+    def reconnect(self) -> None:
+        """Close (ignoring errors of a device that is gone) and open again."""
+        log.warning("%s %r: reconnecting", self.kind, self.name)
+        try:
+            self.close()
+        except Exception as e:
+            log.warning("%s %r: close before reconnect failed: %s", self.kind, self.name, e)
+            self._open = False
+        self.open()
 
     def close(self) -> None:
         if self._open:
@@ -55,7 +96,12 @@ class Device:
 
     def snapshot(self) -> dict[str, Any]:
         """Settings worth recording with every run."""
-        return {"name": self.name, "kind": self.kind, "simulated": self.simulated}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "backend": self.backend,
+            "simulated": self.simulated,
+        }
 
     def _open_hw(self) -> None:
         pass
@@ -64,7 +110,7 @@ class Device:
         pass
 
 
-def _check_timeout(timeout_s: float) -> float:
+def check_timeout(timeout_s: float) -> float:
     timeout_s = float(timeout_s)
     if not (math.isfinite(timeout_s) and timeout_s > 0):
         raise ValueError(f"timeout_s must be finite and positive, got {timeout_s}")
@@ -76,10 +122,11 @@ class Display(Device, ABC):
 
     kind = "display"
 
-    def __init__(self, name: str, shape: tuple[int, int], bit_depth: int = 8) -> None:
+    def __init__(self, name: str, shape: tuple[int, ...], bit_depth: int = 8) -> None:
         super().__init__(name)
-        self.shape = (int(shape[0]), int(shape[1]))
+        self.shape = tuple(int(s) for s in shape)
         self.bit_depth = int(bit_depth)
+        self.listeners: list[Callable[[np.ndarray], None]] = []
 
     def to_levels(self, image: np.ndarray) -> np.ndarray:
         """Validate an image and convert it to float32 in [0, 1] as the display will show it."""
@@ -100,12 +147,17 @@ class Display(Device, ABC):
 
     def show(self, image: np.ndarray) -> None:
         self._require_open()
-        self._show_hw(self.to_levels(image))
+        self._output(self.to_levels(image))
 
     def blank(self) -> None:
         """Show black; also what every exit path does."""
         if self._open:
-            self._show_hw(np.zeros(self.shape, np.float32))
+            self._output(np.zeros(self.shape, np.float32))
+
+    def _output(self, levels: np.ndarray) -> None:
+        self._show_hw(levels)
+        for listener in self.listeners:  # e.g. a simulated camera watching a real display
+            listener(levels)
 
     def snapshot(self) -> dict[str, Any]:
         return super().snapshot() | {"shape": list(self.shape), "bit_depth": self.bit_depth}
@@ -162,7 +214,7 @@ class Camera(Device, ABC):
 
     def snap(self, timeout_s: float = 2.0) -> Frame:
         """Acquire one frame; raises DeviceTimeout if none arrives within timeout_s."""
-        timeout_s = _check_timeout(timeout_s)
+        timeout_s = check_timeout(timeout_s)
         self._require_open()
         frame = self._snap_hw(timeout_s)
         if frame.image.shape != self.shape:
@@ -197,6 +249,7 @@ class LightSource(Device, ABC):
         super().__init__(name)
         self._on = False
         self._level = 1.0
+        self.listeners: list[Callable[[bool, float], None]] = []
 
     @property
     def is_on(self) -> bool:
@@ -212,19 +265,23 @@ class LightSource(Device, ABC):
         if not (0.0 <= value <= 1.0):
             raise ValueError(f"{self.name}: level must be in [0, 1], got {value}")
         self._require_open()
-        self._set_output_hw(self._on, value)
-        self._level = value
+        self._output(self._on, value)
 
     def on(self) -> None:
         self._require_open()
-        self._set_output_hw(True, self._level)
-        self._on = True
+        self._output(True, self._level)
 
     def off(self) -> None:
         """Switch off; safe to call on any exit path, open or not."""
         if self._open:
-            self._set_output_hw(False, self._level)
+            self._output(False, self._level)
         self._on = False
+
+    def _output(self, on: bool, level: float) -> None:
+        self._set_output_hw(on, level)
+        self._on, self._level = on, level
+        for listener in self.listeners:
+            listener(on, level)
 
     def close(self) -> None:
         try:
@@ -237,3 +294,20 @@ class LightSource(Device, ABC):
 
     @abstractmethod
     def _set_output_hw(self, on: bool, level: float) -> None: ...
+
+
+class PowerMeter(Device, ABC):
+    """An optical power meter: one reading in watts per call."""
+
+    kind = "power_meter"
+
+    def read_w(self, timeout_s: float = 2.0) -> float:
+        timeout_s = check_timeout(timeout_s)
+        self._require_open()
+        value = float(self._read_hw(timeout_s))
+        if not math.isfinite(value):
+            raise DeviceError(f"{self.name}: power reading {value} is not a number")
+        return value
+
+    @abstractmethod
+    def _read_hw(self, timeout_s: float) -> float: ...

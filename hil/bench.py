@@ -7,10 +7,11 @@ from typing import Any
 
 import torch
 
-from drivers.protocols import Camera, Device, Display, LightSource
-from hil.config import BenchConfig
+from drivers import registry
+from drivers.errors import DeviceError
+from drivers.protocols import Camera, Device, Display, LightSource, PowerMeter
+from hil.config import ROLES, BenchConfig, DeviceConfig
 from sim.clock import RealClock, VirtualClock
-from sim.devices import SimCamera, SimDisplay, SimLightSource
 from sim.world import SimWorld
 
 log = logging.getLogger("hil")
@@ -19,8 +20,10 @@ log = logging.getLogger("hil")
 class Bench:
     """The devices of one bench file, as a context manager.
 
-    Leaving the `with` block by any path (return, exception, Ctrl-C) blanks the display, switches
-    the light off and closes every device, even when one of those steps fails.
+    Leaving the `with` block by any path (return, exception, Ctrl-C) switches every light source
+    off, blanks the display and closes every device, even when one of those steps fails. A device
+    with `backend = "auto"` that does not open is replaced by its simulated twin, loudly, and the
+    bench's snapshot says so.
     """
 
     def __init__(
@@ -30,36 +33,141 @@ class Bench:
         designed_psfs: torch.Tensor | None = None,
     ) -> None:
         self.config = config
-        self.world = SimWorld(config.sim, designed_psfs=designed_psfs, clock=clock)
-        self.display: Display = SimDisplay(self.world)
-        self.camera: Camera = SimCamera(self.world)
-        self.light: LightSource = SimLightSource(self.world)
+        self._clock, self._designed, self._world = clock, designed_psfs, None
+        self.fallbacks: list[str] = []
+        self.devices: dict[str, Device] = {}
+        self.build_errors: dict[str, DeviceError] = {}
+        for role, dc in config.devices.configured().items():
+            try:
+                self.devices[role] = self._build(role, dc)
+            except DeviceError as e:
+                self.build_errors[role] = e
+
+    def sim_world(self) -> SimWorld:
+        """The simulated world, made on first use by a simulated device."""
+        if self._world is None:
+            self._world = SimWorld(self.config.sim, self._designed, self._clock)
+        return self._world
+
+    world = property(sim_world)
+
+    def _build(self, role: str, dc: DeviceConfig) -> Device:
+        try:
+            return registry.build(ROLES[role], dc.driver, role, dc.options, self)
+        except Exception as e:
+            if dc.backend == "auto":
+                return self._fallback(role, e)
+            raise DeviceError(f"devices.{role}: {dc.driver} backend unavailable: {e}") from e
+
+    def _fallback(self, role: str, error: Exception) -> Device:
+        dc = self.config.devices.configured()[role]
+        message = (
+            f"devices.{role}: the {dc.real} {ROLES[role]} did not open ({error}); "
+            f"using the SIMULATED {ROLES[role]} instead: what it records is not real"
+        )
+        log.warning(message)
+        self.fallbacks.append(message)
+        return registry.build(ROLES[role], "sim", role, {}, self)
 
     @property
-    def devices(self) -> list[Device]:
-        return [self.display, self.camera, self.light]
+    def display(self) -> Display:
+        return self.devices["display"]
+
+    @property
+    def camera(self) -> Camera:
+        return self.devices["camera"]
+
+    @property
+    def light(self) -> LightSource:
+        return self.devices["light"]
+
+    @property
+    def power_meter(self) -> PowerMeter | None:
+        return self.devices.get("power_meter")
+
+    @property
+    def light_sources(self) -> list[LightSource]:
+        return [d for d in self.devices.values() if isinstance(d, LightSource)]
 
     @property
     def simulated(self) -> bool:
-        return any(d.simulated for d in self.devices)
+        return any(d.simulated for d in self.devices.values())
 
     def snapshot(self) -> dict[str, Any]:
-        return {"simulated": self.simulated, "devices": [d.snapshot() for d in self.devices]}
+        return {
+            "simulated": self.simulated,
+            "fallbacks": list(self.fallbacks),
+            "devices": {role: d.snapshot() for role, d in self.devices.items()},
+        }
+
+    def _open(self, role: str) -> Device:
+        if role in self.build_errors:
+            raise self.build_errors[role]
+        try:
+            self.devices[role].open()
+        except DeviceError as e:
+            if self.config.devices.configured()[role].backend != "auto":
+                raise
+            self.devices[role] = self._fallback(role, e)
+            self.devices[role].open()
+        return self.devices[role]
 
     def __enter__(self) -> Bench:
         try:
-            for device in self.devices:
-                device.open()
+            for role in self.config.devices.configured():
+                self._open(role)
+            self._mirror_into_world()
         except BaseException:
             self._shutdown()
             raise
         return self
 
+    def probe(self) -> list[dict[str, Any]]:
+        """Open, snapshot and close each device on its own: what `hil devices` reports."""
+        rows = []
+        for role, dc in self.config.devices.configured().items():
+            row = {"role": role, "backend": dc.backend + (f" ({dc.real})" if dc.real else "")}
+            try:
+                device = self._open(role)
+                row |= {"state": "ok", "simulated": device.simulated, "detail": device.snapshot()}
+                if device.simulated and dc.backend == "auto":
+                    row["state"] = "fallback"
+            except DeviceError as e:
+                row |= {"state": "failed", "simulated": None, "detail": {"error": str(e)}}
+            finally:
+                self._shutdown()
+            rows.append(row)
+        return rows
+
+    def _mirror_into_world(self) -> None:
+        """A simulated camera beside a real display or light must see what they do."""
+        if self._world is None:
+            return
+        world = self._world
+        for device in self.devices.values():
+            if device.simulated:
+                continue
+            if isinstance(device, LightSource):
+                device.listeners.append(lambda on, lv, n=device.name: world.set_source(n, on, lv))
+            elif isinstance(device, Display):
+                if device.shape == world.display_shape:
+                    device.listeners.append(world.show)
+                else:
+                    log.warning(
+                        "simulated camera cannot mirror display %s: shape %s, not %s",
+                        device.name,
+                        device.shape,
+                        world.display_shape,
+                    )
+
     def __exit__(self, *exc) -> None:
         self._shutdown()
 
     def _shutdown(self) -> None:
-        steps = [self.light.off, self.display.blank] + [d.close for d in self.devices]
+        steps = [d.off for d in self.light_sources]
+        if "display" in self.devices:
+            steps.append(self.display.blank)
+        steps += [d.close for d in reversed(self.devices.values())]
         for step in steps:
             try:
                 step()

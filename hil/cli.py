@@ -8,12 +8,15 @@ stdout with `--json`.
 from __future__ import annotations
 
 import json
+import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import hil
@@ -91,43 +94,38 @@ def bench_init(
 
 @app.command("devices")
 def devices(bench: BenchOpt = None, as_json: JsonOpt = False) -> None:
-    """List the devices the bench file configures, and whether each one opens."""
+    """List the installed driver backends, then open each device of the bench file once.
+
+    A backend that fails to import is listed with the reason; a device that cannot open is
+    reported, and the others are still tried.
+    """
+    from drivers import registry
     from hil.bench import Bench
     from hil.config import load_bench
 
     config = load_bench(bench)
-    rows = []
-    b = Bench(config)
-    choices = (config.devices.display, config.devices.camera, config.devices.light)
-    for device, choice in zip(b.devices, choices, strict=True):
-        try:
-            with device:
-                snap = device.snapshot()
-            state, detail = "ok", snap
-        except (DeviceError, OSError) as e:
-            state, detail = "failed", {"error": str(e)}
-        rows.append(
-            {
-                "kind": device.kind,
-                "name": device.name,
-                "backend": choice.backend,
-                "simulated": device.simulated,
-                "state": state,
-                "detail": detail,
-            }
-        )
-    result = {"bench": str(bench) if bench else None, "devices": rows}
+    backends = [vars(info) for info in registry.available()]
+    rows = Bench(config).probe()
+    result = {"bench": str(bench) if bench else None, "backends": backends, "devices": rows}
     if as_json:
         return emit(result, True)
-    table = Table(title=f"{config.name} ({bench or 'built-in default'})")
-    for col in ("kind", "name", "backend", "simulated", "state", "settings"):
+    table = Table(title="installed driver backends (entry points: hil.drivers)")
+    for col in ("kind", "backend", "from", "import"):
         table.add_column(col)
+    for b in backends:
+        status = "[green]ok[/]" if b["error"] is None else f"[red]failed[/]: {escape(b['error'])}"
+        table.add_row(b["kind"], b["backend"], b["target"], status)
+    out.print(table)
+    table = Table(title=f"{config.name} ({bench or 'built-in default bench'})")
+    for col in ("device", "backend", "simulated", "state", "settings / error"):
+        table.add_column(col)
+    colours = {"ok": "green", "fallback": "yellow", "failed": "red"}
+    hidden = ("name", "kind", "simulated", "backend")
     for r in rows:
-        hidden = ("name", "kind", "simulated")
-        settings = ", ".join(f"{k}={v}" for k, v in r["detail"].items() if k not in hidden)
-        state = "[green]ok[/]" if r["state"] == "ok" else "[red]failed[/]"
-        simulated = str(r["simulated"]).lower()
-        table.add_row(r["kind"], r["name"], r["backend"], simulated, state, settings)
+        detail = ", ".join(f"{k}={v}" for k, v in r["detail"].items() if k not in hidden)
+        simulated = {True: "yes", False: "no", None: "?"}[r["simulated"]]
+        state = f"[{colours[r['state']]}]{r['state']}[/]"
+        table.add_row(r["role"], r["backend"], simulated, state, escape(detail))
     out.print(table)
 
 
@@ -181,8 +179,23 @@ def demo(
     emit(result, as_json, f"demo pictures in {out_dir}; run record {run.dir}")
 
 
+class _WarningsToStderr(logging.Handler):
+    """Warnings (a simulated fallback, a retry) reach the person; errors are printed by main."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno == logging.WARNING:
+            print(f"warning: {record.getMessage()}", file=sys.stderr)
+
+
 def main() -> None:
-    """Entry point: user and device errors end in one line on stderr, not a traceback."""
+    """Entry point: user and device errors end in one line on stderr, not a traceback.
+
+    SIGTERM unwinds like Ctrl-C, so benches switch their light off when a job is killed politely.
+    """
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    hil_log = logging.getLogger("hil")
+    if not any(isinstance(h, _WarningsToStderr) for h in hil_log.handlers):
+        hil_log.addHandler(_WarningsToStderr())
     try:
         app()
     except UserError as e:

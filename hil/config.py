@@ -10,20 +10,31 @@ import difflib
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from drivers import registry
 from hil.errors import UserError
 from sim.params import SimParams
 
 
-class DeviceChoice(BaseModel):
-    """The driver that runs this device."""
+class DeviceConfig(BaseModel):
+    """A device: its driver backend, then that backend's own keys (see `hil devices`)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="allow", frozen=True)
 
-    backend: Literal["sim"] = Field("sim", description="driver backend")
+    backend: str = Field("sim", description="driver backend, or auto: `real`, else simulated")
+    real: str | None = Field(None, description="with backend = auto, the backend to try first")
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    @property
+    def driver(self) -> str:
+        """The backend whose keys this section holds."""
+        return self.real if self.backend == "auto" and self.real else self.backend
 
 
 class DevicesConfig(BaseModel):
@@ -31,9 +42,25 @@ class DevicesConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    display: DeviceChoice = Field(DeviceChoice(), description="display or SLM showing the inputs")
-    camera: DeviceChoice = Field(DeviceChoice(), description="camera behind the frontend")
-    light: DeviceChoice = Field(DeviceChoice(), description="light source of the display")
+    display: DeviceConfig = Field(DeviceConfig(), description="display or SLM showing the inputs")
+    camera: DeviceConfig = Field(DeviceConfig(), description="camera behind the frontend")
+    light: DeviceConfig = Field(DeviceConfig(), description="light source of the display")
+    shutter: DeviceConfig | None = Field(None, description="shutter in the light path")
+    power_meter: DeviceConfig | None = Field(None, description="optical power meter")
+
+    def configured(self) -> dict[str, DeviceConfig]:
+        """Role → config of every device the bench has, in opening order."""
+        return {role: getattr(self, role) for role in ROLES if getattr(self, role) is not None}
+
+
+# bench role → device kind (a shutter is a light source that only switches)
+ROLES = {
+    "display": "display",
+    "camera": "camera",
+    "light": "light",
+    "shutter": "light",
+    "power_meter": "power_meter",
+}
 
 
 class BenchConfig(BaseModel):
@@ -74,9 +101,39 @@ def _section_of(loc: tuple) -> type[BaseModel] | None:
 
 def parse_bench(data: dict, source: str = "bench") -> BenchConfig:
     try:
-        return BenchConfig.model_validate(data)
+        config = BenchConfig.model_validate(data)
     except ValidationError as e:
         raise UserError(_one_line(source, e)) from None
+    for role, device in config.devices.configured().items():
+        _check_device(source, role, device)
+    return config
+
+
+def _check_device(source: str, role: str, device: DeviceConfig) -> None:
+    """Validate a device section against its backend's own keys, naming the key that is wrong."""
+    where = f"{source}: devices.{role}"
+    if device.backend == "auto" and not device.real:
+        raise UserError(f'{where}.real: backend = "auto" needs the real backend to try first')
+    try:
+        cls = registry.load(ROLES[role], device.driver)
+    except registry.UnknownBackend as e:
+        raise UserError(f"{where}.backend: {e}") from None
+    except Exception:
+        return  # installed but broken: `hil devices` reports it, opening it fails loudly
+    try:
+        cls.Options.model_validate(device.options)
+    except ValidationError as e:
+        first = e.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        if first["type"] == "extra_forbidden":
+            allowed = ["backend", "real", *cls.Options.model_fields]
+            close = difflib.get_close_matches(key, allowed, n=1)
+            msg = f"unknown key for the {device.driver} backend" + (
+                f"; did you mean {close[0]!r}?" if close else f"; allowed: {', '.join(allowed)}"
+            )
+        else:
+            msg = f"{first['msg'][0].lower()}{first['msg'][1:]} (got {first['input']!r})"
+        raise UserError(f"{where}.{key}: {msg}") from None
 
 
 def load_bench(path: Path | str | None) -> BenchConfig:
@@ -110,21 +167,21 @@ def to_toml(config: BaseModel, comments: bool = True) -> str:
     lines: list[str] = []
 
     def section(model: BaseModel, name: str) -> None:
-        scalars = {
-            k: f
-            for k, f in type(model).model_fields.items()
-            if not isinstance(getattr(model, k), BaseModel)
-        }
-        if scalars:
-            if name:
-                doc = (type(model).__doc__ or "").strip().splitlines()
-                lines.extend(["", *([f"# {doc[0]}"] if comments and doc else []), f"[{name}]"])
-            for key, info in scalars.items():
-                if comments and info.description:
-                    lines.append(f"# {info.description}")
-                lines.append(f"{key} = {_toml_value(getattr(model, key))}")
-        for key in type(model).model_fields:
-            child = getattr(model, key)
+        fields = type(model).model_fields
+        values = {k: getattr(model, k) for k in fields} | (model.model_extra or {})
+        scalars = {k: v for k, v in values.items() if not isinstance(v, BaseModel)}
+        if scalars and name:
+            doc = (type(model).__doc__ or "").strip().splitlines()
+            lines.extend(["", *([f"# {doc[0]}"] if comments and doc else []), f"[{name}]"])
+        for key, value in scalars.items():
+            info = fields.get(key)
+            if comments and info is not None and info.description:
+                lines.append(f"# {info.description}")
+            if value is not None:
+                lines.append(f"{key} = {_toml_value(value)}")
+            elif comments:
+                lines.append(f"# {key} = (unset)")
+        for key, child in values.items():
             if isinstance(child, BaseModel):
                 section(child, f"{name}.{key}" if name else key)
 

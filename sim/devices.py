@@ -1,18 +1,32 @@
-"""Simulated bench devices: the driver protocols implemented on one `SimWorld`."""
+"""Simulated bench devices: the driver protocols implemented on one `SimWorld`.
+
+They can misbehave on request (`inject`) so that callers' handling of timeouts, disconnects and
+corrupt frames is tested against the same code paths real devices take.
+"""
 
 from __future__ import annotations
 
-from drivers.errors import DeviceTimeout
-from drivers.protocols import Camera, Display, Frame, LightSource
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+
+from drivers.errors import DeviceDisconnected, DeviceTimeout
+from drivers.protocols import BackendOptions, Camera, Display, Frame, LightSource, PowerMeter
 from sim.world import SimWorld
 
 
 class SimDisplay(Display):
+    backend = "sim"
     simulated = True
 
     def __init__(self, world: SimWorld, name: str = "sim-display") -> None:
         super().__init__(name, world.display_shape, world.params.display.bit_depth)
         self.world = world
+
+    @classmethod
+    def from_options(cls, name: str, options: BackendOptions, context: Any) -> SimDisplay:
+        return cls(context.sim_world(), name)
 
     def _show_hw(self, levels) -> None:
         self.world.show(levels)
@@ -21,6 +35,7 @@ class SimDisplay(Display):
 class SimCamera(Camera):
     """Frames arrive no faster than max(exposure, 1 / fps_limit) apart, on the world's clock."""
 
+    backend = "sim"
     simulated = True
 
     def __init__(self, world: SimWorld, name: str = "sim-camera") -> None:
@@ -30,10 +45,26 @@ class SimCamera(Camera):
         self._exposure_s = sp.exposure_s
         self._next_start = -float("inf")
         self._frame_id = 0
+        self.inject()
+
+    @classmethod
+    def from_options(cls, name: str, options: BackendOptions, context: Any) -> SimCamera:
+        return cls(context.sim_world(), name)
+
+    def inject(
+        self, stall: bool = False, timeouts: int = 0, disconnect: bool = False, corrupt: int = 0
+    ) -> None:
+        """Misbehave: never deliver (`stall`), time out the next `timeouts` snaps, be unplugged
+        until `reconnect()`, or deliver `corrupt` truncated frames. No arguments: behave."""
+        self._stall, self._timeouts = stall, timeouts
+        self._unplugged, self._corrupt = disconnect, corrupt
 
     @property
     def frame_period_s(self) -> float:
         return max(self._exposure_s, 1.0 / self.world.params.sensor.fps_limit)
+
+    def _open_hw(self) -> None:
+        self._unplugged = False
 
     def _get_exposure_hw(self) -> float:
         return self._exposure_s
@@ -43,34 +74,70 @@ class SimCamera(Camera):
 
     def _snap_hw(self, timeout_s: float) -> Frame:
         clock = self.world.clock
+        if self._unplugged:
+            raise DeviceDisconnected(f"{self.name}: camera unplugged")
         now = clock.now()
         start = max(now, self._next_start)
-        if start + self._exposure_s - now > timeout_s:
+        if self._stall or self._timeouts or start + self._exposure_s - now > timeout_s:
+            self._timeouts = max(0, self._timeouts - 1)
             clock.sleep(timeout_s)
             raise DeviceTimeout(f"{self.name}: no frame within {timeout_s} s")
         clock.sleep(start + self._exposure_s - now)
         image = self.world.capture(self._exposure_s)
+        if self._corrupt:
+            self._corrupt -= 1
+            image = image[: image.shape[0] // 2]
         self._next_start = start + self.frame_period_s
         self._frame_id += 1
         saturated = float((image >= self.max_dn).mean())
-        return Frame(
-            image,
-            clock.now(),
-            self._exposure_s,
-            self._frame_id,
-            True,
-            {"saturated_fraction": saturated},
-        )
+        meta = {"saturated_fraction": saturated}
+        return Frame(image, clock.now(), self._exposure_s, self._frame_id, True, meta)
 
 
 class SimLightSource(LightSource):
-    """The illumination of the simulated display (an SLM's laser, a monitor's backlight)."""
+    """A source in the simulated display's illumination path (laser, backlight, shutter)."""
 
+    backend = "sim"
     simulated = True
 
     def __init__(self, world: SimWorld, name: str = "sim-light") -> None:
         super().__init__(name)
         self.world = world
 
+    @classmethod
+    def from_options(cls, name: str, options: BackendOptions, context: Any) -> SimLightSource:
+        return cls(context.sim_world(), name)
+
+    def _open_hw(self) -> None:
+        self.world.set_source(self.name, False, self.level)
+
     def _set_output_hw(self, on: bool, level: float) -> None:
-        self.world.light_on, self.world.light_level = on, level
+        self.world.set_source(self.name, on, level)
+
+
+class SimPowerMeterOptions(BackendOptions):
+    full_scale_w: float = Field(1e-3, gt=0, description="power of a white field at full light")
+    noise: float = Field(1e-3, ge=0, description="relative noise of a reading")
+
+
+class SimPowerMeter(PowerMeter):
+    """Measures the light leaving the simulated display."""
+
+    backend = "sim"
+    simulated = True
+    Options = SimPowerMeterOptions
+
+    def __init__(
+        self, world: SimWorld, name: str = "sim-power-meter", options: SimPowerMeterOptions = None
+    ) -> None:
+        super().__init__(name)
+        self.world, self.options = world, options or SimPowerMeterOptions()
+        self._rng = np.random.default_rng(world.params.fabrication.seed)
+
+    @classmethod
+    def from_options(cls, name: str, options: BackendOptions, context: Any) -> SimPowerMeter:
+        return cls(context.sim_world(), name, options)
+
+    def _read_hw(self, timeout_s: float) -> float:
+        power = self.world.display_power() * self.options.full_scale_w
+        return max(0.0, power * (1 + self.options.noise * self._rng.standard_normal()))

@@ -53,7 +53,7 @@ class SimWorld:
         self.sensor = Sensor(params.sensor)
         self.noise = torch.Generator().manual_seed(params.fabrication.seed * 1_000_003 + 17)
         self.levels = torch.zeros(fp.channels, dp.height, dp.width)
-        self.light_on, self.light_level = False, 1.0
+        self.sources: dict[str, tuple[bool, float]] = {}
 
     @property
     def display_shape(self) -> tuple[int, ...]:
@@ -64,6 +64,17 @@ class SimWorld:
             else (dp.height, dp.width, 3)
         )
 
+    def set_source(self, name: str, on: bool, level: float) -> None:
+        """A light source or shutter in the illumination path; light passes when all are on."""
+        self.sources[name] = (bool(on), float(level))
+
+    @property
+    def light_level(self) -> float:
+        """Relative illumination of the display: the product of every source's level, or 0."""
+        if not self.sources or not all(on for on, _ in self.sources.values()):
+            return 0.0
+        return float(np.prod([level for _, level in self.sources.values()]))
+
     def show(self, levels: np.ndarray) -> None:
         """Display levels (H, W) or (H, W, 3) in [0, 1]."""
         t = torch.as_tensor(np.asarray(levels, np.float32))
@@ -72,10 +83,10 @@ class SimWorld:
     @torch.no_grad()
     def irradiance(self) -> torch.Tensor:
         """The noise-free irradiance (H, W) on the sensor, in units of a white field's PSF sum."""
-        frame = torch.zeros(self.layout.frame_shape)
-        if not self.light_on or self.light_level == 0:
+        frame, light = torch.zeros(self.layout.frame_shape), self.light_level
+        if light == 0:
             return frame
-        emitted = self.fabrication.apply_to_display(self.levels) * self.light_level
+        emitted = self.fabrication.apply_to_display(self.levels) * light
         full = self.frontend.intensities(self.fabrication.warp(emitted[None]), mode="full")[0]
         k = self.frontend.kernel_size
         off = k - 1 - (k - 1) // 2  # where the "same" window starts inside the full result
@@ -84,7 +95,13 @@ class SimWorld:
             y0, x0 = y - off + k, x - off + k
             canvas[y0 : y0 + tile.shape[0], x0 : x0 + tile.shape[1]] += tile
         frame = canvas[k : k + frame.shape[0], k : k + frame.shape[1]] * self.fabrication.gain
-        return frame + self.fabrication.background * self.light_level
+        return frame + self.fabrication.background * light
+
+    @torch.no_grad()
+    def display_power(self) -> float:
+        """Light leaving the display, relative to a full white field at full illumination."""
+        emitted = self.fabrication.apply_to_display(self.levels) * self.light_level
+        return float(emitted.mean())
 
     def capture(self, exposure_s: float) -> np.ndarray:
         """One noisy frame in DN (uint16) for the current display and light."""

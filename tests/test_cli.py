@@ -85,10 +85,13 @@ def test_bench_init_writes_the_defaults_and_a_partial_file_keeps_the_rest(
 def test_devices_lists_the_simulated_bench(monkeypatch, capsys):
     code, out, _ = run_hil(monkeypatch, capsys, "devices", "--json")
     assert code == 0
-    rows = json.loads(out)["devices"]
-    assert [r["kind"] for r in rows] == ["display", "camera", "light"]
+    result = json.loads(out)
+    rows = result["devices"]
+    assert [r["role"] for r in rows] == ["display", "camera", "light"]
     assert all(r["state"] == "ok" and r["simulated"] for r in rows)
     assert rows[1]["detail"]["shape"] == [148, 148]
+    sims = {(b["kind"], b["backend"]): b["error"] for b in result["backends"]}
+    assert sims[("camera", "sim")] is None and sims[("light", "sim")] is None
 
 
 def test_sim_render_writes_the_frame_and_a_run_record(tmp_path, monkeypatch, capsys):

@@ -77,11 +77,11 @@ def test_light_off_gives_the_dark_level_and_light_goes_off_on_exceptions():
     with pytest.raises(RuntimeError, match="boom"), bench:
         bench.light.on()
         bench.display.show(np.ones(bench.display.shape, np.float32))
-        assert bench.world.light_on
+        assert bench.world.light_level == 1.0
         raise RuntimeError("boom")
-    assert not bench.world.light_on and not bench.light.is_on
+    assert bench.world.light_level == 0.0 and not bench.light.is_on
     assert float(bench.world.levels.abs().max()) == 0.0
-    assert not any(d.is_open for d in bench.devices)
+    assert not any(d.is_open for d in bench.devices.values())
     with bench:
         frame = bench.camera.snap(1.0).image.astype(np.float64)
     expected = sensor.params.black_level_dn + sensor.params.dark_e / sensor.gain_e_per_dn

@@ -1,0 +1,148 @@
+"""The simulated backends under the device contracts, their fault injection, and the Bench."""
+
+import numpy as np
+import pytest
+from contracts import CameraContract, DisplayContract, LightSourceContract, PowerMeterContract
+
+from drivers.errors import DeviceDisconnected, DeviceError, DeviceTimeout
+from hil.bench import Bench
+from hil.config import parse_bench
+from sim.clock import RealClock, VirtualClock
+from sim.devices import SimCamera, SimDisplay, SimLightSource, SimPowerMeter
+from sim.params import SimParams
+from sim.world import SimWorld
+
+
+def world(clock=None) -> SimWorld:
+    return SimWorld(SimParams(), clock=clock or VirtualClock())
+
+
+class TestSimCameraContract(CameraContract):
+    expect_simulated = True
+
+    def make(self, tmp_path):
+        return SimCamera(world())
+
+    def make_stalled(self, tmp_path):
+        cam = SimCamera(world(RealClock()))  # real time: the contract measures it
+        cam.inject(stall=True)
+        return cam
+
+
+class TestSimDisplayContract(DisplayContract):
+    expect_simulated = True
+
+    def make(self, tmp_path):
+        return SimDisplay(world())
+
+    def read_back(self, device):
+        return device.world.levels[0].numpy()
+
+
+class TestSimLightContract(LightSourceContract):
+    expect_simulated = True
+
+    def make(self, tmp_path):
+        return SimLightSource(world())
+
+    def read_state(self, device):
+        return device.world.sources[device.name]
+
+
+class TestSimPowerMeterContract(PowerMeterContract):
+    expect_simulated = True
+
+    def make(self, tmp_path):
+        return SimPowerMeter(world())
+
+
+def test_power_meter_reads_the_light_leaving_the_display():
+    w = world()
+    meter, light, display = SimPowerMeter(w), SimLightSource(w), SimDisplay(w)
+    with meter, light, display:
+        assert meter.read_w() == 0.0
+        light.on()
+        display.show(np.ones(display.shape, np.float32))
+        full = meter.read_w()
+        display.show(np.full(display.shape, 0.5, np.float32))
+        half = meter.read_w()
+    gamma = w.params.display.gamma
+    assert half / full == pytest.approx((128 / 255) ** gamma, rel=0.01)
+
+
+def test_a_disconnected_camera_comes_back_with_reconnect():
+    cam = SimCamera(world())
+    with cam:
+        cam.snap(1.0)
+        cam.inject(disconnect=True)
+        with pytest.raises(DeviceDisconnected):
+            cam.snap(1.0)
+        cam.reconnect()
+        assert cam.snap(1.0).image.shape == cam.shape
+
+
+def test_injected_timeouts_and_corrupt_frames_surface_as_typed_errors():
+    cam = SimCamera(world())
+    with cam:
+        cam.inject(timeouts=2, corrupt=1)
+        for _ in range(2):
+            with pytest.raises(DeviceTimeout):
+                cam.snap(0.5)
+        with pytest.raises(DeviceError, match="corrupt"):
+            cam.snap(0.5)
+        cam.snap(0.5)
+
+
+def bench_file(**devices) -> Bench:
+    return Bench(parse_bench({"devices": devices}), clock=VirtualClock())
+
+
+def test_exception_inside_bench_leaves_every_light_off_and_the_display_blank():
+    bench = bench_file(shutter={"backend": "sim"}, power_meter={"backend": "sim"})
+    with pytest.raises(KeyboardInterrupt), bench:
+        for source in bench.light_sources:
+            source.on()
+        bench.display.show(np.ones(bench.display.shape, np.float32))
+        assert bench.world.light_level == 1.0
+        raise KeyboardInterrupt
+    assert bench.world.light_level == 0.0
+    assert all(on is False for on, _ in bench.world.sources.values())
+    assert float(bench.world.levels.max()) == 0.0
+    assert not any(d.is_open for d in bench.devices.values())
+
+
+def test_light_passes_only_when_light_and_shutter_are_both_on():
+    bench = bench_file(shutter={"backend": "sim"})
+    with bench:
+        bench.light.on()
+        assert bench.world.light_level == 0.0
+        bench.devices["shutter"].on()
+        bench.light.level = 0.5
+        assert bench.world.light_level == 0.5
+
+
+def test_auto_falls_back_to_the_simulated_device_loudly(caplog):
+    bench = bench_file(camera={"backend": "auto", "real": "sim"})
+    assert not bench.fallbacks  # the "real" one here is the simulator itself, and it opens
+    missing = {"backend": "auto", "real": "visa", "resource": "USB0::0x0::0x0::NOPE::INSTR"}
+    bench = bench_file(light=missing)
+    with caplog.at_level("WARNING", logger="hil"), bench:
+        assert bench.light.simulated
+        snapshot = bench.snapshot()
+    assert snapshot["simulated"] is True and len(snapshot["fallbacks"]) == 1
+    assert "SIMULATED" in caplog.text and "devices.light" in caplog.text
+
+
+def test_a_device_that_cannot_open_fails_the_bench_but_the_lights_still_go_off():
+    bench = bench_file(light={"backend": "visa", "resource": "USB0::0x0::0x0::NOPE::INSTR"})
+    with pytest.raises(DeviceError), bench:
+        pass
+    assert bench.world.light_level == 0.0
+    rows = {
+        r["role"]: r
+        for r in bench_file(
+            **{"light": {"backend": "visa", "resource": "USB0::0x0::0x0::NOPE::INSTR"}}
+        ).probe()
+    }
+    assert rows["light"]["state"] == "failed" and "NOPE" in rows["light"]["detail"]["error"]
+    assert rows["camera"]["state"] == "ok"

@@ -140,13 +140,14 @@ class Bench:
         return rows
 
     def _mirror_into_world(self) -> None:
-        """A simulated camera beside a real display or light must see what they do."""
+        """A simulated camera beside a real (or otherwise simulated) display or light must see
+        what they do."""
         if self._world is None:
             return
         world = self._world
         for device in self.devices.values():
-            if device.simulated:
-                continue
+            if getattr(device, "world", None) is world:
+                continue  # already part of the simulated world
             if isinstance(device, LightSource):
                 device.listeners.append(lambda on, lv, n=device.name: world.set_source(n, on, lv))
             elif isinstance(device, Display):

@@ -93,6 +93,9 @@ def test_injected_timeouts_and_corrupt_frames_surface_as_typed_errors():
         cam.snap(0.5)
 
 
+MISSING_LED = {"visa_library": "sim", "resource": "USB0::0x0::0x0::NOPE::INSTR", "max_current_a": 1}
+
+
 def bench_file(**devices) -> Bench:
     return Bench(parse_bench({"devices": devices}), clock=VirtualClock())
 
@@ -124,8 +127,7 @@ def test_light_passes_only_when_light_and_shutter_are_both_on():
 def test_auto_falls_back_to_the_simulated_device_loudly(caplog):
     bench = bench_file(camera={"backend": "auto", "real": "sim"})
     assert not bench.fallbacks  # the "real" one here is the simulator itself, and it opens
-    missing = {"backend": "auto", "real": "visa", "resource": "USB0::0x0::0x0::NOPE::INSTR"}
-    bench = bench_file(light=missing)
+    bench = bench_file(light={"backend": "auto", "real": "visa", **MISSING_LED})
     with caplog.at_level("WARNING", logger="hil"), bench:
         assert bench.light.simulated
         snapshot = bench.snapshot()
@@ -134,15 +136,36 @@ def test_auto_falls_back_to_the_simulated_device_loudly(caplog):
 
 
 def test_a_device_that_cannot_open_fails_the_bench_but_the_lights_still_go_off():
-    bench = bench_file(light={"backend": "visa", "resource": "USB0::0x0::0x0::NOPE::INSTR"})
-    with pytest.raises(DeviceError), bench:
+    bench = bench_file(shutter={"backend": "sim"}, light={"backend": "visa", **MISSING_LED})
+    with pytest.raises(DeviceError, match="NOPE"), bench:
         pass
-    assert bench.world.light_level == 0.0
-    rows = {
-        r["role"]: r
-        for r in bench_file(
-            **{"light": {"backend": "visa", "resource": "USB0::0x0::0x0::NOPE::INSTR"}}
-        ).probe()
-    }
+    assert bench.world.light_level == 0.0 and not bench.devices["shutter"].is_open
+    rows = {r["role"]: r for r in bench_file(light={"backend": "visa", **MISSING_LED}).probe()}
     assert rows["light"]["state"] == "failed" and "NOPE" in rows["light"]["detail"]["error"]
     assert rows["camera"]["state"] == "ok"
+
+
+def test_exception_inside_bench_switches_a_visa_led_off_at_the_instrument():
+    pyvisa = pytest.importorskip("pyvisa")
+    from drivers.visa_instruments import resolve_visa_library
+
+    led = {
+        "backend": "visa",
+        "visa_library": "sim",
+        "max_current_a": 0.8,
+        "resource": "USB0::0x1313::0x80C8::M00000001::INSTR",
+    }
+    bench = bench_file(light=led)
+    with pytest.raises(RuntimeError, match="mid-capture"), bench:
+        bench.light.level = 0.5
+        bench.light.on()
+        bench.display.show(np.ones(bench.display.shape, np.float32))
+        assert bench.world.light_level == 0.5  # the simulated camera sees the real LED
+        raise RuntimeError("mid-capture")
+    rm = pyvisa.ResourceManager(resolve_visa_library("sim"))
+    inst = rm.open_resource(led["resource"], read_termination="\n", write_termination="\n")
+    try:
+        assert inst.query("OUTP?").strip().upper() in ("OFF", "0")
+    finally:
+        inst.close()
+    assert float(bench.world.levels.max()) == 0.0 and bench.world.light_level == 0.0

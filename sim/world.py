@@ -7,6 +7,8 @@ shows is what the camera sees, through glass that is wrong in the ways fabricate
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -80,21 +82,36 @@ class SimWorld:
         t = torch.as_tensor(np.asarray(levels, np.float32))
         self.levels = t[None] if t.ndim == 2 else t.permute(2, 0, 1)
 
+    @property
+    def _warp_margin(self) -> int:
+        """Pixels by which the misalignment can move light beyond the display's own grid."""
+        fp, dp = self.params.fabrication, self.params.display
+        theta = math.radians(abs(fp.rotation_deg))
+        reach = max(abs(fp.shift_px[0]), abs(fp.shift_px[1]))
+        reach += (math.sin(theta) + 1 - math.cos(theta)) * max(dp.height, dp.width) / 2
+        return math.ceil(reach) + 1
+
     @torch.no_grad()
     def irradiance(self) -> torch.Tensor:
         """The noise-free irradiance (H, W) on the sensor, in units of a white field's PSF sum."""
         frame, light = torch.zeros(self.layout.frame_shape), self.light_level
         if light == 0:
             return frame
+        m = self._warp_margin
         emitted = self.fabrication.apply_to_display(self.levels) * light
-        full = self.frontend.intensities(self.fabrication.warp(emitted[None]), mode="full")[0]
+        # warp on a grid with margins, so light the misalignment moves off the display's own
+        # pixel grid still reaches the sensor (the centre, and so the warp, stays the same)
+        padded = torch.nn.functional.pad(emitted[None], (m, m, m, m))
+        full = self.frontend.intensities(self.fabrication.warp(padded), mode="full")[0]
         k = self.frontend.kernel_size
         off = k - 1 - (k - 1) // 2  # where the "same" window starts inside the full result
-        canvas = torch.zeros(frame.shape[0] + 2 * k, frame.shape[1] + 2 * k)
+        edge = k + m
+        canvas = torch.zeros(frame.shape[0] + 2 * edge, frame.shape[1] + 2 * edge)
         for tile, (y, x, _, _) in zip(full, self.layout.boxes, strict=True):
-            y0, x0 = y - off + k, x - off + k
+            y0, x0 = y - off - m + edge, x - off - m + edge
             canvas[y0 : y0 + tile.shape[0], x0 : x0 + tile.shape[1]] += tile
-        frame = canvas[k : k + frame.shape[0], k : k + frame.shape[1]] * self.fabrication.gain
+        frame = canvas[edge : edge + frame.shape[0], edge : edge + frame.shape[1]]
+        frame = frame * self.fabrication.gain
         return frame + self.fabrication.background * light
 
     @torch.no_grad()

@@ -141,3 +141,12 @@ def render_tile(emitted: np.ndarray, affine: np.ndarray, kernel: np.ndarray, fra
     warped = warp_to_frame(emitted, affine, (y0 - lead, x0 - lead, h + k - 1, w + k - 1))
     out = fftconvolve(warped, kernel[None], mode="valid", axes=(-2, -1)).sum(axis=1)
     return region, out
+
+
+def render_tiles(emitted: np.ndarray, affines, kernels, frame_hw) -> np.ndarray:
+    """Every tile's light overlap-added on the frame: (N, H, W), in the kernels' units."""
+    out = np.zeros((len(emitted), *frame_hw))
+    for affine, kernel in zip(affines, kernels, strict=True):
+        (y, x, h, w), tile = render_tile(emitted, affine, kernel, frame_hw)
+        out[:, y : y + h, x : x + w] += tile
+    return out

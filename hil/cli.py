@@ -20,6 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 import hil
+from calibration.errors import CalibrationError
 from drivers.errors import DeviceError
 from hil.errors import UserError
 
@@ -159,6 +160,38 @@ def sim_render(
     emit(result, as_json, f"wrote {out_path} ({h}x{w}, max {result['max_dn']} DN); run {run.dir}")
 
 
+@app.command("calibrate")
+def calibrate_cmd(
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Folder for the calibration file and plots.")
+    ],
+    bench: BenchOpt = None,
+    patterns: Annotated[
+        int, typer.Option(min=8, help="Random patterns for the kernel fit (more: less noise).")
+    ] = 32,
+    seed: Annotated[int, typer.Option(help="Seed of the calibration patterns.")] = 0,
+    runs_dir: RunsOpt = Path("runs"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure the fabricated frontend: exposure, dark, stray light, photon transfer, display
+    response, geometry, kernels; then check the result by predicting frames of new images.
+
+    Writes OUT/calibration.h5 (every fitted quantity), OUT/result.json and PNG plots. On a
+    simulated bench the result also compares each fitted quantity with the ground truth.
+    """
+    from calibration.pipeline import Plan
+    from hil.calibrate import run_calibrate
+    from hil.config import load_bench
+    from hil.records import Run, write_json
+
+    config = load_bench(bench)
+    plan = Plan(patterns=patterns, seed=seed)
+    with Run("calibrate", runs_dir, config, {"out": str(out_dir), "patterns": patterns}) as run:
+        result = run.finish(run_calibrate(config, out_dir, err, plan))
+        write_json(out_dir / "result.json", result)
+    emit(result, as_json, f"wrote {result['calibration_file']}; run record {run.dir}")
+
+
 @app.command("demo")
 def demo(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the demo's pictures.")] = Path(
@@ -198,7 +231,7 @@ def main() -> None:
         hil_log.addHandler(_WarningsToStderr())
     try:
         app()
-    except UserError as e:
+    except (UserError, CalibrationError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except DeviceError as e:

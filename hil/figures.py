@@ -50,3 +50,56 @@ def save_map_sheet(rows: list[tuple[str, np.ndarray]], path: Path | str, title: 
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def save_calibration_plots(cal, design_psfs: np.ndarray, out_dir: Path) -> dict[str, Path]:
+    """The pictures a person checks after `hil calibrate`: PSFs, registration, photometry."""
+    out_dir = Path(out_dir)
+    paths = {
+        "psfs": out_dir / "psfs.png",
+        "residuals": out_dir / "residuals.png",
+        "photometry": out_dir / "photometry.png",
+    }
+    design = design_psfs.sum(axis=1)
+    measured = cal.psfs.sum(axis=1)
+    norm = measured.sum(axis=(1, 2), keepdims=True) / design.sum(axis=(1, 2), keepdims=True)
+    rows = [("designed", design * norm), ("measured", measured)]
+    save_map_sheet(rows, paths["psfs"], "PSFs per tile (design scaled to the measured sum)")
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+    tiles = np.arange(len(cal.psfs))
+    axes[0].bar(tiles, cal.registration_rms_px)
+    axes[0].set(xlabel="tile", ylabel="px", title="registration RMS residual")
+    axes[1].bar(tiles, cal.psf_residual)
+    axes[1].set(xlabel="tile", ylabel="relative", title="PSF fit residual")
+    _save(fig, paths["residuals"])
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    levels = np.asarray(cal.display_levels)
+    axes[0].plot(levels, cal.display_response, "o", ms=3, label="measured")
+    axes[0].plot(levels, levels**cal.display_gamma, "-", label=f"gamma {cal.display_gamma:.2f}")
+    axes[0].set(xlabel="drive level", ylabel="relative light", title="display response")
+    axes[0].legend(fontsize=8)
+    ptc = next((s for s in cal.steps if s["name"] == "photon transfer"), None)
+    if ptc:
+        mean = np.asarray(ptc["mean_dn"])
+        axes[1].plot(mean, ptc["var_dn"], "o", ms=3)
+        axes[1].plot(mean, mean / cal.conversion_gain_e_per_dn + np.median(cal.read_noise_dn) ** 2)
+        axes[1].set(
+            xlabel="mean (DN)",
+            ylabel="variance (DN²)",
+            title=f"photon transfer: {cal.conversion_gain_e_per_dn:.2f} e-/DN",
+        )
+    im = axes[2].imshow(cal.illumination, cmap="viridis")
+    axes[2].set(title="display illumination", xticks=[], yticks=[])
+    fig.colorbar(im, ax=axes[2], fraction=0.046)
+    _save(fig, paths["photometry"])
+    return paths
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)

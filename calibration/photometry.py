@@ -22,11 +22,17 @@ def uniform(bench, level: float) -> np.ndarray:
     return np.full(bench.display.shape, level, np.float32)
 
 
+def snap(camera) -> np.ndarray:
+    """One frame as float64, with a timeout that leaves room for a long exposure."""
+    timeout = max(SNAP_TIMEOUT_S, 2 * camera.exposure_s + 1)
+    return camera.snap(timeout).image.astype(np.float64)
+
+
 def mean_frame(camera, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-pixel mean and temporal variance of n frames, accumulated without storing them."""
     total = total_sq = None
     for _ in range(n):
-        f = camera.snap(SNAP_TIMEOUT_S).image.astype(np.float64)
+        f = snap(camera)
         total = f if total is None else total + f
         total_sq = f * f if total_sq is None else total_sq + f * f
     mean = total / n
@@ -41,7 +47,12 @@ def saturation_level(camera) -> float:
 
 
 def find_exposure(
-    bench, black_dn: float, target: float = 0.7, tolerance: float = 0.08, max_steps: int = 10
+    bench,
+    black_dn: float,
+    target: float = 0.7,
+    tolerance: float = 0.08,
+    max_steps: int = 12,
+    max_exposure_s: float = 1.0,
 ) -> tuple[float, float]:
     """An exposure whose brightest white-field pixels sit near `target` of the usable range.
 
@@ -49,7 +60,7 @@ def find_exposure(
     exposure saturates or the longest one stays too dark.
     """
     cam = bench.camera
-    lo, hi = cam.exposure_range_s
+    lo, hi = cam.exposure_range_s[0], min(cam.exposure_range_s[1], max_exposure_s)
     usable = cam.max_dn - black_dn
     bench.display.show(uniform(bench, 1.0))
     set_lights(bench, True)
@@ -57,7 +68,7 @@ def find_exposure(
     frac = 0.0
     for _ in range(max_steps):
         cam.exposure_s = exposure
-        frame = cam.snap(SNAP_TIMEOUT_S).image.astype(np.float64)
+        frame = snap(cam)
         saturated = float(np.mean(frame >= saturation_level(cam)))
         frac = float(np.percentile(frame, 99.9) - black_dn) / usable
         if saturated > 1e-4:
@@ -69,14 +80,16 @@ def find_exposure(
                 )
             exposure = max(lo, exposure / 4)
             continue
-        if abs(frac - target) <= tolerance:
+        if abs(frac - target) <= tolerance or (exposure <= lo and frac > target):
             return exposure, frac
-        if frac < 0.05 and exposure >= hi:
-            raise CalibrationError(
-                f"exposure: the white field reaches only {100 * frac:.1f}% of full scale at the "
-                f"longest exposure ({hi} s): switch the light on, raise its level, open the "
-                "shutter or check the optics are not blocked"
-            )
+        if exposure >= hi and frac < target:
+            if frac < 0.05:
+                raise CalibrationError(
+                    f"exposure: the white field reaches only {100 * frac:.1f}% of full scale at "
+                    f"the longest exposure ({hi} s): switch the light on, raise its level, open "
+                    "the shutter or check the optics are not blocked"
+                )
+            return exposure, frac  # dim but usable
         exposure = float(np.clip(exposure * target / max(frac, 1e-3), lo, hi))
     if frac < 0.05:
         raise CalibrationError(
@@ -113,8 +126,7 @@ def photon_transfer(
     means, variances = [], []
     for level in levels:
         bench.display.show(uniform(bench, float(level)))
-        a = bench.camera.snap(SNAP_TIMEOUT_S).image.astype(np.float64)
-        b = bench.camera.snap(SNAP_TIMEOUT_S).image.astype(np.float64)
+        a, b = snap(bench.camera), snap(bench.camera)
         ok = mask & (a < saturation_level(bench.camera)) & (b < saturation_level(bench.camera))
         means.append(float(np.mean(((a + b) / 2 - dark)[ok])))
         variances.append(float(np.var((a - b)[ok]) / 2))

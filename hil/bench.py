@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from calibration.errors import CalibrationError
 from drivers import registry
 from drivers.errors import DeviceError
 from drivers.protocols import Camera, Device, Display, LightSource, PowerMeter
@@ -46,7 +47,12 @@ class Bench:
     def sim_world(self) -> SimWorld:
         """The simulated world, made on first use by a simulated device."""
         if self._world is None:
-            self._world = SimWorld(self.config.sim, self._designed, self._clock)
+            if self.config.sim.replay:
+                from hil.replay import ReplayWorld
+
+                self._world = ReplayWorld(self.config.sim, self.config.sim.replay, self._clock)
+            else:
+                self._world = SimWorld(self.config.sim, self._designed, self._clock)
         return self._world
 
     world = property(sim_world)
@@ -54,6 +60,8 @@ class Bench:
     def _build(self, role: str, dc: DeviceConfig) -> Device:
         try:
             return registry.build(ROLES[role], dc.driver, role, dc.options, self)
+        except CalibrationError:
+            raise  # a replayed calibration file that cannot be used: the user's to fix
         except Exception as e:
             if dc.backend == "auto":
                 return self._fallback(role, e)

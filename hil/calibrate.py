@@ -118,7 +118,7 @@ def run_calibrate(
             progress=progress,
         )
         bar.update(task, description="done", completed=STEPS)
-        if isinstance(bench.camera, SimCamera):
+        if isinstance(bench.camera, SimCamera) and not config.sim.replay:
             cal.truth = ground_truth(bench, cal, design)
     path = calfile.save(cal, out_dir / "calibration.h5")
     pictures = save_calibration_plots(cal, design.psfs, out_dir)

@@ -72,6 +72,9 @@ class DisplayParams(_Section):
 
 
 class SimParams(_Section):
+    replay: str | None = Field(
+        None, description="calibration file (HDF5) whose measured bench to replay instead"
+    )
     frontend: FrontendParams = FrontendParams()
     fabrication: FabricationParams = FabricationParams()
     sensor: SensorParams = SensorParams()

@@ -1,0 +1,69 @@
+"""A simulated bench rebuilt from a calibration file: a lab's bench, reproduced without the lab.
+
+Set `replay = "calibration.h5"` in a bench file's `[sim]` section: the simulated devices then
+record what the calibrated forward model predicts (measured kernels, registration, display
+response, illumination, stray light and dark frame), with the measured sensor noise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from calibration import calfile
+from calibration.model import predict_signal
+from sim.clock import RealClock, VirtualClock
+from sim.params import SimParams
+from sim.world import SimWorld
+
+
+class ReplayWorld(SimWorld):
+    def __init__(
+        self,
+        params: SimParams,
+        calibration: Path | str,
+        clock: RealClock | VirtualClock | None = None,
+    ) -> None:
+        super().__init__(params, clock=clock)
+        fp = params.frontend
+        inputs = calfile.fingerprint_inputs(
+            self.layout.frame_shape,
+            self.display_shape,
+            fp.kernels,
+            fp.kernel_size,
+            fp.signed,
+            fp.channels,
+            params.sensor.bit_depth,
+        )
+        self.calibration = calfile.load(calibration, expect_fingerprint=inputs)
+        self._rng = np.random.default_rng(params.fabrication.seed)
+
+    def mean_frame(self, exposure_s: float) -> np.ndarray:
+        """Expected DN for what the display shows now, under the current light."""
+        cal, light = self.calibration, self.light_level
+        levels = self.levels.numpy().astype(np.float64)
+        emitted = np.interp(levels, cal.display_levels, cal.display_response) * cal.illumination
+        signal = predict_signal(cal, emitted[None] * light)[0]
+        return cal.dark_dn + exposure_s * (cal.background_dn_per_s * light + signal)
+
+    @torch.no_grad()
+    def irradiance(self) -> torch.Tensor:
+        """Scene signal in DN/s (the calibration's units, not a white field's)."""
+        cal = self.calibration
+        mean = self.mean_frame(cal.exposure_s)
+        return torch.as_tensor((mean - cal.dark_dn) / cal.exposure_s, dtype=torch.float32)
+
+    def capture(self, exposure_s: float) -> np.ndarray:
+        cal = self.calibration
+        mean = self.mean_frame(exposure_s)
+        gain = cal.conversion_gain_e_per_dn
+        electrons = self._rng.poisson(np.maximum(mean - cal.dark_dn, 0.0) * gain)
+        dn = (
+            cal.dark_dn
+            + electrons / gain
+            + self._rng.normal(0.0, 1.0, mean.shape) * (cal.read_noise_dn)
+        )
+        top = 2**cal.camera_bit_depth - 1
+        return np.clip(np.round(dn), 0, top).astype(np.uint16)

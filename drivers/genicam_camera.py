@@ -290,13 +290,6 @@ class GenICamCamera(Camera):
         self._exposure_cache_s = fixed
         self._last_frame_id: int | None = None
 
-    @classmethod
-    def from_options(cls, name: str, options: BackendOptions, context: Any = None) -> GenICamCamera:
-        """Build from bench-file options; `context` serves simulated backends only."""
-        if not isinstance(options, cls.Options):
-            options = cls.Options.model_validate(options.model_dump())
-        return cls(name, options)
-
     # --- life cycle -------------------------------------------------------------------------
 
     def _open_hw(self) -> None:

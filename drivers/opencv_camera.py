@@ -281,12 +281,6 @@ class OpenCVCamera(Camera):
         self._pending: tuple | None = None
         self._frame_id = 0
 
-    @classmethod
-    def from_options(cls, name: str, options: BackendOptions, context: Any) -> OpenCVCamera:
-        if not isinstance(options, cls.Options):
-            options = cls.Options.model_validate(options.model_dump())
-        return cls(name, options)
-
     @property
     def _label(self) -> str:
         return f"camera {self.name!r}"

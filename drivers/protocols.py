@@ -32,8 +32,8 @@ class BackendOptions(BaseModel):
 class Device:
     """Open/close life cycle, a context manager, and a settings snapshot for the run record.
 
-    A backend sets `backend`, an `Options` model for its bench-file keys, and `from_options`; the
-    registry builds it from a bench file through those three.
+    A backend sets `backend` and an `Options` model for its bench-file keys; the registry builds
+    it from a bench file through `from_options`.
     """
 
     kind: ClassVar[str] = "device"
@@ -46,9 +46,10 @@ class Device:
         self._open = False
 
     @classmethod
-    def from_options(cls, name: str, options: BackendOptions, context: Any) -> Device:
-        """Build from validated options; `context.sim_world()` serves simulated backends."""
-        raise NotImplementedError(f"{cls.__name__} cannot be built from a bench file")
+    def from_options(cls, name: str, options: BackendOptions, context: Any = None) -> Device:
+        """Build from validated options. Real backends take (name, options); simulated ones
+        override this to reach the world through `context.sim_world()`."""
+        return cls(name, options)
 
     @property
     def is_open(self) -> bool:

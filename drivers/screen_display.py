@@ -337,12 +337,6 @@ class ScreenDisplay(Display):
         self._probe: XConnection | None = None
         self._painted = False
 
-    @classmethod
-    def from_options(cls, name: str, options: BackendOptions, context: Any) -> ScreenDisplay:
-        if not isinstance(options, cls.Options):
-            options = cls.Options.model_validate(options.model_dump())
-        return cls(name, options)
-
     # -- geometry ------------------------------------------------------------------------------
 
     @property

@@ -153,10 +153,6 @@ class SerialLightSource(LightSource):
         self._wterm = options.write_termination.encode(options.encoding)
         self._rterm = options.read_termination.encode(options.encoding)
 
-    @classmethod
-    def from_options(cls, name: str, options: BackendOptions, context: Any) -> SerialLightSource:
-        return cls(name, options)
-
     @property
     def where(self) -> str:
         return f"{self.kind} {self.name!r} ({self.options.url})"

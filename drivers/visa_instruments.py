@@ -331,10 +331,6 @@ class VisaLightSource(LightSource):
         self._idn: str | None = None
         self._level_sent: str | None = None  # the last level command the instrument took
 
-    @classmethod
-    def from_options(cls, name: str, options: BackendOptions, context: Any) -> VisaLightSource:
-        return cls(name, options)
-
     def _open_hw(self) -> None:
         self._link.open()
         try:
@@ -421,10 +417,6 @@ class VisaPowerMeter(PowerMeter):
         self.simulated = self._link.simulated
         self._idn: str | None = None
         self._wavelength_nm: float | None = options.wavelength_nm
-
-    @classmethod
-    def from_options(cls, name: str, options: BackendOptions, context: Any) -> VisaPowerMeter:
-        return cls(name, options)
 
     def _open_hw(self) -> None:
         self._link.open()

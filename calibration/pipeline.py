@@ -23,7 +23,19 @@ from calibration.psf import (
     exclusive_masks,
     fit_region,
     kernel_offset,
+    psf_centroid,
     render_tiles,
+)
+
+STEPS = (
+    "exposure",
+    "dark",
+    "stray light",
+    "photon transfer",
+    "display response",
+    "geometry",
+    "kernels",
+    "validation",
 )
 
 
@@ -45,10 +57,7 @@ class Design:
 
     def centroid_offset(self, p: int) -> np.ndarray:
         """Design PSF centroid (x, y) minus the "same" window offset."""
-        psf = self.psfs[p].sum(axis=0)
-        ys, xs = np.mgrid[: psf.shape[0], : psf.shape[1]]
-        c = np.array([(xs * psf).sum(), (ys * psf).sum()]) / psf.sum()
-        return c - kernel_offset(self.kernel_size)
+        return psf_centroid(self.psfs[p]) - kernel_offset(self.kernel_size)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,13 @@ def kernel_offset(k: int) -> int:
     return k - 1 - (k - 1) // 2
 
 
+def psf_centroid(psf: np.ndarray) -> np.ndarray:
+    """(x, y) intensity centroid of a PSF (C, k, k), summed over channels."""
+    img = psf.sum(axis=0)
+    ys, xs = np.mgrid[: img.shape[0], : img.shape[1]]
+    return np.array([(xs * img).sum(), (ys * img).sum()]) / img.sum()
+
+
 def warp_to_frame(
     images: np.ndarray, affine: np.ndarray, region: tuple[int, int, int, int]
 ) -> np.ndarray:

@@ -18,15 +18,14 @@ from scipy.ndimage import shift as subpixel_shift
 
 from calibration import calfile
 from calibration.geometry import apply_affine
-from calibration.pipeline import Design, Plan, calibrate
+from calibration.pipeline import STEPS, Design, Plan, calibrate
+from calibration.psf import psf_centroid
 from hil.bench import Bench
 from hil.config import BenchConfig
 from hil.figures import save_calibration_plots
 from hil.records import environment
 from sim.devices import SimCamera
 from sim.fabrication import illumination_map
-
-STEPS = 8
 
 
 def design_of(bench: Bench) -> Design:
@@ -41,12 +40,6 @@ def design_of(bench: Bench) -> Design:
         tile_boxes=list(world.layout.boxes),
         psfs=f.psfs.detach().numpy().astype(np.float64),
     )
-
-
-def _centroid(psf: np.ndarray) -> np.ndarray:
-    img = psf.sum(axis=0)
-    ys, xs = np.mgrid[: img.shape[0], : img.shape[1]]
-    return np.array([(xs * img).sum(), (ys * img).sum()]) / img.sum()
 
 
 def ground_truth(bench: Bench, cal: calfile.Calibration, design: Design) -> dict[str, Any]:
@@ -66,18 +59,11 @@ def ground_truth(bench: Bench, cal: calfile.Calibration, design: Design) -> dict
     landed = fab.warp_points(torch.as_tensor(points)).numpy()
     psf_err, reg_sq, gain_err = [], [], []
     for p, (y0, x0, _, _) in enumerate(design.tile_boxes):
-        delta = _centroid(fabricated[p]) - _centroid(design.psfs[p])
+        delta = psf_centroid(fabricated[p]) - psf_centroid(design.psfs[p])
         truth_pts = landed + [x0, y0] + delta
         reg_sq.append(np.mean(np.sum((apply_affine(cal.affines[p], points) - truth_pts) ** 2, 1)))
-        truth_psf = (
-            np.stack(
-                [
-                    subpixel_shift(c, (-delta[1], -delta[0]), order=3, mode="grid-constant")
-                    for c in fabricated[p]
-                ]
-            )
-            * scale
-        )
+        back = (0, -delta[1], -delta[0])
+        truth_psf = subpixel_shift(fabricated[p], back, order=3, mode="grid-constant") * scale
         psf_err.append(np.linalg.norm(cal.psfs[p] - truth_psf) / np.linalg.norm(truth_psf))
         gain_err.append(abs(cal.psfs[p].sum() / (fabricated[p].sum() * scale) - 1))
     illum_truth = illumination_map((h, w), fab.params.illumination_falloff).numpy()
@@ -101,7 +87,7 @@ def run_calibrate(
     bench = Bench(config)
     columns = (TextColumn("{task.description:<18}"), BarColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as bar, bench:
-        task = bar.add_task("calibrating", total=STEPS)
+        task = bar.add_task("calibrating", total=len(STEPS))
 
         def progress(step: str) -> None:
             bar.update(task, description=step, completed=len(done))
@@ -117,9 +103,10 @@ def run_calibrate(
             versions=environment()["packages"],
             progress=progress,
         )
-        bar.update(task, description="done", completed=STEPS)
+        bar.update(task, description="done", completed=len(STEPS))
         if isinstance(bench.camera, SimCamera) and not config.sim.replay:
             cal.truth = ground_truth(bench, cal, design)
+        snapshot = bench.snapshot()
     path = calfile.save(cal, out_dir / "calibration.h5")
     pictures = save_calibration_plots(cal, design.psfs, out_dir)
     validation = next(s for s in cal.steps if s["name"] == "validation")
@@ -128,5 +115,6 @@ def run_calibrate(
         "pictures": {k: str(v) for k, v in pictures.items()},
         **{k: v for k, v in validation.items() if k.startswith("prediction")},
         **(cal.truth or {}),
+        "bench": snapshot,
     }
     return result

@@ -29,7 +29,8 @@ def step(console: Console, what: str):
 
 def run_demo(config: BenchConfig, out_dir: Path, console: Console) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    images, labels = digits()
+    data = digits()
+    images, labels = data.images[:, 0], data.labels
     picks = [int(np.flatnonzero(labels == c)[0]) for c in range(10)]
     with step(console, "open the simulated bench and record a dark frame"), Bench(config) as bench:
         shape = bench.display.shape[:2]

@@ -1,0 +1,1 @@
+"""Networks: electronic teachers and optical students (frontend physics + digital backend)."""

@@ -1,0 +1,103 @@
+"""Electronic teachers, trained locally (nothing is downloaded), stored where `--teacher` looks.
+
+`--teacher resnet18` means the resnet18 trained on the same dataset, in `$HIL_TEACHERS`
+(default ~/.cache/hil/teachers); `--teacher path.pt` names a checkpoint file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hil.datasets import Dataset
+from hil.errors import UserError
+from hil.models.teachers import TEACHERS, build_teacher
+from hil.training import Settings, accuracy, fit, load_checkpoint, save_checkpoint
+
+
+def teacher_dir() -> Path:
+    return Path(os.environ.get("HIL_TEACHERS", Path.home() / ".cache" / "hil" / "teachers"))
+
+
+def teacher_path(arch: str, dataset: str) -> Path:
+    return teacher_dir() / f"{dataset}-{arch}.pt"
+
+
+def tensors(data: Dataset, split: str) -> dict[str, torch.Tensor]:
+    idx = data.split(split)
+    return {
+        "x": torch.as_tensor(data.images[idx]),
+        "y": torch.as_tensor(data.labels[idx]),
+        "idx": torch.as_tensor(idx),
+    }
+
+
+def train_teacher(
+    arch: str, data: Dataset, settings: Settings, on_epoch=None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Train on the raw images of the train split; keep the epoch with the best val accuracy."""
+    torch.manual_seed(settings.seed)
+    model = build_teacher(arch, data.images.shape[1], data.classes)
+    train, val, test = (tensors(data, s) for s in ("train", "val", "test"))
+    best: dict[str, Any] = {"val_accuracy": -1.0}
+
+    def keep_best(metrics: dict[str, float]) -> None:
+        if metrics["val_accuracy"] > best["val_accuracy"]:
+            best.update(metrics, state={k: v.clone() for k, v in model.state_dict().items()})
+        if on_epoch:
+            on_epoch(metrics)
+
+    def ce(net, batch):
+        loss = nn.functional.cross_entropy(net(batch["x"]), batch["y"])
+        return {"ce": loss, "total": loss}
+
+    history = fit(model, ce, {"x": train["x"], "y": train["y"]}, val, settings, on_epoch=keep_best)
+    model.load_state_dict(best.pop("state"))
+    model.eval()
+    record = {
+        "arch": arch,
+        "dataset": data.name,
+        "in_channels": int(data.images.shape[1]),
+        "classes": data.classes,
+        "best_epoch": int(best["epoch"]),
+        "val_accuracy": best["val_accuracy"],
+        "test_accuracy": accuracy(model, test["x"], test["y"]),
+        "history": history,
+    }
+    return model, record
+
+
+def save_teacher(model: nn.Module, record: dict[str, Any], path: Path) -> None:
+    save_checkpoint(
+        path,
+        {
+            "teacher": {k: v for k, v in record.items() if k != "history"},
+            "state_dict": model.state_dict(),
+        },
+    )
+
+
+def load_teacher(spec: str, dataset: str) -> tuple[nn.Module, dict[str, Any], Path]:
+    """`spec` is an architecture name (the stored teacher for `dataset`) or a checkpoint path."""
+    path = Path(spec) if spec.endswith(".pt") or os.sep in spec else teacher_path(spec, dataset)
+    if not path.exists():
+        if spec in TEACHERS:
+            raise UserError(
+                f"no {spec} teacher for {dataset} in {path.parent}; train one with "
+                f"`hil teacher train --arch {spec} --dataset {dataset}`"
+            )
+        raise UserError(f"{path}: teacher checkpoint not found")
+    try:
+        state = load_checkpoint(path)
+        info = state["teacher"]
+        model = build_teacher(info["arch"], info["in_channels"], info["classes"])
+        model.load_state_dict(state["state_dict"])
+    except (KeyError, RuntimeError, OSError, ValueError) as e:
+        raise UserError(f"{path}: not a hil teacher checkpoint ({e})") from None
+    if info["dataset"] != dataset:
+        raise UserError(f"{path}: a teacher for {info['dataset']}, not {dataset}")
+    return model.eval(), info, path

@@ -36,7 +36,9 @@ bench_app = typer.Typer(
 sim_app = typer.Typer(
     help="The simulated bench: see what the camera would see.", no_args_is_help=True
 )
+teacher_app = typer.Typer(help="Electronic teachers, trained locally.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+app.add_typer(teacher_app, name="teacher")
 app.add_typer(sim_app, name="sim")
 
 out = Console()
@@ -190,6 +192,141 @@ def calibrate_cmd(
         result = run.finish(run_calibrate(config, out_dir, err, plan))
         write_json(out_dir / "result.json", result)
     emit(result, as_json, f"wrote {result['calibration_file']}; run record {run.dir}")
+
+
+def _epoch_printer(console: Console):
+    def show(m: dict) -> None:
+        terms = "  ".join(f"{k} {v:.4f}" for k, v in m.items() if k not in ("epoch", "seconds"))
+        console.print(f"epoch {m['epoch']:3d}  {terms}  ({m['seconds']:.1f} s)", highlight=False)
+
+    return show
+
+
+@teacher_app.command("train")
+def teacher_train(
+    arch: Annotated[str, typer.Option(help="resnet18, lenet, alexnet or unet.")] = "resnet18",
+    dataset: Annotated[str, typer.Option(help="Dataset to train on.")] = "digits",
+    epochs: Annotated[int, typer.Option(min=1)] = 15,
+    lr: Annotated[float, typer.Option(min=0)] = 1e-3,
+    seed: int = 0,
+    out: Annotated[
+        Path | None, typer.Option(help="Checkpoint path; default: where --teacher finds it.")
+    ] = None,
+    runs_dir: RunsOpt = Path("runs"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Train an electronic teacher on the raw images and store it for `--teacher ARCH`."""
+    from hil.datasets import load_dataset
+    from hil.records import Run, write_json
+    from hil.teachers import save_teacher, teacher_path, train_teacher
+    from hil.training import Settings
+
+    data = load_dataset(dataset)
+    path = out or teacher_path(arch, dataset)
+    args = {"arch": arch, "dataset": dataset, "epochs": epochs, "lr": lr, "seed": seed}
+    with Run("teacher train", runs_dir, None, args) as run:
+        settings = Settings(epochs=epochs, lr=lr, seed=seed)
+        model, record = train_teacher(arch, data, settings, on_epoch=_epoch_printer(err))
+        save_teacher(model, record, path)
+        write_json(run.dir / "metrics.json", record.pop("history"))
+        result = run.finish(record | {"checkpoint": str(path)})
+    emit(
+        result,
+        as_json,
+        f"{arch} on {dataset}: test accuracy {result['test_accuracy']:.4f}; stored {path}",
+    )
+
+
+@app.command("train")
+def train_cmd(
+    dataset: Annotated[str, typer.Option(help="Dataset to train on.")] = "digits",
+    method: Annotated[str, typer.Option(help="none (CE only), kd or ntkd.")] = "ntkd",
+    teacher: Annotated[
+        str, typer.Option(help="Teacher architecture (stored for the dataset) or checkpoint.")
+    ] = "resnet18",
+    out: Annotated[Path, typer.Option(help="Student checkpoint to write.")] = Path("onn.pt"),
+    frontend: Annotated[str, typer.Option(help="psf or 4f.")] = "psf",
+    kernels: Annotated[int, typer.Option(min=1)] = 8,
+    kernel_size: Annotated[int, typer.Option(min=1)] = 7,
+    backend: Annotated[str, typer.Option(help="fc2, fc3 or conv.")] = "fc2",
+    epochs: Annotated[int, typer.Option(min=1)] = 30,
+    lr: Annotated[float, typer.Option(min=0)] = 1e-2,
+    batch_size: Annotated[int, typer.Option(min=2)] = 128,
+    beta: Annotated[float, typer.Option(help="Weight of the NTK term.")] = 1.0,
+    norm: Annotated[
+        str, typer.Option(help="Kernel normalisation: none, diag, frobenius.")
+    ] = "diag",
+    variant: Annotated[str, typer.Option(help="mse or cka.")] = "mse",
+    projections: Annotated[int, typer.Option(min=1, help="Teacher NTK projections.")] = 64,
+    temperature: Annotated[float, typer.Option(min=0.1, help="KD temperature.")] = 4.0,
+    seed: int = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from --out's last epoch.")] = False,
+    runs_dir: RunsOpt = Path("runs"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Train the optical student in simulation (frontend and backend jointly).
+
+    Also runs under `torchrun --nproc_per_node N -m hil train ...` as DistributedDataParallel.
+    """
+    from hil.datasets import load_dataset
+    from hil.models.onn import StudentSpec
+    from hil.records import Run, write_json
+    from hil.simtrain import train_student
+    from hil.teachers import load_teacher
+    from hil.training import Settings, world
+
+    if method not in ("none", "ce", "kd", "ntkd"):
+        raise UserError(f"--method {method!r}: choose none, kd or ntkd")
+    data = load_dataset(dataset)
+    spec = StudentSpec(
+        frontend=frontend,
+        kernels=kernels,
+        kernel_size=kernel_size,
+        backend=backend,
+        channels=int(data.images.shape[1]),
+        classes=data.classes,
+        seed=seed,
+    )
+    options = {
+        "kd": {"temperature": temperature},
+        "ntkd": {"beta": beta, "norm": norm, "variant": variant},
+    }.get(method, {})
+    t_model = cache = None
+    if method in ("kd", "ntkd"):
+        t_model, info, t_path = load_teacher(teacher, dataset)
+        cache = t_path.with_name(f"{t_path.stem}.ntk-R{projections}-s{seed}.pt")
+    rank, _ = world()
+    args = {
+        "dataset": dataset,
+        "method": method,
+        "teacher": teacher,
+        "spec": spec.to_dict(),
+        "epochs": epochs,
+        "lr": lr,
+        "options": options,
+        "out": str(out),
+    }
+    with Run("train", runs_dir if rank == 0 else runs_dir / f"rank{rank}", None, args) as run:
+        model, record = train_student(
+            spec,
+            data,
+            method,
+            Settings(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed),
+            teacher=t_model,
+            teacher_cache=cache,
+            loss_options=options,
+            projections=projections,
+            checkpoint=out,
+            resume=resume,
+            on_epoch=_epoch_printer(err),
+        )
+        write_json(run.dir / "metrics.json", record["history"])
+        result = run.finish(
+            {k: v for k, v in record.items() if k != "history"}
+            | {"checkpoint": str(out), "epochs_run": len(record["history"])}
+        )
+    if rank == 0:
+        emit(result, as_json, f"{method}: test accuracy {result['test_accuracy']:.4f}; {out}")
 
 
 @app.command("demo")

@@ -1,0 +1,80 @@
+"""Time of an NTKD step over a KD step, in one run (resnet18 teacher, batch 128, CPU).
+
+    .venv/bin/python benchmarks/ntkd_speed.py [--steps 10] [--batch 128]
+
+KD needs the teacher's logits every step (a forward pass of the teacher); NTKD needs the teacher's
+projected Jacobian features, which are fixed per sample and cached once per training set, so its
+step costs the student's exact kernel instead. The cache's one-time cost is printed too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from hil.datasets import digits, to_display
+from hil.losses import KD, NTKD
+from hil.models.onn import ONN, StudentSpec
+from hil.models.teachers import resnet18
+from hil.ntk import ProjectedTeacher
+
+
+def step_time(model, loss, batch, extras, steps: int) -> float:
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    times = []
+    for i in range(steps + 2):
+        t0 = time.perf_counter()
+        terms = loss(model, batch | extras())
+        opt.zero_grad()
+        terms["total"].backward()
+        opt.step()
+        if i >= 2:  # warm-up
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--projections", type=int, default=64)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    data = digits()
+    raw = torch.as_tensor(data.images[: args.batch])
+    batch = {
+        "x": torch.as_tensor(to_display(data.images[: args.batch], (32, 32))),
+        "y": torch.as_tensor(data.labels[: args.batch]),
+    }
+    teacher = resnet18(1, 10).eval()
+    t0 = time.perf_counter()
+    features = ProjectedTeacher(teacher, projections=args.projections).features(raw)
+    cache_s = time.perf_counter() - t0
+
+    def teacher_logits():
+        with torch.no_grad():
+            return {"teacher_logits": teacher(raw)}
+
+    kd = step_time(ONN(StudentSpec()), KD(), batch, teacher_logits, args.steps)
+    ntkd = step_time(
+        ONN(StudentSpec()), NTKD(), batch, lambda: {"teacher_features": features}, args.steps
+    )
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}")
+    print(
+        f"student: 8 signed 7x7 PSF kernels + fc2 backend; teacher: resnet18 "
+        f"({sum(p.numel() for p in teacher.parameters()) / 1e6:.1f} M parameters)"
+    )
+    print(f"KD step   (teacher forward + student step):      {1000 * kd:8.1f} ms")
+    print(f"NTKD step (cached teacher features, exact student NTK): {1000 * ntkd:8.1f} ms")
+    print(f"NTKD / KD = {ntkd / kd:.2f}")
+    print(
+        f"one-time teacher feature cache: {1000 * cache_s / args.batch:.1f} ms per sample "
+        f"at R = {args.projections}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,332 @@
+"""Numeric oracles for hil.ntk: exact kernels against per-sample autograd loops, the projected
+teacher kernel against its own closed-form error, and the loss pieces against closed forms."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from hil.ntk import (
+    ProjectedTeacher,
+    cka,
+    kernel_from_features,
+    normalise,
+    ntk_alignment_loss,
+    ntk_mse,
+    ntk_of,
+    student_ntk,
+)
+
+F64 = torch.float64
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 24), nn.Tanh(), nn.Linear(24, 24), nn.Tanh(), nn.Linear(24, 10)
+    ).to(F64)
+
+
+def cnn() -> nn.Module:
+    """Conv + BatchNorm (eval, with non-trivial running stats) + pooling: ~1.4k parameters."""
+    torch.manual_seed(1)
+    net = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(8 * 3 * 3, 10),
+    ).to(F64)
+    bn = net[1]
+    bn.running_mean.uniform_(-0.5, 0.5)
+    bn.running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+def images(n: int, seed: int = 0, positive: bool = False) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if positive:  # like real intensity images in [0, 1]
+        return torch.rand(n, 1, 8, 8, generator=g, dtype=F64)
+    return torch.randn(n, 1, 8, 8, generator=g, dtype=F64)
+
+
+def jacobian_loop(model: nn.Module, x: Tensor, names: list[str] | None = None) -> Tensor:
+    """(N, C, P): one autograd.grad per sample and per output class."""
+    params = [p for n, p in model.named_parameters() if names is None or n in names]
+    rows = []
+    for i in range(x.shape[0]):
+        out = model(x[i : i + 1]).reshape(-1)
+        per_class = []
+        for c in range(out.shape[0]):
+            grads = torch.autograd.grad(out[c], params, retain_graph=True)
+            per_class.append(torch.cat([g.reshape(-1) for g in grads]))
+        rows.append(torch.stack(per_class))
+    return torch.stack(rows)
+
+
+def rel(a: Tensor, b: Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+# --------------------------------------------------------------------------- exact student kernel
+
+
+@pytest.mark.parametrize("make", [mlp, cnn], ids=["mlp", "cnn"])
+def test_student_ntk_matches_jacobian_loop(make):
+    model, x = make(), images(6)
+    J = jacobian_loop(model, x)
+    K_loop = torch.einsum("ncp,mcp->nm", J, J)
+    K = student_ntk(model, x)
+    assert K.shape == (6, 6)
+    assert rel(K, K_loop) < 1e-5
+
+
+@pytest.mark.parametrize("make", [mlp, cnn], ids=["mlp", "cnn"])
+def test_student_ntk_parameter_subset(make):
+    model, x = make(), images(5, seed=1)
+    names = [n for n, _ in model.named_parameters()][-3:]  # e.g. "the backend only"
+    J = jacobian_loop(model, x, names)
+    K = student_ntk(model, x, params=names)
+    assert rel(K, torch.einsum("ncp,mcp->nm", J, J)) < 1e-5
+    assert rel(K, student_ntk(model, x)) > 1e-3  # really a different kernel
+
+
+def test_student_ntk_default_skips_frozen_parameters():
+    model, x = mlp(), images(4)
+    model[1].requires_grad_(False)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert torch.allclose(student_ntk(model, x), student_ntk(model, x, params=trainable))
+
+
+def test_student_ntk_cross_kernel_is_a_block_of_the_joint_kernel():
+    model, x = cnn(), images(7, seed=2)
+    joint = student_ntk(model, x)
+    assert torch.allclose(student_ntk(model, x[:3], x2=x[3:]), joint[:3, 3:])
+    assert torch.allclose(student_ntk(model, x, chunk_size=2), joint)
+
+
+def test_student_ntk_rejects_batch_dependent_layers():
+    model = cnn().train()
+    with pytest.raises(ValueError, match="BatchNorm"):
+        student_ntk(model, images(3))
+    with pytest.raises(KeyError):
+        student_ntk(cnn(), images(3), params=["nope.weight"])
+
+
+def test_gradcheck_through_the_kernel():
+    """Double backward through jacrev: gradcheck of ntk_mse(NTK(θ), K_fixed) w.r.t. θ."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(F64)
+    x = torch.randn(5, 3, dtype=F64)
+    K_fixed = torch.randn(5, 7, dtype=F64)
+    K_fixed = K_fixed @ K_fixed.T
+    names = [n for n, _ in net.named_parameters()]
+    inputs = tuple(p.detach().clone().requires_grad_(True) for p in net.parameters())
+
+    def loss(*theta: Tensor) -> Tensor:
+        def fn(p, sample):
+            return functional_call(net, p, (sample.unsqueeze(0),))
+
+        K = ntk_of(fn, dict(zip(names, theta, strict=True)), x)
+        return ntk_mse(K, K_fixed, "diag") + ntk_alignment_loss(K, K_fixed)
+
+    assert torch.autograd.gradcheck(loss, inputs, eps=1e-6, atol=1e-7)
+
+
+def test_student_ntk_gradient_matches_finite_difference():
+    """The module entry point: loss.backward() fills .grad with the true directional derivative."""
+    model, x = cnn(), images(4, seed=4)
+    K_fixed = student_ntk(mlp(), images(4, seed=5)).detach()
+    backend = ["3.weight", "3.bias", "6.weight", "6.bias"]  # differentiate w.r.t. these only
+    loss = ntk_mse(student_ntk(model, x, params=backend), K_fixed, "frobenius")
+    loss.backward()
+    # the frontend gets gradients too (it shapes the backend's Jacobian); the last bias does not:
+    # its Jacobian is the identity whatever θ is
+    assert [n for n, p in model.named_parameters() if p.grad is None] == ["6.bias"]
+    params = [p for p in model.parameters() if p.grad is not None]
+    g = torch.Generator().manual_seed(0)
+    direction = [torch.randn(p.shape, generator=g, dtype=F64) for p in params]
+    analytic = sum((p.grad * d).sum() for p, d in zip(params, direction, strict=True))
+    eps, values = 1e-5, []
+    with torch.no_grad():
+        for sign in (1, -1):
+            for p, d in zip(params, direction, strict=True):
+                p.add_(sign * eps * d)
+            values.append(ntk_mse(student_ntk(model, x, params=backend), K_fixed, "frobenius"))
+            for p, d in zip(params, direction, strict=True):
+                p.sub_(sign * eps * d)
+    numeric = (values[0] - values[1]) / (2 * eps)
+    assert abs(analytic - numeric) < 1e-6 * max(1.0, abs(numeric))
+
+
+# --------------------------------------------------------------------------- projected teacher
+
+
+def predicted_error(J: Tensor, R: int) -> float:
+    """RMS relative Frobenius error of the R-projection estimate, in closed form.
+
+    With v ~ N(0, I), K̂_ij = (1/R) Σ_r vᵀ M_ij v, M_ij = Σ_c J_icᵀ J_jc, so
+    Var K̂_ij = (‖M_ij‖² + tr(M_ij²)) / R; both are sums of products of G = J Jᵀ entries.
+    """
+    G = torch.einsum("icp,jdp->icjd", J, J)
+    K = torch.einsum("icjc->ij", G)
+    var = torch.einsum("icid,jcjd->", G, G) + torch.einsum("jcid,jdic->", G, G)
+    return (var / R).sqrt().item() / K.norm().item()
+
+
+def projected_errors(model: nn.Module, x: Tensor, R: int, seeds=(0, 1, 2)) -> list[float]:
+    K = student_ntk(model, x).detach()
+    return [rel(kernel_from_features(ProjectedTeacher(model, R, s).features(x)), K) for s in seeds]
+
+
+def rms(values: list[float]) -> float:
+    return (sum(v * v for v in values) / len(values)) ** 0.5
+
+
+@pytest.mark.parametrize(
+    "make, positive", [(mlp, False), (cnn, False), (cnn, True)], ids=["mlp", "cnn", "cnn-images"]
+)
+def test_projected_kernel_error_matches_theory(make, positive):
+    """R=64 and R=1024 errors agree with the closed form and fall like 1/sqrt(R).
+
+    The closed form has a floor: with C classes the RMS error is at least about
+    sqrt((1 + erank K) / (R·C)) ≥ sqrt(2 / (R·C)) = 5.6% at R=64, C=10 — see the report; a fixed 5%
+    bound at R=64 is below what any Gaussian projection estimate can promise.
+    """
+    model, x = make(), images(16, seed=6, positive=positive)
+    J = jacobian_loop(model, x)
+    figures = {}
+    for R in (64, 1024):
+        errs = projected_errors(model, x, R)
+        pred = predicted_error(J, R)
+        figures[R] = (pred, errs)
+        assert 0.4 * pred < rms(errs) < 1.5 * pred, (R, pred, errs)
+    print({R: (round(p, 4), [round(e, 4) for e in es]) for R, (p, es) in figures.items()})
+    assert rms(figures[1024][1]) < rms(figures[64][1]) / 2
+    if positive:  # near rank-one image kernel: the error is at the floor, as the brief expects
+        assert rms(figures[64][1]) < 0.07 and rms(figures[1024][1]) < 0.02
+
+
+def test_features_deterministic_and_batch_independent():
+    model, x = cnn(), images(12, seed=7)
+    a = ProjectedTeacher(model, 10, seed=3)
+    phi = a.features(x)
+    assert phi.shape == (12, 10, 10)
+    assert torch.equal(phi, ProjectedTeacher(model, 10, seed=3).features(x))
+    assert not torch.allclose(phi, ProjectedTeacher(model, 10, seed=4).features(x))
+    # sample i's features do not depend on which batch it came in (BatchNorm running stats)
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(a.features(x[perm]), phi[perm], rtol=1e-10, atol=1e-12)
+    assert torch.allclose(a.features(x[5:6]), phi[5:6], rtol=1e-10, atol=1e-12)
+    # nor on chunking, or on whether the tangents are stored or regenerated
+    for kw in ({"chunk": 1}, {"chunk": 4, "max_tangent_bytes": 0}, {"chunk": 10}):
+        assert torch.allclose(ProjectedTeacher(model, 10, 3, **kw).features(x), phi, atol=1e-12)
+    assert model.training is False
+
+
+def test_features_dataset_matches_features_and_reports_progress():
+    model, x = cnn(), images(11, seed=8)
+    pt = ProjectedTeacher(model, 6, seed=1, chunk=4, max_tangent_bytes=0)
+    calls = []
+    phi = pt.features_dataset(x, batch_size=4, progress=lambda d, t: calls.append((d, t)))
+    assert torch.allclose(phi, pt.features(x), atol=1e-12)
+    assert calls[-1] == (6, 6) and len(calls) == 6  # 2 chunks x 3 batches
+    K = pt.kernel(x)
+    assert torch.allclose(K, kernel_from_features(phi), atol=1e-12)
+    assert torch.allclose(
+        kernel_from_features(phi[:3], phi[3:]), K[:3, 3:], atol=1e-12
+    )  # cross kernel of cached features
+    assert torch.allclose(
+        pt.tangent(2)["0.weight"], ProjectedTeacher(model, 6, 1).tangent(2)["0.weight"]
+    )
+
+
+def test_projected_teacher_takes_no_gradients():
+    model = cnn().train()
+    pt = ProjectedTeacher(model, 4)
+    assert not model.training
+    phi = pt.features(images(3))
+    assert not phi.requires_grad
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.skipif(not os.environ.get("HIL_NTK_TIMING"), reason="timing; set HIL_NTK_TIMING=1")
+def test_resnet18_features_timing():
+    import torchvision
+
+    net = torchvision.models.resnet18(num_classes=10)
+    net.conv1 = nn.Conv2d(1, 64, 3, 1, 1, bias=False)
+    net.maxpool = nn.Identity()
+    x = torch.rand(128, 1, 8, 8)
+    pt = ProjectedTeacher(net, 64, seed=0)
+    pt.features(x[:2])
+    t = time.perf_counter()
+    phi = pt.features(x)
+    print(f"resnet18 features, batch 128, R=64, chunk {pt.chunk}: {time.perf_counter() - t:.2f} s")
+    assert phi.shape == (128, 10, 64)
+
+
+# ------------------------------------------------------------------------ normalisation and losses
+
+
+def random_psd(n: int, seed: int) -> Tensor:
+    a = torch.randn(n, n + 2, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    return a @ a.T
+
+
+def test_normalise_closed_forms():
+    K = torch.tensor([[2.0, 1.0], [1.0, 4.0]], dtype=F64)
+    assert torch.equal(normalise(K, "none"), K)
+    assert torch.allclose(normalise(K, "diag"), K / 3)
+    assert torch.allclose(normalise(K, "frobenius"), K * 2 / (4 + 1 + 1 + 16) ** 0.5)
+    n = 9
+    assert torch.allclose(
+        normalise(torch.eye(n, dtype=F64), "frobenius"), 3 * torch.eye(n, dtype=F64)
+    )
+    ones = torch.full((n, n), 7.0, dtype=F64)
+    assert torch.allclose(normalise(ones, "frobenius"), torch.ones(n, n, dtype=F64))
+    assert torch.allclose(
+        normalise(random_psd(n, 0), "frobenius").pow(2).mean(), torch.tensor(1.0, dtype=F64)
+    )
+    with pytest.raises(ValueError):
+        normalise(K, "trace")
+
+
+def test_ntk_mse_is_scale_free_after_normalising():
+    K1, K2 = random_psd(6, 1), random_psd(6, 2)
+    assert ntk_mse(K1, 50 * K1, "diag").item() < 1e-24
+    assert ntk_mse(K1, 50 * K1, "frobenius").item() < 1e-24
+    assert torch.allclose(ntk_mse(K1, K2, "none"), (K1 - K2).pow(2).mean())
+
+
+def test_cka_properties():
+    K1, K2 = random_psd(8, 3), random_psd(8, 4)
+    one = torch.tensor(1.0, dtype=F64)
+    assert torch.allclose(cka(K1, K1), one)
+    assert torch.allclose(cka(K1, 0.01 * K1), one)
+    assert torch.allclose(cka(K1, K1 + 5.0), one)  # centring removes a constant
+    assert 0.0 <= cka(K1, K2).item() <= 1.0
+    assert torch.allclose(ntk_alignment_loss(K1, 3 * K1), torch.zeros((), dtype=F64), atol=1e-12)
+    # HSIC form with an explicit centring matrix
+    H = torch.eye(8, dtype=F64) - 1 / 8
+    hsic = lambda a, b: torch.trace(a @ H @ b @ H)  # noqa: E731
+    assert torch.allclose(cka(K1, K2), hsic(K1, K2) / (hsic(K1, K1) * hsic(K2, K2)).sqrt())
+
+
+def test_projected_kernel_within_five_percent_at_64_projections_on_a_wide_output_network():
+    """The issue's 5% at R = 64, where the estimator can promise it: the floor is
+    sqrt((1 + erank K) / (R·C)), so a small image network with C = 32 outputs sits near 3%."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 8 * 8, 32)
+    ).double()
+    x = images(16, seed=6, positive=True)
+    errors = projected_errors(model, x, 64)
+    assert max(errors) < 0.05, errors

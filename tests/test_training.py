@@ -1,0 +1,129 @@
+"""Training: resume gives the run an uninterrupted one would, torchrun runs it data-parallel."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hil.datasets import digits
+from hil.models.onn import StudentSpec
+from hil.simtrain import train_student
+from hil.training import Settings, load_checkpoint
+
+SMALL = StudentSpec(kernels=2, kernel_size=3, image_size=16, hidden=16)
+HIL = [sys.executable, "-m", "hil"]
+SMALL_ARGS = ["--kernels", "2", "--kernel-size", "3", "--method", "none", "--batch-size", "256"]
+
+
+def test_resuming_reproduces_an_uninterrupted_run(tmp_path):
+    data = digits()
+    full, _ = train_student(SMALL, data, "ce", Settings(epochs=3), checkpoint=tmp_path / "a.pt")
+    train_student(SMALL, data, "ce", Settings(epochs=2), checkpoint=tmp_path / "b.pt")
+    resumed, record = train_student(
+        SMALL, data, "ce", Settings(epochs=3), checkpoint=tmp_path / "b.pt", resume=True
+    )
+    assert [h["epoch"] for h in record["history"]] == [0, 1, 2]
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def env(tmp_path) -> dict:
+    return os.environ | {"HIL_TEACHERS": str(tmp_path / "teachers"), "OMP_NUM_THREADS": "1"}
+
+
+def test_an_interrupted_train_continues_from_its_last_epoch(tmp_path):
+    out = tmp_path / "onn.pt"
+    args = [*HIL, "train", *SMALL_ARGS, "--out", str(out), "--runs-dir", str(tmp_path / "runs")]
+    proc = subprocess.Popen(
+        [*args, "--epochs", "200"],
+        env=env(tmp_path),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 120
+    while not out.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and out.exists(), err.decode()[-2000:]
+    done = load_checkpoint(out)["epoch"]
+    assert done < 199
+    result = subprocess.run(
+        [*args, "--epochs", str(done + 3), "--resume", "--json"],
+        env=env(tmp_path),
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    run_dir = Path(json.loads(result.stdout)["run_dir"])
+    epochs = [m["epoch"] for m in json.loads((tmp_path / run_dir / "metrics.json").read_text())]
+    assert epochs == list(range(done + 3))
+    interrupted = [
+        json.loads((d / "result.json").read_text())["status"] for d in (tmp_path / "runs").iterdir()
+    ]
+    assert "interrupted" in interrupted
+
+
+def test_torchrun_trains_data_parallel_and_writes_one_checkpoint(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = tmp_path / "onn.pt"
+    result = subprocess.run(
+        [
+            str(torchrun),
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "hil",
+            "train",
+            *SMALL_ARGS,
+            "--epochs",
+            "2",
+            "--out",
+            str(out),
+            "--runs-dir",
+            str(tmp_path / "runs"),
+            "--json",
+        ],
+        env=env(tmp_path),
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    assert [p.name for p in tmp_path.glob("*.pt")] == ["onn.pt"]
+    state = load_checkpoint(out)
+    assert state["epoch"] == 1 and state["spec"]["kernels"] == 2
+
+
+def test_a_missing_teacher_says_how_to_train_one(tmp_path):
+    result = subprocess.run(
+        [*HIL, "train", "--method", "kd", "--teacher", "resnet18"],
+        env=env(tmp_path),
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "hil teacher train --arch resnet18 --dataset digits" in result.stderr.decode()
+
+
+@pytest.mark.parametrize("method", ["kd", "ntkd"])
+def test_distillation_runs_with_a_small_teacher(tmp_path, method):
+    from hil.teachers import train_teacher
+
+    data = digits()
+    teacher, _ = train_teacher("lenet", data, Settings(epochs=1))
+    _, record = train_student(
+        SMALL, data, method, Settings(epochs=1, batch_size=256), teacher=teacher, projections=8
+    )
+    terms = record["history"][0]
+    assert ("kd" if method == "kd" else "ntk") in terms and 0 <= record["test_accuracy"] <= 1

@@ -75,7 +75,7 @@ class NTKD:
         logits = model(batch["x"])
         ce = F.cross_entropy(logits, batch["y"])
         core = getattr(model, "module", model)  # the kernel is per sample: no DDP wrapper
-        k_student = ntk.student_ntk(core, batch["x"], self.params)
+        k_student = ntk.factored_ntk(core, batch["x"], self.params)
         k_teacher = ntk.kernel_from_features(batch["teacher_features"])
         if self.variant == "mse":
             term = ntk.ntk_mse(k_student, k_teacher, self.norm)

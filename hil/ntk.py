@@ -154,6 +154,73 @@ def student_ntk(
     return ntk_of(fn, chosen, x, x2, chunk_size=chunk_size)
 
 
+def factored_ntk(
+    model: nn.Module,
+    x: Tensor,
+    params: Iterable[str] | None = None,
+    *,
+    x2: Tensor | None = None,
+) -> Tensor:
+    """The same exact kernel as `student_ntk`, without materialising Linear weights' Jacobians.
+
+    For y = W a + b, ∂f_c/∂W = δ_c ⊗ a with δ_c = ∂f_c/∂y, so that layer contributes
+    Σ_c ⟨δ_ic, δ_jc⟩ · (⟨a_i, a_j⟩ + 1 for the bias): Jacobians w.r.t. a zero "probe" added to
+    each Linear output (a few dozen numbers) replace Jacobians w.r.t. its weights (tens of
+    thousands), which is what makes the NTKD step affordable. Every other parameter goes through
+    jacrev as in `student_ntk`. Each Linear must see one (1, in) input per sample.
+    """
+    check_batch_independent(model)
+    chosen = _select_params(model, params)
+    linears = {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and f"{name}.weight" in chosen
+    }
+    if not linears:
+        return student_ntk(model, x, params, x2=x2)
+    factored = {f"{n}.weight" for n in linears}
+    factored |= {f"{n}.bias" for n, m in linears.items() if m.bias is not None} & set(chosen)
+    rest = {n: p for n, p in chosen.items() if n not in factored}
+    fixed = {n: p for n, p in model.named_parameters() if n not in rest}
+    fixed.update(dict(model.named_buffers()))
+    state: dict[str, dict[str, Tensor]] = {}
+
+    def probe(name: str):
+        def hook(module, inputs, output):
+            a = inputs[0]
+            if a.dim() != 2 or a.shape[0] != 1:
+                raise ValueError(f"{name}: a Linear input of shape {tuple(a.shape)} per sample")
+            state["acts"][name] = a[0]
+            return output + state["probes"][name]
+
+        return hook
+
+    def fn(rest_p, probes, sample):
+        state["probes"], state["acts"] = probes, {}
+        out = functional_call(model, (rest_p, fixed), (sample.unsqueeze(0),)).reshape(-1)
+        return out, dict(state["acts"])
+
+    like = next(iter(chosen.values()))
+    zeros = {n: like.new_zeros(m.out_features) for n, m in linears.items()}
+    jac = vmap(jacrev(fn, argnums=(0, 1), has_aux=True), in_dims=(None, None, 0))
+    handles = [m.register_forward_hook(probe(n)) for n, m in linears.items()]
+    try:
+        (j_rest, j_probe), acts = jac(rest, zeros, x)
+        (j_rest2, j_probe2), acts2 = (j_rest, j_probe), acts
+        if x2 is not None:
+            (j_rest2, j_probe2), acts2 = jac(rest, zeros, x2)
+    finally:
+        for h in handles:
+            h.remove()
+    total = _contract(j_rest, j_rest2) if rest else 0
+    for name in linears:
+        dd = torch.einsum("nco,mco->nm", j_probe[name], j_probe2[name])
+        total = total + dd * (acts[name] @ acts2[name].T)
+        if f"{name}.bias" in factored:
+            total = total + dd
+    return total
+
+
 # ------------------------------------------------------------------------ projected (teacher) NTK
 
 

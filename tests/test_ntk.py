@@ -14,6 +14,7 @@ from torch.func import functional_call
 from hil.ntk import (
     ProjectedTeacher,
     cka,
+    factored_ntk,
     kernel_from_features,
     normalise,
     ntk_alignment_loss,
@@ -50,11 +51,11 @@ def cnn() -> nn.Module:
     return net.eval()
 
 
-def images(n: int, seed: int = 0, positive: bool = False) -> Tensor:
+def images(n: int, seed: int = 0, positive: bool = False, size: int = 8) -> Tensor:
     g = torch.Generator().manual_seed(seed)
     if positive:  # like real intensity images in [0, 1]
-        return torch.rand(n, 1, 8, 8, generator=g, dtype=F64)
-    return torch.randn(n, 1, 8, 8, generator=g, dtype=F64)
+        return torch.rand(n, 1, size, size, generator=g, dtype=F64)
+    return torch.randn(n, 1, size, size, generator=g, dtype=F64)
 
 
 def jacobian_loop(model: nn.Module, x: Tensor, names: list[str] | None = None) -> Tensor:
@@ -330,3 +331,23 @@ def test_projected_kernel_within_five_percent_at_64_projections_on_a_wide_output
     x = images(16, seed=6, positive=True)
     errors = projected_errors(model, x, 64)
     assert max(errors) < 0.05, errors
+
+
+@pytest.mark.parametrize("backend", ["fc2", "conv"])
+@pytest.mark.parametrize("subset", [None, "backend"])
+def test_factored_kernel_equals_the_jacobian_kernel_with_its_gradients(backend, subset):
+    from hil.models.onn import ONN, StudentSpec
+
+    model = ONN(StudentSpec(kernels=3, kernel_size=5, image_size=12, hidden=8, backend=backend))
+    model = model.double()
+    names = None if subset is None else [n for n, _ in model.named_parameters() if "backend" in n]
+    x = images(6, seed=3, positive=True, size=12)
+    exact, fast = student_ntk(model, x, names), factored_ntk(model, x, names)
+    assert rel(fast, exact) < 1e-10
+    params = list(model.parameters())
+    g_exact = torch.autograd.grad(exact.square().sum(), params, allow_unused=True)
+    g_fast = torch.autograd.grad(fast.square().sum(), params, allow_unused=True)
+    for a, b in zip(g_exact, g_fast, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert rel(b, a) < 1e-9

@@ -46,36 +46,41 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     data = digits()
-    raw = torch.as_tensor(data.images[: args.batch])
     batch = {
         "x": torch.as_tensor(to_display(data.images[: args.batch], (32, 32))),
         "y": torch.as_tensor(data.labels[: args.batch]),
     }
     teacher = resnet18(1, 10).eval()
-    t0 = time.perf_counter()
-    features = ProjectedTeacher(teacher, projections=args.projections).features(raw)
-    cache_s = time.perf_counter() - t0
-
-    def teacher_logits():
-        with torch.no_grad():
-            return {"teacher_logits": teacher(raw)}
-
-    kd = step_time(ONN(StudentSpec()), KD(), batch, teacher_logits, args.steps)
-    ntkd = step_time(
-        ONN(StudentSpec()), NTKD(), batch, lambda: {"teacher_features": features}, args.steps
-    )
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}")
+    print("student: 8 signed 7x7 PSF kernels + fc2 backend on 32x32; teacher: resnet18")
     print(
-        f"student: 8 signed 7x7 PSF kernels + fc2 backend; teacher: resnet18 "
-        f"({sum(p.numel() for p in teacher.parameters()) / 1e6:.1f} M parameters)"
+        "| teacher input | KD step (ms) | NTKD step (ms) | NTKD / KD | feature cache (ms/sample) |"
     )
-    print(f"KD step   (teacher forward + student step):      {1000 * kd:8.1f} ms")
-    print(f"NTKD step (cached teacher features, exact student NTK): {1000 * ntkd:8.1f} ms")
-    print(f"NTKD / KD = {ntkd / kd:.2f}")
-    print(
-        f"one-time teacher feature cache: {1000 * cache_s / args.batch:.1f} ms per sample "
-        f"at R = {args.projections}"
-    )
+    print("| --- | ---: | ---: | ---: | ---: |")
+    raws = {
+        "digits 8x8": torch.as_tensor(data.images[: args.batch]),
+        "28x28 (MNIST scale)": torch.rand(args.batch, 1, 28, 28),
+    }
+    for name, raw in raws.items():
+        t0 = time.perf_counter()
+        features = ProjectedTeacher(teacher, projections=args.projections).features(raw)
+        cache_ms = 1000 * (time.perf_counter() - t0) / args.batch
+
+        def logits(raw=raw):
+            with torch.no_grad():
+                return {"teacher_logits": teacher(raw)}
+
+        kd = step_time(ONN(StudentSpec()), KD(), batch, logits, args.steps)
+        ntkd = step_time(
+            ONN(StudentSpec()),
+            NTKD(),
+            batch,
+            lambda f=features: {"teacher_features": f},
+            args.steps,
+        )
+        print(
+            f"| {name} | {1000 * kd:.1f} | {1000 * ntkd:.1f} | {ntkd / kd:.2f} | {cache_ms:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -329,6 +329,61 @@ def train_cmd(
         emit(result, as_json, f"{method}: test accuracy {result['test_accuracy']:.4f}; {out}")
 
 
+@app.command("capture")
+def capture_cmd(
+    calibration: Annotated[Path, typer.Option("--calibration", help="Calibration file (HDF5).")],
+    out: Annotated[Path, typer.Option("--out", help="Capture store to write or resume (HDF5).")],
+    bench: BenchOpt = None,
+    dataset: Annotated[str, typer.Option(help="Dataset to show.")] = "digits",
+    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    fraction: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Stratified fraction of the split.")
+    ] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of the subset (and of simulated noise).")] = 0,
+    keep_frames: Annotated[bool, typer.Option(help="Also store the raw frames.")] = False,
+    runs_dir: RunsOpt = Path("runs"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Show dataset images on the bench and store the frontend's feature maps.
+
+    A rerun of the same command resumes after the last stored sample; nothing captured is lost
+    on Ctrl-C or a crash.
+    """
+    from hil.capture import run_capture
+    from hil.config import load_bench
+    from hil.records import Run
+
+    config = load_bench(bench)
+    args = {
+        "calibration": str(calibration),
+        "out": str(out),
+        "dataset": dataset,
+        "split": split,
+        "fraction": fraction,
+        "seed": seed,
+    }
+    with Run("capture", runs_dir, config, args) as run:
+        result = run.finish(
+            run_capture(
+                config,
+                calibration,
+                dataset,
+                split,
+                out,
+                err,
+                fraction=fraction,
+                seed=seed,
+                keep_frames=keep_frames,
+            )
+        )
+    emit(
+        result,
+        as_json,
+        f"{result['captured']}/{result['planned']} samples in {out} "
+        f"({result['samples_per_s']:.1f} samples/s); run record {run.dir}",
+    )
+
+
 @app.command("demo")
 def demo(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the demo's pictures.")] = Path(

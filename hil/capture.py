@@ -1,0 +1,214 @@
+"""`hil capture`: dataset images through the bench into feature maps, at the camera's pace.
+
+show → settle → snap → dark and stray-light removal → registration → crop tiles → ± subtraction
+→ store. Showing and snapping run on this thread; turning frames into feature maps and writing
+them runs on a worker, so the rate approaches the camera's. Ctrl-C stops after the frames already
+taken are stored; a rerun of the same command resumes after the last stored sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from scipy.ndimage import map_coordinates
+
+from calibration import calfile
+from hil.bench import Bench
+from hil.calibrate import design_of
+from hil.config import BenchConfig
+from hil.datasets import load_dataset, to_display
+from hil.store import CaptureStore, Row
+
+SNAP_TIMEOUT_S = 5.0
+
+
+class FeatureExtractor:
+    """Frame (DN) → feature maps on the design's grid (m, Hd, Wd), in the design's units.
+
+    Each tile is sampled at the registered position of every display pixel, so maps from all
+    tiles line up with each other and with the simulated frontend's output; dividing by the
+    bench's throughput (measured kernel sums over designed ones) puts them in its units.
+    """
+
+    def __init__(self, cal: calfile.Calibration, design_psf_sums: np.ndarray) -> None:
+        self.cal = cal
+        h, w = cal.display_shape[:2]
+        ys, xs = np.mgrid[:h, :w].astype(np.float64)
+        points = np.stack([xs.ravel(), ys.ravel(), np.ones(h * w)])
+        self.coords = [np.stack([(a @ points)[1], (a @ points)[0]]) for a in cal.affines]
+        self.shape = (h, w)
+        ratio = cal.psfs.sum(axis=(1, 2, 3)) / design_psf_sums
+        self.scale = float(np.median(ratio))
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray:
+        cal = self.cal
+        signal = (frame.astype(np.float64) - cal.dark_dn) / cal.exposure_s
+        signal -= cal.background_dn_per_s
+        tiles = (
+            np.stack(
+                [
+                    map_coordinates(signal, c, order=1, mode="nearest").reshape(self.shape)
+                    for c in self.coords
+                ]
+            )
+            / self.scale
+        )
+        maps = tiles[0::2] - tiles[1::2] if cal.signed else tiles
+        return maps.astype(np.float32)
+
+
+def pre_compensate(levels: np.ndarray, cal: calfile.Calibration) -> np.ndarray:
+    """Drive levels whose light is proportional to `levels`: the inverse display response."""
+    return np.interp(levels, cal.display_response, cal.display_levels).astype(np.float32)
+
+
+def stratified_subset(labels: np.ndarray, idx: np.ndarray, fraction: float, seed: int):
+    if fraction >= 1:
+        return idx
+    rng = np.random.default_rng(seed)
+    keys = labels[idx] if labels.ndim == 1 else np.zeros(len(idx), int)
+    keep = []
+    for c in np.unique(keys):
+        members = rng.permutation(idx[keys == c])
+        keep.extend(members[: max(1, round(fraction * len(members)))].tolist())
+    return np.sort(np.asarray(keep, np.int64))
+
+
+def run_capture(
+    config: BenchConfig,
+    calibration: Path,
+    dataset: str,
+    split: str,
+    out: Path,
+    console: Console,
+    *,
+    fraction: float = 1.0,
+    seed: int = 0,
+    keep_frames: bool = False,
+    data_root: Path | None = None,
+) -> dict[str, Any]:
+    bench = Bench(config)
+    data = load_dataset(dataset)
+    plan = stratified_subset(data.labels, data.split(split), fraction, seed)
+    shown = to_display(data.images[plan], bench.display.shape[:2])
+    shown = shown[:, 0] if shown.shape[1] == 1 else shown.transpose(0, 2, 3, 1)
+    with bench:
+        design = design_of(bench)
+        inputs = calfile.fingerprint_inputs(
+            bench.camera.shape,
+            bench.display.shape,
+            design.kernels,
+            design.kernel_size,
+            design.signed,
+            design.channels,
+            bench.camera.bit_depth,
+        )
+        cal = calfile.load(calibration, expect_fingerprint=inputs)
+        extract = FeatureExtractor(cal, design.psfs.sum(axis=(1, 2, 3)))
+        identity = {
+            "dataset": dataset,
+            "split": split,
+            "fraction": fraction,
+            "seed": seed,
+            "calibration_id": cal.id,
+            "simulated": bench.simulated,
+        }
+        label_shape = tuple(data.labels.shape[1:])
+        store = CaptureStore.open_for_capture(
+            out,
+            plan=plan,
+            feature_shape=(cal.kernels if cal.signed else cal.tiles, *extract.shape),
+            label_shape=label_shape,
+            identity=identity,
+            keep_frames=tuple(bench.camera.shape) if keep_frames else None,
+        )
+        with store:
+            start = store.count
+            stats = _capture_loop(
+                bench, store, plan, shown, data, cal, extract, start, seed, console, keep_frames
+            )
+            captured = store.count
+        snapshot = bench.snapshot()
+    return {
+        "store": str(out),
+        "dataset": dataset,
+        "split": split,
+        "fraction": fraction,
+        "planned": len(plan),
+        "captured": captured,
+        "resumed_from": start,
+        "calibration_id": cal.id,
+        "simulated": snapshot["simulated"],
+        "bench": snapshot,
+        **stats,
+    }
+
+
+def _capture_loop(bench, store, plan, shown, data, cal, extract, start, seed, console, keep):
+    cam, display = bench.camera, bench.display
+    cam.exposure_s = cal.exposure_s
+    for source in bench.light_sources:
+        source.on()
+    world = getattr(cam, "world", None)  # a simulated camera: reproducible noise per sample
+    todo: queue.Queue = queue.Queue(maxsize=16)
+    failure: list[BaseException] = []
+
+    def writer() -> None:
+        while (item := todo.get()) is not None:
+            i, frame = item
+            try:
+                store.append(
+                    Row(
+                        index=int(plan[i]),
+                        features=extract(frame.image),
+                        label=data.labels[plan[i]],
+                        timestamp_s=frame.timestamp_s,
+                        exposure_s=frame.exposure_s,
+                        saturated_fraction=float(np.mean(frame.image >= 0.98 * cam.max_dn)),
+                        pattern_hash=hashlib.sha1(shown[i].tobytes()).hexdigest(),
+                        simulated=frame.simulated,
+                        frame=frame.image if keep else None,
+                    )
+                )
+            except BaseException as e:  # surface it on the main thread
+                failure.append(e)
+                return
+
+    thread = threading.Thread(target=writer, name="capture-writer", daemon=True)
+    thread.start()
+    t0, taken = time.perf_counter(), 0
+    columns = (
+        TextColumn("capturing"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:.1f} samples/s"),
+        TimeRemainingColumn(),
+    )
+    try:
+        with Progress(*columns, console=console) as bar:
+            task = bar.add_task("capture", total=len(plan), completed=start, rate=0.0)
+            for i in range(start, len(plan)):
+                if failure:
+                    raise failure[0]
+                display.show(pre_compensate(shown[i], cal))
+                if world is not None:
+                    world.noise.manual_seed(seed * 1_000_003 + int(plan[i]))
+                todo.put((i, cam.snap(SNAP_TIMEOUT_S)))
+                taken += 1
+                rate = taken / (time.perf_counter() - t0)
+                bar.update(task, advance=1, rate=rate)
+    finally:
+        todo.put(None)  # the writer stores every frame already taken, even on Ctrl-C
+        thread.join()
+    if failure:
+        raise failure[0]
+    elapsed = time.perf_counter() - t0
+    return {"seconds": round(elapsed, 3), "samples_per_s": taken / elapsed if elapsed else 0.0}

@@ -96,7 +96,7 @@ def run_capture(
     data_root: Path | None = None,
 ) -> dict[str, Any]:
     bench = Bench(config)
-    data = load_dataset(dataset)
+    data = load_dataset(dataset, data_root)
     plan = stratified_subset(data.labels, data.split(split), fraction, seed)
     shown = to_display(data.images[plan], bench.display.shape[:2])
     shown = shown[:, 0] if shown.shape[1] == 1 else shown.transpose(0, 2, 3, 1)

@@ -7,58 +7,36 @@ stdout with `--json`.
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 import hil
 from calibration.errors import CalibrationError
 from drivers.errors import DeviceError
+
+# the command modules register themselves on `app`
+from hil import cli_estimate, cli_evaluate, cli_finetune  # noqa: E402, F401, I001
+from hil.cli_common import (
+    BenchOpt,
+    JsonOpt,
+    RunsOpt,
+    app,
+    bench_app,
+    emit,
+    epoch_printer,
+    err,
+    out,
+    sim_app,
+    teacher_app,
+)
 from hil.errors import UserError
-
-app = typer.Typer(
-    help="Bring hybrid optical neural networks from simulation onto a real bench.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-bench_app = typer.Typer(
-    help="Bench files: the devices and the simulated world.", no_args_is_help=True
-)
-sim_app = typer.Typer(
-    help="The simulated bench: see what the camera would see.", no_args_is_help=True
-)
-teacher_app = typer.Typer(help="Electronic teachers, trained locally.", no_args_is_help=True)
-app.add_typer(bench_app, name="bench")
-app.add_typer(teacher_app, name="teacher")
-app.add_typer(sim_app, name="sim")
-
-out = Console()
-err = Console(stderr=True)
-
-BenchOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--bench", help="Bench file (TOML); default: the simulated bench.", metavar="FILE"
-    ),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result object as JSON on stdout.")]
-RunsOpt = Annotated[Path, typer.Option("--runs-dir", help="Where run folders are written.")]
-
-
-def emit(result: dict[str, Any], as_json: bool, summary: str = "") -> None:
-    if as_json:
-        sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
-    elif summary:
-        out.print(summary)
 
 
 def _version(value: bool) -> None:
@@ -194,14 +172,6 @@ def calibrate_cmd(
     emit(result, as_json, f"wrote {result['calibration_file']}; run record {run.dir}")
 
 
-def _epoch_printer(console: Console):
-    def show(m: dict) -> None:
-        terms = "  ".join(f"{k} {v:.4f}" for k, v in m.items() if k not in ("epoch", "seconds"))
-        console.print(f"epoch {m['epoch']:3d}  {terms}  ({m['seconds']:.1f} s)", highlight=False)
-
-    return show
-
-
 @teacher_app.command("train")
 def teacher_train(
     arch: Annotated[str, typer.Option(help="resnet18, lenet, alexnet or unet.")] = "resnet18",
@@ -226,7 +196,7 @@ def teacher_train(
     args = {"arch": arch, "dataset": dataset, "epochs": epochs, "lr": lr, "seed": seed}
     with Run("teacher train", runs_dir, None, args) as run:
         settings = Settings(epochs=epochs, lr=lr, seed=seed)
-        model, record = train_teacher(arch, data, settings, on_epoch=_epoch_printer(err))
+        model, record = train_teacher(arch, data, settings, on_epoch=epoch_printer(err))
         save_teacher(model, record, path)
         write_json(run.dir / "metrics.json", record.pop("history"))
         result = run.finish(record | {"checkpoint": str(path)})
@@ -318,7 +288,7 @@ def train_cmd(
             projections=projections,
             checkpoint=out,
             resume=resume,
-            on_epoch=_epoch_printer(err),
+            on_epoch=epoch_printer(err),
         )
         write_json(run.dir / "metrics.json", record["history"])
         result = run.finish(

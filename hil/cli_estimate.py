@@ -1,0 +1,3 @@
+"""`hil estimate`."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""`hil evaluate`."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""`hil finetune`."""
+
+from __future__ import annotations

@@ -1,0 +1,218 @@
+"""`hil finetune`: after fabrication, train only the digital backend on captured feature maps.
+
+The frontend is glass now, so the student is its backend and its input is what the bench
+captured. NTKD takes the student's kernel over the backend's parameters on those captures while
+the teacher sees the raw images of the same dataset indices (`../shared/NTKD.md`, stage 3). By
+default 10% of the captured train split trains; the other captured rows are held out.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hil import store as capture_store
+from hil.capture import stratified_subset
+from hil.datasets import load_dataset
+from hil.errors import UserError
+from hil.losses import build_loss
+from hil.models.onn import ONN, StudentSpec
+from hil.simtrain import teacher_features
+from hil.training import Settings, accuracy, fit, load_checkpoint, save_checkpoint
+
+DEFAULT_SPLIT_FRACTION = 0.1
+
+
+def load_student(path: Path | str) -> ONN:
+    """An ONN from a checkpoint written by `hil train` or `hil finetune`."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: student checkpoint not found (write one with `hil train`)")
+    try:
+        state = load_checkpoint(path)
+        model = ONN(StudentSpec(**state["spec"]))
+        model.load_state_dict(state["model"])
+    except (KeyError, TypeError, RuntimeError, OSError, ValueError) as e:
+        raise UserError(f"{path}: not a hil student checkpoint ({e})") from None
+    return model.eval()
+
+
+def save_student(model: ONN, path: Path | str, record: dict[str, Any]) -> None:
+    save_checkpoint(
+        Path(path),
+        {"model": model.state_dict(), "spec": model.spec.to_dict(), "finetune": record},
+    )
+
+
+def check_captures(model: ONN, captures: capture_store.Captures, path: Path | str) -> None:
+    maps = tuple(captures.features.shape[1:])
+    s = model.spec
+    want = (s.kernels, s.image_size, s.image_size)
+    if maps != want:
+        raise UserError(
+            f"{path}: feature maps of shape {maps}, but the student takes {want} "
+            "(captured with another design or display?)"
+        )
+
+
+def rows_for_training(
+    captures: capture_store.Captures, fraction: float | None, seed: int
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """(training rows, held-out rows, fraction of the store used).
+
+    `fraction=None` means 10% of the split, whatever fraction of it the store holds.
+    """
+    held = float(captures.identity.get("fraction", 1.0)) or 1.0
+    use = min(1.0, DEFAULT_SPLIT_FRACTION / held) if fraction is None else fraction
+    if not 0 < use <= 1:
+        raise UserError(f"--fraction {use}: must be in (0, 1]")
+    rows = np.arange(len(captures.index))
+    labels = captures.labels if captures.labels.ndim == 1 else np.zeros(len(rows), int)
+    train = stratified_subset(labels, rows, use, seed)
+    return train, np.setdiff1d(rows, train), use
+
+
+def finetune(
+    model: ONN,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    method: str,
+    settings: Settings,
+    *,
+    val: dict[str, torch.Tensor],
+    teacher: torch.nn.Module | None = None,
+    raw: torch.Tensor | None = None,
+    loss_options: dict[str, Any] | None = None,
+    projections: int = 64,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    on_epoch=None,
+) -> list[dict[str, float]]:
+    """Train `model.backend` in place on captured `features`; the frontend stays frozen."""
+    model.freeze_frontend()
+    backend = model.backend
+    loss = build_loss(method, **(loss_options or {}))
+    needs = getattr(loss, "needs", frozenset())
+    extras = None
+    if needs and (teacher is None or raw is None):
+        raise ValueError(f"method {method!r} needs a teacher and the raw images")
+    if "teacher_logits" in needs:
+        teacher.eval()
+        with torch.no_grad():
+            logits = teacher(raw)
+
+        def extras(idx):
+            return {"teacher_logits": logits[idx]}
+
+    elif "teacher_features" in needs:
+        feats = teacher_features(teacher, raw, None, projections, settings.seed)
+
+        def extras(idx):
+            return {"teacher_features": feats[idx]}
+
+    return fit(
+        backend,
+        loss,
+        {"x": features, "y": labels},
+        val,
+        settings,
+        batch_extras=extras,
+        checkpoint=checkpoint,
+        resume=resume,
+        on_epoch=on_epoch,
+    )
+
+
+def _tensors(captures: capture_store.Captures, rows: np.ndarray) -> dict[str, torch.Tensor]:
+    return {
+        "x": torch.as_tensor(captures.features[rows]),
+        "y": torch.as_tensor(captures.labels[rows]).long(),
+    }
+
+
+def run_finetune(
+    teacher: str,
+    captures: Path,
+    checkpoint: Path,
+    method: str,
+    out: Path,
+    settings: Settings,
+    *,
+    fraction: float | None = None,
+    test_captures: Path | None = None,
+    data_root: Path | None = None,
+    loss_options: dict[str, Any] | None = None,
+    projections: int = 64,
+    resume: bool = False,
+    on_epoch=None,
+) -> dict[str, Any]:
+    """Fine-tune the backend of `checkpoint` on a capture store; write the student to `out`."""
+    from hil.teachers import load_teacher
+
+    if method not in ("ce", "kd", "ntkd"):
+        raise UserError(f"--method {method!r}: choose ce, kd or ntkd")
+    model = load_student(checkpoint)
+    found = capture_store.read(captures)
+    check_captures(model, found, captures)
+    train_rows, held_rows, used = rows_for_training(found, fraction, settings.seed)
+    dataset = found.identity.get("dataset", "digits")
+    if found.identity.get("split") not in (None, "train"):
+        raise UserError(
+            f"{captures}: captured from the {found.identity['split']} split; fine-tune on the "
+            "train split and evaluate on the test split (--test-captures)"
+        )
+    tests = None
+    if test_captures is not None:
+        tests = capture_store.read(test_captures)
+        check_captures(model, tests, test_captures)
+    t_model = raw = None
+    if method != "ce":
+        t_model, _, _ = load_teacher(teacher, dataset)
+        images = load_dataset(dataset, data_root).images
+        raw = torch.as_tensor(images[found.index[train_rows]])
+    train = _tensors(found, train_rows)
+    held = _tensors(found, held_rows) if len(held_rows) else train
+
+    test = _tensors(tests, np.arange(len(tests.index))) if tests is not None else None
+
+    def scores() -> dict[str, float]:
+        s = {"held_out_accuracy": accuracy(model.backend, held["x"], held["y"])}
+        if test is not None:
+            s["test_accuracy"] = accuracy(model.backend, test["x"], test["y"])
+        return s
+
+    before = scores()
+    history = finetune(
+        model,
+        train["x"],
+        train["y"],
+        method,
+        settings,
+        val=held,
+        teacher=t_model,
+        raw=raw,
+        loss_options=loss_options,
+        projections=projections,
+        checkpoint=out.with_name(f"{out.stem}.partial.pt"),
+        resume=resume,
+        on_epoch=on_epoch,
+    )
+    record = {
+        "method": method,
+        "teacher": teacher if method != "ce" else None,
+        "dataset": dataset,
+        "captures": str(captures),
+        "calibration_id": found.identity.get("calibration_id"),
+        "train_samples": int(len(train_rows)),
+        "held_out_samples": int(len(held_rows)),
+        "fraction_of_store": used,
+        "before": before,
+        "after": scores(),
+        "history": history,
+    }
+    save_student(model, out, {k: v for k, v in record.items() if k != "history"})
+    out.with_name(f"{out.stem}.partial.pt").unlink(missing_ok=True)
+    return record

@@ -1,0 +1,128 @@
+"""Fine-tuning after fabrication: only the backend moves, and it undoes what it can represent."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from hil.cli import main
+from hil.datasets import digits, to_display
+from hil.finetune import load_student, rows_for_training, run_finetune, save_student
+from hil.models.onn import ONN, StudentSpec
+from hil.simtrain import train_student
+from hil.store import CaptureStore, Row, read
+from hil.teachers import save_teacher, train_teacher
+from hil.training import Settings, accuracy
+
+# a fabricated frontend that the backend's per-map gain and offset can undo exactly
+GAIN = torch.tensor([0.45, 1.6, 0.7, 1.3, 0.55, 1.2, 0.8, 1.5]).reshape(8, 1, 1)
+OFFSET = torch.tensor([0.3, -0.2, 0.1, 0.25, -0.3, 0.15, -0.1, 0.2]).reshape(8, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """A student trained in simulation, and stores of what a miscalibrated frontend gives it."""
+    root = tmp_path_factory.mktemp("finetune")
+    data = digits()
+    spec = StudentSpec(kernels=8, image_size=16, hidden=32)
+    model, record = train_student(spec, data, "none", Settings(epochs=15, lr=1e-2))
+    save_student(model, root / "onn.pt", {})
+    for split in ("train", "test"):
+        idx = data.split(split)
+        with torch.no_grad():
+            x = torch.as_tensor(to_display(data.images[idx], (16, 16)))
+            maps = (model.features(x) * GAIN + OFFSET).numpy()
+        store = CaptureStore.open_for_capture(
+            root / f"{split}.h5",
+            plan=idx,
+            feature_shape=maps.shape[1:],
+            label_shape=(),
+            identity={"dataset": "digits", "split": split, "fraction": 1.0},
+        )
+        with store:
+            for i, (k, f) in enumerate(zip(idx, maps, strict=True)):
+                store.append(Row(int(k), f, int(data.labels[k]), float(i), 0.01, 0.0, "", True))
+    teacher, t_record = train_teacher("lenet", data, Settings(epochs=2, lr=3e-3))
+    save_teacher(teacher, t_record, root / "lenet.pt")
+    return root, record["test_accuracy"]
+
+
+def test_default_rows_are_ten_percent_of_the_split_stratified(bench):
+    root, _ = bench
+    caps = read(root / "train.h5")
+    train, held, used = rows_for_training(caps, None, seed=0)
+    assert used == pytest.approx(0.1)
+    assert len(np.intersect1d(train, held)) == 0 and len(train) + len(held) == len(caps.index)
+    counts = np.bincount(caps.labels[train], minlength=10)
+    expected = np.round(0.1 * np.bincount(caps.labels, minlength=10))
+    np.testing.assert_array_equal(counts, expected)
+    # a store that already holds 10% of the split trains on all of it
+    half = type(caps)(caps.features, caps.labels, caps.index, caps.meta, {"fraction": 0.1})
+    assert rows_for_training(half, None, seed=0)[2] == 1.0
+
+
+def test_ce_finetune_undoes_a_gain_and_offset_and_leaves_the_frontend_alone(bench, tmp_path):
+    root, simulated = bench
+    before = load_student(root / "onn.pt")
+    record = run_finetune(
+        "unused",
+        root / "train.h5",
+        root / "onn.pt",
+        "ce",
+        tmp_path / "ft.pt",
+        Settings(epochs=150, lr=1e-2, batch_size=64),
+        test_captures=root / "test.h5",
+    )
+    tuned = load_student(tmp_path / "ft.pt")
+    assert torch.equal(tuned.frontend.raw, before.frontend.raw)
+    # the miscalibration costs accuracy, and 10% of the train split buys it back
+    assert record["before"]["test_accuracy"] < simulated - 0.1
+    assert record["after"]["test_accuracy"] >= simulated - 0.03
+    caps = read(root / "test.h5")
+    direct = accuracy(tuned.backend, torch.as_tensor(caps.features), torch.as_tensor(caps.labels))
+    assert record["after"]["test_accuracy"] == direct
+    assert not (tmp_path / "ft.partial.pt").exists()
+
+
+def run_hil(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["hil", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def test_cli_ntkd_finetune_with_a_teacher_checkpoint(bench, tmp_path, monkeypatch, capsys):
+    root, _ = bench
+    out = tmp_path / "ntkd.pt"
+    args = ["finetune", "--captures", str(root / "train.h5"), "--checkpoint", str(root / "onn.pt")]
+    args += ["--teacher", str(root / "lenet.pt"), "--method", "ntkd", "--epochs", "3"]
+    args += ["--out", str(out), "--runs-dir", str(tmp_path / "runs"), "--json"]
+    code, out_text, _ = run_hil(monkeypatch, capsys, *args)
+    assert code == 0
+    result = json.loads(out_text)
+    n = len(read(root / "train.h5").index)
+    assert result["method"] == "ntkd" and abs(result["train_samples"] - 0.1 * n) <= 5
+    assert result["train_samples"] + result["held_out_samples"] == n
+    assert torch.load(out, weights_only=True)["finetune"]["method"] == "ntkd"
+
+
+def test_user_errors_are_one_line(bench, tmp_path, monkeypatch, capsys):
+    root, _ = bench
+    other = tmp_path / "other.pt"
+    save_student(ONN(StudentSpec(kernels=4, image_size=16)), other, {})
+    cases = [
+        (["--checkpoint", str(tmp_path / "missing.pt")], "student checkpoint not found"),
+        (["--checkpoint", str(other)], "feature maps of shape (8, 16, 16)"),
+        (["--checkpoint", str(root / "onn.pt"), "--method", "sgd"], "choose ce, kd or ntkd"),
+    ]
+    for extra, message in cases:
+        code, _, err = run_hil(
+            monkeypatch, capsys, "finetune", "--captures", root / "train.h5", *extra
+        )
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1

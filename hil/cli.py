@@ -25,6 +25,7 @@ from drivers.errors import DeviceError
 from hil import cli_estimate, cli_evaluate, cli_finetune  # noqa: E402, F401, I001
 from hil.cli_common import (
     BenchOpt,
+    DataRootOpt,
     JsonOpt,
     RunsOpt,
     app,
@@ -182,6 +183,7 @@ def teacher_train(
     out: Annotated[
         Path | None, typer.Option(help="Checkpoint path; default: where --teacher finds it.")
     ] = None,
+    data_root: DataRootOpt = None,
     runs_dir: RunsOpt = Path("runs"),
     as_json: JsonOpt = False,
 ) -> None:
@@ -191,7 +193,7 @@ def teacher_train(
     from hil.teachers import save_teacher, teacher_path, train_teacher
     from hil.training import Settings
 
-    data = load_dataset(dataset)
+    data = load_dataset(dataset, data_root)
     path = out or teacher_path(arch, dataset)
     args = {"arch": arch, "dataset": dataset, "epochs": epochs, "lr": lr, "seed": seed}
     with Run("teacher train", runs_dir, None, args) as run:
@@ -231,6 +233,7 @@ def train_cmd(
     temperature: Annotated[float, typer.Option(min=0.1, help="KD temperature.")] = 4.0,
     seed: int = 0,
     resume: Annotated[bool, typer.Option(help="Continue from --out's last epoch.")] = False,
+    data_root: DataRootOpt = None,
     runs_dir: RunsOpt = Path("runs"),
     as_json: JsonOpt = False,
 ) -> None:
@@ -247,7 +250,7 @@ def train_cmd(
 
     if method not in ("none", "ce", "kd", "ntkd"):
         raise UserError(f"--method {method!r}: choose none, kd or ntkd")
-    data = load_dataset(dataset)
+    data = load_dataset(dataset, data_root)
     spec = StudentSpec(
         frontend=frontend,
         kernels=kernels,
@@ -311,6 +314,7 @@ def capture_cmd(
     ] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed of the subset (and of simulated noise).")] = 0,
     keep_frames: Annotated[bool, typer.Option(help="Also store the raw frames.")] = False,
+    data_root: DataRootOpt = None,
     runs_dir: RunsOpt = Path("runs"),
     as_json: JsonOpt = False,
 ) -> None:
@@ -344,6 +348,7 @@ def capture_cmd(
                 fraction=fraction,
                 seed=seed,
                 keep_frames=keep_frames,
+                data_root=data_root,
             )
         )
     emit(

@@ -41,6 +41,10 @@ BenchOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result object as JSON on stdout.")]
+DataRootOpt = Annotated[
+    Path | None,
+    typer.Option("--data-root", help="Folder with the dataset's files (mnist, cifar10, carvana)."),
+]
 RunsOpt = Annotated[Path, typer.Option("--runs-dir", help="Where run folders are written.")]
 
 

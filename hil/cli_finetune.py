@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from hil.cli_common import JsonOpt, RunsOpt, app, emit, epoch_printer, err
+from hil.cli_common import DataRootOpt, JsonOpt, RunsOpt, app, emit, epoch_printer, err
 
 
 @app.command("finetune")
@@ -44,9 +44,7 @@ def finetune_cmd(
     projections: Annotated[int, typer.Option(min=1, help="Teacher NTK projections.")] = 64,
     temperature: Annotated[float, typer.Option(min=0.1, help="KD temperature.")] = 4.0,
     seed: int = 0,
-    data_root: Annotated[
-        Path | None, typer.Option(help="Folder with the dataset's files (not for digits).")
-    ] = None,
+    data_root: DataRootOpt = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted fine-tune.")] = False,
     runs_dir: RunsOpt = Path("runs"),
     as_json: JsonOpt = False,

@@ -12,10 +12,27 @@ from drivers import registry
 from drivers.errors import DeviceError
 from drivers.protocols import Camera, Device, Display, LightSource, PowerMeter
 from hil.config import ROLES, BenchConfig, DeviceConfig
+from hil.errors import UserError
 from sim.clock import RealClock, VirtualClock
 from sim.world import SimWorld
 
 log = logging.getLogger("hil")
+
+
+def design_from_student(fp) -> torch.Tensor:
+    """The PSFs of a trained student: what a lab sends to fabrication."""
+    from hil.finetune import load_student
+
+    student = load_student(fp.design)
+    s = student.spec
+    have = (s.kernels, s.kernel_size, s.signed, s.channels)
+    want = (fp.kernels, fp.kernel_size, fp.signed, fp.channels)
+    if s.frontend != "psf" or have != want:
+        raise UserError(
+            f"[sim.frontend] design = {fp.design!r}: a {s.frontend} student with (kernels, "
+            f"kernel_size, signed, channels) = {have}, but the section says {want}"
+        )
+    return student.frontend.psfs.detach()
 
 
 class Bench:
@@ -52,7 +69,10 @@ class Bench:
 
                 self._world = ReplayWorld(self.config.sim, self.config.sim.replay, self._clock)
             else:
-                self._world = SimWorld(self.config.sim, self._designed, self._clock)
+                designed = self._designed
+                if designed is None and self.config.sim.frontend.design:
+                    designed = design_from_student(self.config.sim.frontend)
+                self._world = SimWorld(self.config.sim, designed, self._clock)
         return self._world
 
     world = property(sim_world)

@@ -24,6 +24,11 @@ class FrontendParams(_Section):
     channels: Literal[1, 3] = Field(1, description="input colour channels (1 or 3)")
     tile_gap_px: int = Field(4, ge=0, le=1024, description="dark gap between tiles on the sensor")
     design_seed: int = Field(0, description="seed of the designed PSFs of the simulated bench")
+    design: str | None = Field(
+        None,
+        description="student checkpoint (from `hil train`) whose PSFs are the design; "
+        "default: a random design from design_seed",
+    )
 
 
 class FabricationParams(_Section):

@@ -9,6 +9,7 @@ import torch
 
 from hil.cli import main
 from hil.datasets import digits, to_display
+from hil.errors import UserError
 from hil.finetune import load_student, rows_for_training, run_finetune, save_student
 from hil.models.onn import ONN, StudentSpec
 from hil.simtrain import train_student
@@ -126,3 +127,18 @@ def test_user_errors_are_one_line(bench, tmp_path, monkeypatch, capsys):
             monkeypatch, capsys, "finetune", "--captures", root / "train.h5", *extra
         )
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_bench_can_be_designed_from_a_trained_student(bench):
+    from hil.bench import Bench
+    from hil.config import parse_bench
+
+    root, _ = bench
+    student = load_student(root / "onn.pt")
+    design = str(root / "onn.pt")
+    config = parse_bench({"sim": {"frontend": {"design": design}}})
+    world = Bench(config).world
+    torch.testing.assert_close(world.designed.psfs, student.frontend.psfs.detach())
+    bad = parse_bench({"sim": {"frontend": {"design": design, "kernels": 4}}})
+    with pytest.raises(UserError, match=r"\(kernels, kernel_size, signed, channels\)"):
+        Bench(bad).sim_world()

@@ -2,6 +2,11 @@
 
 `ce` (no transfer), `kd` (Hinton: soft teacher logits at a temperature), `ntkd` (α·CE + β·a
 distance between the normalised student and teacher neural tangent kernels of the batch).
+
+Segmentation (logits (N, C, H, W), masks (N, H, W)): CE and KD are per pixel over the pixels not
+labelled IGNORE (the display outside the placed image); the NTK is traced over pooled logits,
+the logit map of the image's region averaged to a `pool` x `pool` grid, so it stays batch x batch
+and matches the teacher's features, which are cached per sample for the same pooled grid.
 """
 
 from __future__ import annotations
@@ -13,8 +18,63 @@ import torch.nn.functional as F
 from torch import nn
 
 from hil import ntk
+from hil.training import IGNORE
 
 Batch = dict[str, torch.Tensor]
+Region = tuple[int, int, int, int]  # (top, left, height, width) of the image on the logit map
+
+
+class SharedView(nn.Module):
+    """A module that runs `inner` with extra steps but exposes its children under the same
+    parameter names (no `inner.` prefix), so `params` lists, checkpoints and functional_call
+    (which swaps parameters on the shared submodules) work on the view as on `inner` itself."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        if (
+            next(inner.parameters(recurse=False), None) is not None
+            or next(inner.buffers(recurse=False), None) is not None
+        ):
+            raise ValueError(f"{type(inner).__name__} holds tensors outside its submodules")
+        for name, child in inner.named_children():
+            self.add_module(name, child)
+        object.__setattr__(self, "inner", inner)  # not registered: names stay inner's
+        self.training = inner.training
+
+    def train(self, mode: bool = True):
+        self.inner.train(mode)
+        return super().train(mode)
+
+
+def pool_logits(logits: torch.Tensor, pool: int, region: Region | None = None) -> torch.Tensor:
+    """(N, C, H, W) → (N, C·pool²): the region's logits averaged over a pool x pool grid."""
+    if region is not None:
+        top, left, h, w = region
+        logits = logits[..., top : top + h, left : left + w]
+    return F.adaptive_avg_pool2d(logits, pool).flatten(1)
+
+
+class PooledLogits(SharedView):
+    """`inner` with its logit map pooled (`pool_logits`): what a segmentation NTK is taken of."""
+
+    def __init__(self, inner: nn.Module, pool: int, region: Region | None = None) -> None:
+        super().__init__(inner)
+        # odd names: the view shares its namespace with inner's children (a UNet has a `pool`)
+        self.view_grid, self.view_region = int(pool), region
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pool_logits(self.inner(x), self.view_grid, self.view_region)
+
+
+def pooled_ntk(
+    model: nn.Module,
+    x: torch.Tensor,
+    pool: int,
+    region: Region | None = None,
+    params: list[str] | None = None,
+) -> torch.Tensor:
+    """Exact NTK (N, N) of a segmentation model traced over its pooled logits."""
+    return ntk.factored_ntk(PooledLogits(model, pool, region), x, params)
 
 
 class CE:
@@ -42,8 +102,14 @@ class KD:
             F.log_softmax(logits / t, dim=1),
             F.log_softmax(batch["teacher_logits"] / t, dim=1),
             log_target=True,
-            reduction="batchmean",
-        ) * (t * t)
+            reduction="none",
+        ).sum(1)  # per sample, or per pixel for logit maps
+        if kl.ndim > 1:  # segmentation: the mean over the pixels that have a label
+            valid = (batch["y"] != IGNORE).to(kl.dtype)
+            kl = (kl * valid).sum() / valid.sum().clamp_min(1)
+        else:
+            kl = kl.mean()
+        kl = kl * (t * t)
         return {"ce": ce, "kd": kl, "total": (1 - self.weight) * ce + self.weight * kl}
 
 
@@ -53,7 +119,8 @@ class NTKD:
     difference (`variant="mse"`) or by 1 − CKA (`variant="cka"`).
 
     `params` names the student parameters the kernel is taken over (after fabrication: the
-    backend's); by default every trainable one.
+    backend's); by default every trainable one. For logit maps the kernel is traced over
+    `pool_logits(logits, pool, region)`; the teacher's features must be of the same pooled grid.
     """
 
     needs = frozenset({"teacher_features"})
@@ -65,17 +132,23 @@ class NTKD:
         norm: str = "diag",
         variant: str = "mse",
         params: list[str] | None = None,
+        pool: int = 4,
+        region: Region | None = None,
     ) -> None:
         if variant not in ("mse", "cka"):
             raise ValueError(f"unknown NTKD variant {variant!r} (mse or cka)")
         self.alpha, self.beta, self.norm, self.variant = alpha, beta, norm, variant
-        self.params = params
+        self.params, self.pool = params, int(pool)
+        self.region = None if region is None else tuple(int(v) for v in region)
 
     def __call__(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         logits = model(batch["x"])
         ce = F.cross_entropy(logits, batch["y"])
         core = getattr(model, "module", model)  # the kernel is per sample: no DDP wrapper
-        k_student = ntk.factored_ntk(core, batch["x"], self.params)
+        if logits.ndim > 2:
+            k_student = pooled_ntk(core, batch["x"], self.pool, self.region, self.params)
+        else:
+            k_student = ntk.factored_ntk(core, batch["x"], self.params)
         k_teacher = ntk.kernel_from_features(batch["teacher_features"])
         if self.variant == "mse":
             term = ntk.ntk_mse(k_student, k_teacher, self.norm)

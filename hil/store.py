@@ -1,13 +1,17 @@
 """The capture store: feature maps captured on the bench, appended as they come, resumable.
 
-One HDF5 file per capture. Rows are appended in SWMR mode and the row count is committed only
-after a row's data is flushed, so a run killed at any moment leaves a readable file whose
-committed rows are complete; a rerun continues after them. Every row carries a checksum of its
-feature maps, so corruption is found when the store is read.
+One HDF5 file per capture, written in SWMR mode, which only lets a writer extend and overwrite
+datasets (attributes are fixed once it starts). Rows are buffered and committed in batches: their
+data is written and flushed, and only then the `committed` row count is, so a run killed at any
+moment leaves a file whose committed rows are complete; a rerun continues after them. A writer
+that dies leaves HDF5's "open for writing" flags set, so the rerun first rewrites the store with
+exactly its committed rows. A lock file beside the store keeps a second writer away. Every row
+carries a checksum of its feature maps, so corruption is found when the store is read.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -20,8 +24,17 @@ import numpy as np
 
 from hil.errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the committed count is a dataset (SWMR writers may not touch attributes)
 FORMAT = "hil-capture-store"
+ROW_FIELDS = {  # per-row datasets besides features, labels and frames
+    "index": "i8",
+    "timestamp_s": "f8",
+    "exposure_s": "f8",
+    "saturated_fraction": "f4",
+    "simulated": "?",
+    "pattern_hash": "S40",
+    "checksum": "S32",
+}
 
 
 def digest(features: np.ndarray) -> bytes:
@@ -46,11 +59,49 @@ class Row:
     frame: np.ndarray | None = None
 
 
-class CaptureStore:
-    """Append-only store; `open_for_capture` creates or resumes, `read` loads and verifies."""
+class _WriterLock:
+    """An exclusive flock on `<store>.lock`; the kernel drops it when its holder dies."""
 
-    def __init__(self, path: Path, file: h5py.File) -> None:
-        self.path, self.file = Path(path), file
+    def __init__(self, store: Path) -> None:
+        self.path = store.with_name(store.name + ".lock")
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise UserError(
+                    f"{store}: another process (pid {holder}) is writing this capture store"
+                ) from None
+            try:  # the holder before us may have removed the file after we opened it
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = -1
+
+
+class CaptureStore:
+    """Append-only store; `open_for_capture` creates or resumes, `read` loads and verifies.
+
+    `append` buffers a row, `commit` makes the buffered rows durable; `close` commits the rest.
+    """
+
+    def __init__(self, path: Path, file: h5py.File, lock: _WriterLock) -> None:
+        self.path, self.file, self._lock = Path(path), file, lock
+        self._count = int(file["committed"][0])
+        self._pending: list[Row] = []
 
     @classmethod
     def open_for_capture(
@@ -64,114 +115,167 @@ class CaptureStore:
         keep_frames: tuple[int, int] | None = None,
     ) -> CaptureStore:
         """Create a store for `plan` (dataset indices, in capture order) or resume one whose
-        identity (dataset, split, calibration, ...) matches."""
+        identity (dataset, split, calibration, ...), plan and shapes match."""
         path = Path(path)
-        if path.exists():
-            try:
-                f = h5py.File(path, "a", libver="latest")
-            except OSError as e:
-                raise UserError(
-                    f"{path}: cannot resume, not a readable capture store ({e})"
-                ) from None
-            stored = json.loads(f.attrs.get("identity", "{}"))
-            if stored != json.loads(json.dumps(identity, default=str)):
-                f.close()
-                differs = sorted(
-                    k for k in set(stored) | set(identity) if stored.get(k) != identity.get(k)
-                )
-                raise UserError(
-                    f"{path}: exists from a different capture (differs in {', '.join(differs)}); "
-                    "choose another --out or delete it"
-                )
-            f.swmr_mode = True
-            return cls(path, f)
         path.parent.mkdir(parents=True, exist_ok=True)
-        f = h5py.File(path, "w", libver="latest")
-        f.attrs.update(
-            format=FORMAT,
-            schema_version=SCHEMA_VERSION,
-            count=0,
-            identity=json.dumps(identity, default=str),
-        )
-        f.create_dataset("plan", data=np.asarray(plan, np.int64))
-        n = (0,)
-        f.create_dataset(
-            "features",
-            shape=n + tuple(feature_shape),
-            maxshape=(None, *feature_shape),
-            dtype="f4",
-            chunks=(1, *feature_shape),
-        )
-        f.create_dataset(
-            "labels",
-            shape=n + tuple(label_shape),
-            maxshape=(None, *label_shape),
-            dtype="i8",
-            chunks=(64, *label_shape) if not label_shape else (1, *label_shape),
-        )
-        for name, dtype in (
-            ("index", "i8"),
-            ("timestamp_s", "f8"),
-            ("exposure_s", "f8"),
-            ("saturated_fraction", "f4"),
-            ("simulated", "?"),
-            ("pattern_hash", "S40"),
-            ("checksum", "S32"),
-        ):
-            f.create_dataset(name, shape=n, maxshape=(None,), dtype=dtype, chunks=(256,))
-        if keep_frames is not None:
-            f.create_dataset(
-                "frames",
-                shape=(0, *keep_frames),
-                maxshape=(None, *keep_frames),
-                dtype="u2",
-                chunks=(1, *keep_frames),
-                compression="gzip",
-            )
-        f.swmr_mode = True
-        return cls(path, f)
+        lock = _WriterLock(path)
+        try:
+            if path.exists():
+                f = _open_to_resume(path)
+                try:
+                    _check_resumable(f, path, plan, feature_shape, label_shape, identity)
+                except BaseException:
+                    f.close()
+                    raise
+            else:
+                f = _create(path, plan, feature_shape, label_shape, identity, keep_frames)
+            f.swmr_mode = True
+        except BaseException:
+            lock.release()
+            raise
+        return cls(path, f, lock)
 
     @property
     def count(self) -> int:
-        return int(self.file.attrs["count"])
+        """Committed rows."""
+        return self._count
+
+    @property
+    def pending(self) -> int:
+        """Rows appended but not yet committed."""
+        return len(self._pending)
 
     @property
     def plan(self) -> np.ndarray:
         return self.file["plan"][:]
 
     def append(self, row: Row) -> None:
-        """Write one row past the committed count, flush it, then commit the count."""
-        f, i = self.file, self.count
+        self._pending.append(row)
+
+    def commit(self) -> None:
+        """Write the buffered rows past the committed count, flush them, then commit the count."""
+        rows, f = self._pending, self.file
+        if not rows:
+            return
+        i, k = self._count, len(rows)
         values = {
-            "features": row.features,
-            "labels": row.label,
-            "index": row.index,
-            "timestamp_s": row.timestamp_s,
-            "exposure_s": row.exposure_s,
-            "saturated_fraction": row.saturated_fraction,
-            "simulated": row.simulated,
-            "pattern_hash": row.pattern_hash.encode(),
-            "checksum": digest(row.features),
+            "features": np.stack([r.features for r in rows]).astype(np.float32, copy=False),
+            "labels": np.stack([np.asarray(r.label) for r in rows]),
+            "index": [r.index for r in rows],
+            "timestamp_s": [r.timestamp_s for r in rows],
+            "exposure_s": [r.exposure_s for r in rows],
+            "saturated_fraction": [r.saturated_fraction for r in rows],
+            "simulated": [r.simulated for r in rows],
+            "pattern_hash": [r.pattern_hash.encode() for r in rows],
+            "checksum": [digest(r.features) for r in rows],
         }
-        if row.frame is not None and "frames" in f:
-            values["frames"] = row.frame
+        if "frames" in f and all(r.frame is not None for r in rows):
+            values["frames"] = np.stack([r.frame for r in rows])
         for name, value in values.items():
             ds = f[name]
-            if ds.shape[0] < i + 1:
-                ds.resize(i + 1, axis=0)
-            ds[i] = value
+            if ds.shape[0] != i + k:
+                ds.resize(i + k, axis=0)
+            ds[i : i + k] = np.asarray(value, ds.dtype)
         f.flush()
-        f.attrs["count"] = i + 1
+        f["committed"][0] = i + k
         f.flush()
+        self._count, self._pending = i + k, []
 
     def close(self) -> None:
-        self.file.close()
+        if self.file:
+            try:
+                self.commit()
+            finally:
+                self.file.close()
+                self._lock.release()
 
     def __enter__(self) -> CaptureStore:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _create(path, plan, feature_shape, label_shape, identity, keep_frames) -> h5py.File:
+    f = h5py.File(path, "w", libver="latest")
+    f.attrs.update(
+        format=FORMAT,
+        schema_version=SCHEMA_VERSION,
+        identity=json.dumps(identity, default=str),
+        feature_shape=list(feature_shape),
+    )
+    f.create_dataset("plan", data=np.asarray(plan, np.int64))
+    f.create_dataset("committed", data=np.zeros(1, np.int64))
+    f.create_dataset(
+        "features",
+        shape=(0, *feature_shape),
+        maxshape=(None, *feature_shape),
+        dtype="f4",
+        chunks=(1, *feature_shape),
+    )
+    f.create_dataset(
+        "labels",
+        shape=(0, *label_shape),
+        maxshape=(None, *label_shape),
+        dtype="i8",
+        chunks=(1, *label_shape) if label_shape else (256,),
+    )
+    for name, dtype in ROW_FIELDS.items():
+        f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(256,))
+    if keep_frames is not None:
+        f.create_dataset(
+            "frames",
+            shape=(0, *keep_frames),
+            maxshape=(None, *keep_frames),
+            dtype="u2",
+            chunks=(1, *keep_frames),
+            compression="gzip",
+        )
+    return f
+
+
+def _open_to_resume(path: Path) -> h5py.File:
+    """Open an existing store for appending; one whose writer died is first recovered."""
+    try:
+        return h5py.File(path, "a", libver="latest")
+    except OSError as e:
+        if "consistency flags" not in str(e):  # not "a writer had it open": not a store at all
+            raise UserError(f"{path}: cannot resume, not a readable capture store ({e})") from None
+    try:  # we hold the writer lock, so the writer that left the flags set is gone
+        _recover(path)
+        return h5py.File(path, "a", libver="latest")
+    except (OSError, KeyError, ValueError) as e:
+        raise UserError(f"{path}: cannot resume, the store is damaged ({e})") from None
+
+
+def _check_resumable(f, path, plan, feature_shape, label_shape, identity) -> None:
+    if f.attrs.get("format") != FORMAT:
+        raise UserError(f"{path}: exists and is not a hil capture store; choose another --out")
+    version = int(f.attrs.get("schema_version", 0))
+    if version != SCHEMA_VERSION:
+        raise UserError(
+            f"{path}: capture store schema {version}, this hil writes {SCHEMA_VERSION}; "
+            "choose another --out"
+        )
+    stored = json.loads(f.attrs.get("identity", "{}"))
+    wanted = json.loads(json.dumps(identity, default=str))
+    if stored != wanted:
+        differs = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+        raise UserError(
+            f"{path}: exists from a different capture (differs in {', '.join(differs)}); "
+            "choose another --out or delete it"
+        )
+    if not np.array_equal(f["plan"][:], np.asarray(plan, np.int64)):
+        raise UserError(
+            f"{path}: exists with another list of samples to capture (the dataset changed?); "
+            "choose another --out or delete it"
+        )
+    shapes = (tuple(f["features"].shape[1:]), tuple(f["labels"].shape[1:]))
+    if shapes != (tuple(feature_shape), tuple(label_shape)):
+        raise UserError(
+            f"{path}: holds feature maps {shapes[0]} and labels {shapes[1]}, this capture makes "
+            f"{tuple(feature_shape)} and {tuple(label_shape)}; choose another --out"
+        )
 
 
 def _recover(path: Path) -> None:
@@ -182,13 +286,16 @@ def _recover(path: Path) -> None:
         h5py.File(path, "r", libver="latest", swmr=True) as src,
         h5py.File(tmp, "w", libver="latest") as dst,
     ):
-        n = int(src.attrs["count"])
+        n = int(src["committed"][0])
         dst.attrs.update(dict(src.attrs))
         for name, ds in src.items():
-            rows = ds[:] if name == "plan" else ds[:n]
-            maxshape = ds.shape if name == "plan" else (None, *ds.shape[1:])
+            per_row = ds.maxshape[0] is None
             dst.create_dataset(
-                name, data=rows, maxshape=maxshape, chunks=ds.chunks, compression=ds.compression
+                name,
+                data=ds[:n] if per_row else ds[:],
+                maxshape=ds.maxshape,
+                chunks=ds.chunks,
+                compression=ds.compression,
             )
     os.replace(tmp, path)
 
@@ -202,6 +309,15 @@ def _open_for_reading(path: Path) -> h5py.File:
         if "consistency flags" not in str(e):
             raise
         return h5py.File(path, "r", libver="latest", swmr=True)
+
+
+def committed(path: Path | str) -> int:
+    """Committed rows of a store, also while a writer appends to it; 0 for a store not begun."""
+    try:
+        with h5py.File(path, "r", libver="latest", swmr=True) as f:
+            return int(f["committed"][0])
+    except (OSError, KeyError):
+        return 0
 
 
 @dataclass(frozen=True)
@@ -222,33 +338,24 @@ def read(path: Path | str) -> Captures:
         with _open_for_reading(path) as f:
             if f.attrs.get("format") != FORMAT:
                 raise UserError(f"{path}: not a hil capture store")
-            if int(f.attrs["schema_version"]) > SCHEMA_VERSION:
+            version = int(f.attrs["schema_version"])
+            if version > SCHEMA_VERSION:
+                raise UserError(f"{path}: written by a newer hil (schema {version}); upgrade hil")
+            if version < SCHEMA_VERSION:
                 raise UserError(
-                    f"{path}: written by a newer hil (schema "
-                    f"{int(f.attrs['schema_version'])}); upgrade hil"
+                    f"{path}: written by an older hil (schema {version}); capture it again"
                 )
-            n = int(f.attrs["count"])
-            data = {
-                k: f[k][:n]
-                for k in (
-                    "features",
-                    "labels",
-                    "index",
-                    "timestamp_s",
-                    "exposure_s",
-                    "saturated_fraction",
-                    "simulated",
-                    "pattern_hash",
-                    "checksum",
-                )
-            }
+            n = int(f["committed"][0])
+            data = {k: f[k][:n] for k in ("features", "labels", *ROW_FIELDS)}
             identity = json.loads(f.attrs["identity"])
     except UserError:
         raise
     except (OSError, KeyError, ValueError) as e:
         raise UserError(f"{path}: truncated or corrupt capture store ({e})") from None
-    if len(data["features"]) != n:
-        raise UserError(f"{path}: truncated: {len(data['features'])} rows of {n} committed")
+    short = {k: len(v) for k, v in data.items() if len(v) != n}
+    if short:
+        name, rows = next(iter(short.items()))
+        raise UserError(f"{path}: truncated: {name} has {rows} rows of {n} committed")
     bad = [i for i in range(n) if digest(data["features"][i]) != bytes(data["checksum"][i])]
     if bad:
         raise UserError(

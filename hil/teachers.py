@@ -16,7 +16,7 @@ from torch import nn
 from hil.datasets import Dataset
 from hil.errors import UserError
 from hil.models.teachers import TEACHERS, build_teacher
-from hil.training import Settings, accuracy, fit, load_checkpoint, save_checkpoint
+from hil.training import Settings, accuracy, fit, load_checkpoint, save_checkpoint, task_metric
 
 
 def teacher_dir() -> Path:
@@ -39,35 +39,57 @@ def tensors(data: Dataset, split: str) -> dict[str, torch.Tensor]:
 def train_teacher(
     arch: str, data: Dataset, settings: Settings, on_epoch=None
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Train on the raw images of the train split; keep the epoch with the best val accuracy."""
+    """Train on the raw images of the train split; keep the epoch with the best val metric.
+
+    Classification is judged by accuracy; segmentation (masks, CE per pixel) by mIoU over the
+    split, recorded as `val_miou`/`test_miou`, with `test_accuracy` the pixel accuracy.
+    """
+    segmentation = data.task == "segmentation"
+    if segmentation != (arch == "unet"):
+        need = "the unet" if segmentation else "a classifier (resnet18, lenet, alexnet)"
+        raise UserError(f"{data.name} is a {data.task} dataset: its teacher is {need}")
     torch.manual_seed(settings.seed)
     model = build_teacher(arch, data.images.shape[1], data.classes)
     train, val, test = (tensors(data, s) for s in ("train", "val", "test"))
-    best: dict[str, Any] = {"val_accuracy": -1.0}
+    name, metric = task_metric(data.task, data.classes)
+    key = f"val_{name}"
+    best: dict[str, Any] = {key: -1.0}
 
     def keep_best(metrics: dict[str, float]) -> None:
-        if metrics["val_accuracy"] > best["val_accuracy"]:
+        if metrics[key] > best[key]:
             best.update(metrics, state={k: v.clone() for k, v in model.state_dict().items()})
         if on_epoch:
             on_epoch(metrics)
 
-    def ce(net, batch):
+    def ce(net, batch):  # per pixel for logit maps (N, C, H, W) and masks (N, H, W)
         loss = nn.functional.cross_entropy(net(batch["x"]), batch["y"])
         return {"ce": loss, "total": loss}
 
-    history = fit(model, ce, {"x": train["x"], "y": train["y"]}, val, settings, on_epoch=keep_best)
+    history = fit(
+        model,
+        ce,
+        {"x": train["x"], "y": train["y"]},
+        val,
+        settings,
+        on_epoch=keep_best,
+        metric=metric,
+        metric_name=name,
+    )
     model.load_state_dict(best.pop("state"))
     model.eval()
     record = {
         "arch": arch,
         "dataset": data.name,
+        "task": data.task,
         "in_channels": int(data.images.shape[1]),
         "classes": data.classes,
         "best_epoch": int(best["epoch"]),
-        "val_accuracy": best["val_accuracy"],
-        "test_accuracy": accuracy(model, test["x"], test["y"]),
+        key: best[key],
+        f"test_{name}": metric(model, test["x"], test["y"]),
         "history": history,
     }
+    if segmentation:
+        record["test_accuracy"] = accuracy(model, test["x"], test["y"])
     return model, record
 
 

@@ -3,6 +3,7 @@
 Seeded batch order per epoch (so a resumed run sees the batches an uninterrupted one would), an
 atomic checkpoint after every epoch, metrics per epoch, and data parallelism when launched by
 `torchrun` (gloo on CPU: each rank takes every world-th sample of a batch, DDP averages grads).
+The validation metric is a hook: accuracy for classification, mIoU for segmentation.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 Batch = dict[str, torch.Tensor]
+Metric = Callable[[nn.Module, torch.Tensor, torch.Tensor], float]
+
+# Label of a pixel that no loss or metric counts: torch's cross-entropy default, used for the parts
+# of the display outside the placed image, where the student's mask has no ground truth.
+IGNORE = -100
 
 
 @dataclass(frozen=True)
@@ -53,15 +60,66 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
+def predictions(model: nn.Module, x: torch.Tensor, batch_size: int = 512):
+    """(start, argmax over classes (dim 1)) batch by batch, in eval mode."""
     was = model.training
     model.eval()
-    correct = sum(
-        int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
-        for i in range(0, len(x), batch_size)
-    )
-    model.train(was)
-    return correct / max(len(x), 1)
+    try:
+        for i in range(0, len(x), batch_size):
+            yield i, model(x[i : i + batch_size]).argmax(1)
+    finally:
+        model.train(was)
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
+    """Fraction of samples classified right; for masks (N, H, W), of pixels not labelled IGNORE."""
+    if y.ndim == 1:
+        correct = sum(
+            int((p == y[i : i + batch_size]).sum()) for i, p in predictions(model, x, batch_size)
+        )
+        return correct / max(len(x), 1)
+    correct = valid = 0
+    for i, p in predictions(model, x, batch_size):
+        t = y[i : i + batch_size]
+        correct += int(((p == t) & (t != IGNORE)).sum())
+        valid += int((t != IGNORE).sum())
+    return correct / max(valid, 1)
+
+
+def iou_counts(pred: torch.Tensor, target: torch.Tensor, classes: int) -> torch.Tensor:
+    """(classes, 2) intersections and unions of label maps, pixels labelled IGNORE left out."""
+    keep = target != IGNORE
+    p, t = pred[keep], target[keep]
+    inter = torch.bincount(t[p == t], minlength=classes)[:classes]
+    union = torch.bincount(p, minlength=classes)[:classes]
+    union = union + torch.bincount(t, minlength=classes)[:classes] - inter
+    return torch.stack([inter, union], dim=1)
+
+
+def mean_iou(counts: torch.Tensor) -> float:
+    """Mean over classes of intersection / union; a class absent from both prediction and truth
+    (union 0) has no IoU and is left out rather than counted as 0 or 1."""
+    inter, union = counts[:, 0].double(), counts[:, 1].double()
+    present = union > 0
+    return float((inter[present] / union[present]).mean()) if present.any() else 0.0
+
+
+def miou(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, classes: int, batch_size: int = 64
+) -> float:
+    """mIoU over a whole split: intersections and unions summed over every image first, so
+    a class's IoU is not an average of per-image ratios (small objects would dominate)."""
+    counts = torch.zeros(classes, 2, dtype=torch.int64)
+    for i, p in predictions(model, x, batch_size):
+        counts += iou_counts(p.cpu(), y[i : i + batch_size].cpu(), classes)
+    return mean_iou(counts)
+
+
+def task_metric(task: str, classes: int) -> tuple[str, Metric]:
+    """The metric a task is judged by, and its name in records (`val_<name>`, `test_<name>`)."""
+    if task == "segmentation":
+        return "miou", partial(miou, classes=classes)
+    return "accuracy", accuracy
 
 
 def fit(
@@ -76,12 +134,15 @@ def fit(
     resume: bool = False,
     extra_state: dict[str, Any] | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    metric: Metric = accuracy,
+    metric_name: str = "accuracy",
 ) -> list[dict[str, float]]:
     """Train the parameters of `model` that require grad; returns the metrics of every epoch.
 
     `train` holds tensors indexed by sample ("x", "y", ...); `batch_extras(idx)` adds what the
-    loss needs per batch (teacher logits or cached teacher features). With `resume` and an
-    existing checkpoint, training continues after its last finished epoch.
+    loss needs per batch (teacher logits or cached teacher features, or replaces "x"). With
+    `resume` and an existing checkpoint, training continues after its last finished epoch. After
+    every epoch `metric(model, val x, val y)` is recorded as `val_<metric_name>`.
     """
     rank, size = world()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -118,7 +179,7 @@ def fit(
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             steps += 1
         metrics = {"epoch": epoch, **{k: v / max(steps, 1) for k, v in sums.items()}}
-        metrics["val_accuracy"] = accuracy(model, val["x"], val["y"])
+        metrics[f"val_{metric_name}"] = metric(model, val["x"], val["y"])
         metrics["seconds"] = round(time.perf_counter() - t0, 3)
         history.append(metrics)
         if checkpoint is not None and rank == 0:

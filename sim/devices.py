@@ -6,6 +6,7 @@ corrupt frames is tested against the same code paths real devices take.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,7 @@ from pydantic import Field
 
 from drivers.errors import DeviceDisconnected, DeviceTimeout
 from drivers.protocols import BackendOptions, Camera, Display, Frame, LightSource, PowerMeter
+from sim.clock import RealClock
 from sim.world import SimWorld
 
 
@@ -33,7 +35,12 @@ class SimDisplay(Display):
 
 
 class SimCamera(Camera):
-    """Frames arrive no faster than max(exposure, 1 / fps_limit) apart, on the world's clock."""
+    """Frames arrive no faster than max(exposure, 1 / fps_limit) apart, on the world's clock.
+
+    A frame sees the scene as it was when its exposure began. In real time it is rendered on the
+    camera's own thread during the exposure, as a real sensor integrates while the host waits,
+    so rendering does not slow the caller below the frame-rate limit.
+    """
 
     backend = "sim"
     simulated = True
@@ -45,6 +52,7 @@ class SimCamera(Camera):
         self._exposure_s = sp.exposure_s
         self._next_start = -float("inf")
         self._frame_id = 0
+        self._renderer: ThreadPoolExecutor | None = None
         self.inject()
 
     @classmethod
@@ -66,6 +74,23 @@ class SimCamera(Camera):
     def _open_hw(self) -> None:
         self._unplugged = False
 
+    def _close_hw(self) -> None:
+        if self._renderer is not None:
+            self._renderer.shutdown()
+            self._renderer = None
+
+    def _expose(self, wait_s: float) -> np.ndarray:
+        """Wait out the exposure and return its frame, rendered meanwhile when time is real."""
+        clock = self.world.clock
+        if not isinstance(clock, RealClock) or wait_s <= 0:
+            clock.sleep(wait_s)
+            return self.world.capture(self._exposure_s)
+        if self._renderer is None:
+            self._renderer = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-render")
+        image = self._renderer.submit(self.world.capture, self._exposure_s)
+        clock.sleep(wait_s)
+        return image.result()
+
     def _get_exposure_hw(self) -> float:
         return self._exposure_s
 
@@ -82,8 +107,7 @@ class SimCamera(Camera):
             self._timeouts = max(0, self._timeouts - 1)
             clock.sleep(timeout_s)
             raise DeviceTimeout(f"{self.name}: no frame within {timeout_s} s")
-        clock.sleep(start + self._exposure_s - now)
-        image = self.world.capture(self._exposure_s)
+        image = self._expose(start + self._exposure_s - now)
         if self._corrupt:
             self._corrupt -= 1
             image = image[: image.shape[0] // 2]

@@ -1,10 +1,12 @@
 """Captures: each sample stored exactly once through SIGINT and SIGKILL; stores check themselves."""
 
+import functools
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -14,91 +16,115 @@ from calibration import calfile
 from calibration.pipeline import Plan, calibrate
 from hil.bench import Bench
 from hil.calibrate import design_of
+from hil.capture import stratified_subset
 from hil.config import BenchConfig
+from hil.datasets import load_dataset
 from hil.errors import UserError
-from hil.store import CaptureStore, Row, read
+from hil.store import CaptureStore, Row, committed, read
 from sim.clock import VirtualClock
+
+
+def shared_calibration(tmp_path_factory) -> Path:
+    """One calibration of the default simulated bench per test session, whichever module asks."""
+    path = tmp_path_factory.getbasetemp() / "capture-calibration.h5"
+    if not path.exists():
+        bench = Bench(BenchConfig(), clock=VirtualClock())
+        with bench:
+            cal = calibrate(bench, design_of(bench), Plan(patterns=16))
+        calfile.save(cal, path)
+    return path
 
 
 @pytest.fixture(scope="module")
 def calibration(tmp_path_factory):
-    bench = Bench(BenchConfig(), clock=VirtualClock())
-    with bench:
-        cal = calibrate(bench, design_of(bench), Plan(patterns=16))
-    return calfile.save(cal, tmp_path_factory.mktemp("cal") / "cal.h5")
+    return shared_calibration(tmp_path_factory)
 
 
-def capture_cmd(calibration, out, *extra):
+FPS = 20  # a paced camera: the 40 samples take 2 s, so a capture is cut midway whatever the load
+ENV = os.environ | {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def paced_bench(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "bench.toml"
+    path.write_text(f"[sim.sensor]\nfps_limit = {FPS}\n")
+    return path
+
+
+def capture_cmd(calibration, bench, out):
     return [
-        sys.executable,
-        "-m",
-        "hil",
-        "capture",
-        "--calibration",
-        str(calibration),
-        "--out",
-        str(out),
-        "--split",
-        "test",
-        "--fraction",
-        "0.25",
-        "--seed",
-        "3",
-        *extra,
+        *(sys.executable, "-m", "hil", "capture", "--bench", str(bench)),
+        *("--calibration", str(calibration), "--out", str(out)),
+        *("--split", "test", "--fraction", "0.1", "--seed", "3"),
     ]
 
 
-def committed(path) -> int:
-    try:
-        with h5py.File(path, "r", libver="latest", swmr=True) as f:
-            return int(f.attrs["count"])
-    except (OSError, KeyError):
-        return 0
-
-
-@pytest.mark.parametrize("sig", [signal.SIGINT])
-def test_an_interrupted_capture_resumes_to_exactly_the_uninterrupted_store(
-    calibration, tmp_path, sig
-):
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    whole = tmp_path / "whole.h5"
-    subprocess.run(
-        capture_cmd(calibration, whole),
-        check=True,
-        env=env,
-        cwd=tmp_path,
+def capture(calibration, bench, out) -> None:
+    done = subprocess.run(
+        capture_cmd(calibration, bench, out),
+        env=ENV,
+        cwd=out.parent,
         capture_output=True,
         timeout=300,
     )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(calibration, paced_bench, tmp_path_factory):
+    """The reference store: captured in the background while the interrupted runs go."""
+    out = tmp_path_factory.mktemp("whole") / "whole.h5"
+    proc = subprocess.Popen(
+        capture_cmd(calibration, paced_bench, out),
+        env=ENV,
+        cwd=out.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+    @functools.cache
+    def finished():
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr.decode()[-2000:]
+        return read(out)
+
+    yield finished
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_an_interrupted_capture_resumes_to_exactly_the_uninterrupted_store(
+    calibration, paced_bench, uninterrupted, tmp_path, sig
+):
+    data = load_dataset("digits")
+    planned = len(stratified_subset(data.labels, data.split("test"), 0.1, 3))
     cut = tmp_path / "cut.h5"
     proc = subprocess.Popen(
-        capture_cmd(calibration, cut),
-        env=env,
+        capture_cmd(calibration, paced_bench, cut),
+        env=ENV,
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 120
-    while committed(cut) < 15 and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+    while committed(cut) < 1 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
     proc.send_signal(sig)
     proc.wait(timeout=60)
     partial = committed(cut)
-    reference = read(whole)
-    assert 15 <= partial < len(reference.index), "the capture was not cut midway"
-    subprocess.run(
-        capture_cmd(calibration, cut),
-        check=True,
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        timeout=300,
-    )
-    resumed = read(cut)
-    assert sorted(resumed.index.tolist()) == sorted(set(resumed.index.tolist()))  # once each
+    assert 0 < partial < planned, f"the capture was not cut midway ({partial} of {planned})"
+    if sig == signal.SIGKILL:  # the state a dead SWMR writer leaves, which the rerun must undo
+        with pytest.raises(OSError, match="consistency flags"):
+            h5py.File(cut, "a", libver="latest").close()
+    capture(calibration, paced_bench, cut)
+    resumed, reference = read(cut), uninterrupted()
+    assert len(set(resumed.index.tolist())) == len(resumed.index) == planned  # each exactly once
     assert np.array_equal(resumed.index, reference.index)
     assert np.array_equal(resumed.labels, reference.labels)
     np.testing.assert_array_equal(resumed.features, reference.features)
+    assert not cut.with_name("cut.h5.lock").exists()
 
 
 def row(i: int, m: int = 2) -> Row:
@@ -115,11 +141,18 @@ def row(i: int, m: int = 2) -> Row:
     )
 
 
-def make_store(path, n: int):
-    store = CaptureStore.open_for_capture(
-        path, plan=np.arange(n), feature_shape=(2, 4, 4), label_shape=(), identity={"dataset": "x"}
+def open_store(path, n: int, identity=None) -> CaptureStore:
+    return CaptureStore.open_for_capture(
+        path,
+        plan=np.arange(n),
+        feature_shape=(2, 4, 4),
+        label_shape=(),
+        identity=identity or {"dataset": "x"},
     )
-    with store:
+
+
+def make_store(path, n: int):
+    with open_store(path, n) as store:
         for i in range(n):
             store.append(row(i))
 
@@ -132,15 +165,42 @@ def test_store_round_trip_and_uncommitted_rows_are_ignored(tmp_path):
         f["index"].resize(6, axis=0)
     got = read(path)
     assert got.index.tolist() == [0, 1, 2, 3, 4]
+    assert got.labels.tolist() == [0, 1, 2, 0, 1]
     np.testing.assert_array_equal(got.features[3], row(3).features)
     with pytest.raises(UserError, match="different capture"):
-        CaptureStore.open_for_capture(
-            path,
-            plan=np.arange(5),
-            feature_shape=(2, 4, 4),
-            label_shape=(),
-            identity={"dataset": "y"},
-        )
+        open_store(path, 5, identity={"dataset": "y"})
+    with pytest.raises(UserError, match="another list of samples"):
+        open_store(path, 6)
+
+
+def test_rows_are_committed_in_batches_and_a_resumed_store_continues_after_them(tmp_path):
+    path = tmp_path / "s.h5"
+    with open_store(path, 6) as store:
+        for i in range(3):
+            store.append(row(i))
+        assert (store.count, store.pending, committed(path)) == (0, 3, 0)
+        store.commit()
+        assert (store.count, store.pending, committed(path)) == (3, 0, 3)
+        store.append(row(3))
+    assert committed(path) == 4  # closing commits what is pending
+    with open_store(path, 6) as store:
+        assert store.count == 4
+        store.append(row(4))
+        store.append(row(5))
+    got = read(path)
+    assert got.index.tolist() == list(range(6))
+    np.testing.assert_array_equal(got.features, np.stack([row(i).features for i in range(6)]))
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_store(tmp_path):
+    path = tmp_path / "s.h5"
+    with open_store(path, 3) as store:
+        store.append(row(0))
+        with pytest.raises(UserError, match=rf"s\.h5: another process \(pid {os.getpid()}\)"):
+            open_store(path, 3)
+    assert not (tmp_path / "s.h5.lock").exists()
+    with open_store(path, 3) as store:  # free again once the first writer closed it
+        assert store.count == 1
 
 
 def test_a_tampered_or_truncated_store_is_one_clear_error(tmp_path):
@@ -154,3 +214,20 @@ def test_a_tampered_or_truncated_store_is_one_clear_error(tmp_path):
     cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(UserError, match=r"cut\.h5: truncated or corrupt"):
         read(cut)
+    with pytest.raises(UserError, match=r"cut\.h5: cannot resume"):
+        open_store(cut, 4)
+
+
+def test_frame_sampling_weights_equal_scipy_bilinear_interpolation():
+    from scipy.ndimage import map_coordinates
+
+    from hil.capture import bilinear_weights
+
+    rng = np.random.default_rng(0)
+    image = rng.random((9, 13))
+    yx = np.stack([rng.uniform(-2, 11, 200), rng.uniform(-2, 15, 200)])
+    yx[:, :4] = [[0, 8, 8, 3.5], [0, 12, 0.25, 12]]  # corners and edges exactly
+    expected = map_coordinates(image, yx, order=1, mode="nearest")
+    np.testing.assert_allclose(
+        bilinear_weights(yx, image.shape) @ image.ravel(), expected, atol=1e-12
+    )

@@ -1,6 +1,7 @@
 """Training: resume gives the run an uninterrupted one would, torchrun runs it data-parallel."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -116,14 +117,22 @@ def test_a_missing_teacher_says_how_to_train_one(tmp_path):
     assert "hil teacher train --arch resnet18 --dataset digits" in result.stderr.decode()
 
 
-@pytest.mark.parametrize("method", ["kd", "ntkd"])
-def test_distillation_runs_with_a_small_teacher(tmp_path, method):
+@pytest.mark.parametrize(("method", "augment"), [("kd", False), ("ntkd", False), ("ntkd", True)])
+def test_distillation_runs_with_a_small_teacher(tmp_path, method, augment):
+    from hil.simtrain import FabricationAugment
     from hil.teachers import train_teacher
 
     data = digits()
     teacher, _ = train_teacher("lenet", data, Settings(epochs=1))
     _, record = train_student(
-        SMALL, data, method, Settings(epochs=1, batch_size=256), teacher=teacher, projections=8
+        SMALL,
+        data,
+        method,
+        Settings(epochs=1, batch_size=256),
+        teacher=teacher,
+        projections=8,
+        augment=FabricationAugment() if augment else None,
     )
     terms = record["history"][0]
     assert ("kd" if method == "kd" else "ntk") in terms and 0 <= record["test_accuracy"] <= 1
+    assert "val_accuracy" in terms and all(map(math.isfinite, terms.values()))

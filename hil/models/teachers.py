@@ -80,7 +80,11 @@ class SmallAlexNet(nn.Module):
 
 
 class UNet(nn.Module):
-    """A three-level U-Net for segmentation: (N, C, H, W) → (N, classes, H, W) logits."""
+    """A three-level U-Net for segmentation: (N, C, H, W) → (N, classes, H, W) logits.
+
+    Inputs whose sides are not multiples of 4 are zero-padded for the two poolings and the
+    logits cropped back, so any image size ≥ 1 works.
+    """
 
     def __init__(self, in_channels: int, num_classes: int, width: int = 16) -> None:
         super().__init__()
@@ -109,11 +113,13 @@ class UNet(nn.Module):
         self.pool = nn.MaxPool2d(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        x = nn.functional.pad(x, (0, -w % 4, 0, -h % 4))
         d1 = self.down1(x)
         d2 = self.down2(self.pool(d1))
         b = self.bottom(self.pool(d2))
         u2 = self.dec2(torch.cat([self.up2(b), d2], dim=1))
-        return self.head(self.dec1(torch.cat([self.up1(u2), d1], dim=1)))
+        return self.head(self.dec1(torch.cat([self.up1(u2), d1], dim=1)))[..., :h, :w]
 
 
 TEACHERS = {

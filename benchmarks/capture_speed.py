@@ -1,0 +1,76 @@
+"""Capture rate on the simulated bench against the camera's frame-rate limit.
+
+    .venv/bin/python benchmarks/capture_speed.py [--seconds S] [--calibration CAL]
+
+Calibrates the default simulated bench (on a virtual clock) unless given a calibration, then runs
+`hil capture`'s loop in real time with `[sim.sensor] fps_limit` at 30 and at 120, each for about
+`--seconds` of the digits train split, and prints samples/s and its ratio to the limit. A ratio
+near 1 means showing, rendering, feature extraction and storing all hide behind the camera.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from calibration import calfile
+from calibration.pipeline import Plan, calibrate
+from hil.bench import Bench
+from hil.calibrate import design_of
+from hil.capture import run_capture
+from hil.config import BenchConfig
+from hil.datasets import load_dataset
+from sim.clock import VirtualClock
+from sim.params import SensorParams, SimParams
+
+LIMITS = (30.0, 120.0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=5.0, help="capture time per fps limit")
+    ap.add_argument("--calibration", type=Path, help="calibration of the default simulated bench")
+    args = ap.parse_args()
+    print(
+        f"{os.cpu_count()} CPU threads ({len(os.sched_getaffinity(0))} usable), "
+        f"torch {torch.__version__} with {torch.get_num_threads()} intra-op threads, "
+        f"{platform.processor() or platform.machine()}"
+    )
+    train = len(load_dataset("digits").split("train"))
+    with tempfile.TemporaryDirectory() as tmp:
+        cal = args.calibration
+        if cal is None:
+            bench = Bench(BenchConfig(), clock=VirtualClock())
+            with bench:
+                cal = calfile.save(
+                    calibrate(bench, design_of(bench), Plan(patterns=16)), Path(tmp) / "cal.h5"
+                )
+        rows = []
+        for fps in LIMITS:
+            config = BenchConfig(sim=SimParams(sensor=SensorParams(fps_limit=fps)))
+            result = run_capture(
+                config,
+                cal,
+                "digits",
+                "train",
+                Path(tmp) / f"fps{fps:g}.h5",
+                Console(quiet=True),
+                fraction=min(1.0, fps * args.seconds / train),
+            )
+            rows.append((fps, result["captured"], result["samples_per_s"]))
+        exposure_ms = calfile.load(cal).exposure_s * 1e3
+    print(f"\nexposure {exposure_ms:.2f} ms (from the calibration)\n")
+    print("| fps limit | samples | samples/s | samples/s / fps limit |")
+    print("|---:|---:|---:|---:|")
+    for fps, n, rate in rows:
+        print(f"| {fps:g} | {n} | {rate:.1f} | {rate / fps:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""Scoring a student on the bench: its digital backend on feature maps the glass produced.
+
+After fabrication the frontend is the optic on the bench, so live inference is the backend applied
+to captured feature maps. Classification is scored by accuracy and a confusion matrix;
+segmentation by mean IoU, as training scores it: the feature maps, and so the predicted masks,
+cover the display, so the truth is the mask placed where its image was shown, and the display
+around it (IGNORE) is not counted.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from hil import store as capture_store
+from hil.errors import UserError
+from hil.models.onn import ONN, StudentSpec
+from hil.simtrain import place_masks
+from hil.training import IGNORE, iou_counts, load_checkpoint, mean_iou, predictions
+
+
+def load_onn(path: Path | str) -> ONN:
+    """The student of a `hil train` / `hil finetune` checkpoint, in eval mode; one-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: student checkpoint not found (write one with `hil train`)")
+    try:
+        state = load_checkpoint(path)
+    except Exception as e:  # torch.load fails in many ways on a foreign file
+        raise UserError(f"{path}: not a PyTorch checkpoint ({_first_sentence(e)})") from None
+    if not (isinstance(state, dict) and {"spec", "model"} <= state.keys()):
+        raise UserError(
+            f"{path}: not a hil student checkpoint (no student spec and weights; "
+            "a teacher's, or another program's?)"
+        )
+    try:
+        model = ONN(StudentSpec(**state["spec"]))
+        model.load_state_dict(state["model"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path}: a damaged student checkpoint ({_first_sentence(e)})") from None
+    return model.eval()
+
+
+def _first_sentence(e: Exception) -> str:
+    """torch's own messages run to many lines; the first sentence names the problem."""
+    text = "" if isinstance(e, KeyError) else str(e).strip()  # torch.load: a bare magic number
+    return text.splitlines()[0].split(". ")[0].rstrip(".") if text else "unrecognised contents"
+
+
+def check_maps(model: ONN, shape: tuple[int, ...], source: Path | str) -> None:
+    """Feature maps (m, H, W) must be what the student's backend takes."""
+    s = model.spec
+    takes = (s.kernels, s.image_size, s.image_size)
+    if tuple(shape) != takes:
+        raise UserError(
+            f"{source}: feature maps of shape {tuple(shape)}, but the student takes {takes} "
+            "(captured with another design or display?)"
+        )
+
+
+def predict(model: ONN, features: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Class per sample (N,) or per pixel (N, H, W): the argmax of the backend's logits."""
+    maps = torch.as_tensor(features)
+    return torch.cat([p for _, p in predictions(model.backend, maps, batch_size)]).numpy()
+
+
+def confusion(truth: np.ndarray, predicted: np.ndarray, classes: int) -> np.ndarray:
+    """Counts (classes, classes): row = true class, column = predicted; IGNORE truth left out."""
+    t, p = np.ravel(truth).astype(np.int64), np.ravel(predicted).astype(np.int64)
+    keep = t != IGNORE
+    pairs = t[keep] * classes + p[keep]
+    return np.bincount(pairs, minlength=classes * classes).reshape(classes, classes)
+
+
+def check_labels(labels: np.ndarray, classes: int, path: Path | str) -> None:
+    if labels.size and (labels.min() < 0 or labels.max() >= classes):
+        raise UserError(
+            f"{path}: labels span {int(labels.min())}-{int(labels.max())}, but the student "
+            f"has {classes} classes (a checkpoint for another dataset?)"
+        )
+
+
+def evaluate_captures(
+    model: ONN, captures: capture_store.Captures, source: Path | str
+) -> dict[str, Any]:
+    """Scores of `model` on `captures` (read from `source`, named in errors)."""
+    n = len(captures.index)
+    if n == 0:
+        raise UserError(f"{source}: holds no captured samples yet")
+    check_maps(model, captures.features.shape[1:], source)
+    classes = model.spec.classes
+    check_labels(captures.labels, classes, source)
+    predicted = predict(model, captures.features)
+    if captures.labels.ndim == 1:
+        matrix = confusion(captures.labels, predicted, classes)
+        return {
+            "task": "classification",
+            "n": n,
+            "accuracy": float(np.trace(matrix) / max(n, 1)),
+            "per_class": {
+                "support": matrix.sum(1).tolist(),
+                "correct": np.diag(matrix).tolist(),
+            },
+            "confusion": matrix.tolist(),
+        }
+    truth = place_masks(captures.labels, predicted.shape[1:])
+    counts = iou_counts(torch.as_tensor(predicted), torch.as_tensor(truth), classes)
+    matrix = confusion(truth, predicted, classes)
+    return {
+        "task": "segmentation",
+        "n": n,
+        "miou": mean_iou(counts),
+        "iou": [float(i / u) if u else None for i, u in counts.tolist()],
+        "pixel_accuracy": float(np.trace(matrix) / max(matrix.sum(), 1)),
+        "confusion": matrix.tolist(),
+    }
+
+
+def evaluate_store(model: ONN, store_path: Path | str) -> dict[str, Any]:
+    """Accuracy (classification) or mIoU (segmentation) of `model` on a capture store."""
+    return evaluate_captures(model, capture_store.read(store_path), store_path)
+
+
+def _save(fig: Figure, path: Path | str) -> Path:
+    """Write atomically, so a person never opens half a picture."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    return path
+
+
+def save_confusion_png(
+    matrix: np.ndarray, path: Path | str, title: str = "", names: list[str] | None = None
+) -> Path:
+    """The confusion matrix as a picture: counts in each cell, rows true, columns predicted."""
+    matrix = np.asarray(matrix)
+    k = len(matrix)
+    names = names or [str(c) for c in range(k)]
+    fig = Figure(figsize=(1.0 + 0.45 * k, 0.8 + 0.45 * k))
+    ax = fig.add_subplot()
+    ax.imshow(matrix, cmap="Blues", vmin=0, vmax=max(int(matrix.max()), 1))
+    if k <= 30:
+        top = matrix.max()
+        for (i, j), v in np.ndenumerate(matrix):
+            color = "white" if v > 0.6 * top else "black"
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color=color)
+    ax.set_xticks(range(k), names, fontsize=7)
+    ax.set_yticks(range(k), names, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def save_overlay_png(
+    images: np.ndarray,
+    truth: np.ndarray,
+    predicted: np.ndarray,
+    path: Path | str,
+    title: str = "",
+) -> Path:
+    """A row per sample: the shown image, the true mask over it, the predicted mask over it.
+
+    `images` (N, H, W) or (N, H, W, 3) in [0, 1]; masks (N, H, W) on the same grid.
+    """
+    n = len(images)
+    fig = Figure(figsize=(6.0, 2.0 * n + (0.4 if title else 0.0)))
+    axes = fig.subplots(n, 3, squeeze=False)
+    for r in range(n):
+        image = images[r] if images[r].ndim == 3 else np.repeat(images[r][..., None], 3, axis=2)
+        for c, (label, mask) in enumerate(
+            (("shown", None), ("true", truth), ("predicted", predicted))
+        ):
+            ax = axes[r, c]
+            ax.imshow(image, vmin=0, vmax=1, interpolation="nearest")
+            if mask is not None:  # background (0) and IGNORE stay clear
+                shaded = np.ma.masked_less_equal(mask[r], 0)
+                ax.imshow(shaded, cmap="autumn", alpha=0.55, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(label, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -21,9 +21,9 @@ log = logging.getLogger("hil")
 
 def design_from_student(fp) -> torch.Tensor:
     """The PSFs of a trained student: what a lab sends to fabrication."""
-    from hil.finetune import load_student
+    from hil.evaluate import load_onn
 
-    student = load_student(fp.design)
+    student = load_onn(fp.design)
     s = student.spec
     have = (s.kernels, s.kernel_size, s.signed, s.channels)
     want = (fp.kernels, fp.kernel_size, fp.signed, fp.channels)

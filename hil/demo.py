@@ -1,77 +1,207 @@
-"""`hil demo`: the bundled digits through the simulated bench, as pictures a person can open."""
+"""`hil demo`: the whole story on the bundled digits, on a simulated bench, in a few minutes.
+
+Design → NTKD training in simulation → a fabricated frontend that misbehaves → calibration →
+capture (10% of the train split, all of the test split) → backend fine-tuning with CE and with
+NTKD → evaluation of every variant, written as a report folder a person can open.
+
+The step functions are what `benchmarks/finetune_table.py` repeats over seeds.
+"""
 
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from rich.console import Console
 
-from hil.bench import Bench
 from hil.calibrate import run_calibrate
+from hil.capture import run_capture
 from hil.config import BenchConfig
-from hil.datasets import digits
-from hil.figures import save_frame_png, save_map_sheet
-from hil.render import place_on_display
-from hil.simrender import designed_feature_maps, raw_feature_maps, snap_dark, snap_levels
+from hil.datasets import Dataset, digits
+from hil.evaluate import evaluate_store, load_onn
+from hil.finetune import run_finetune, save_student
+from hil.models.onn import StudentSpec
+from hil.simtrain import train_student
+from hil.store import read
+from hil.teachers import save_teacher, train_teacher
+from hil.training import Settings
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """Sizes that keep the demo within a few minutes on two CPU cores."""
+
+    seed: int = 0
+    teacher_epochs: int = 8
+    student_epochs: int = 20
+    student_lr: float = 1e-2
+    projections: int = 32
+    finetune_epochs: int = 60
+    finetune_lr: float = 3e-3
+    train_fraction: float = 0.1
 
 
 @contextmanager
-def step(console: Console, what: str):
+def step(console: Console, what: str, timings: dict[str, float]):
     t0 = time.perf_counter()
     console.print(f"[bold]•[/] {what} ...", highlight=False)
     yield
-    console.print(f"  done in {time.perf_counter() - t0:.2f} s", style="dim")
+    timings[what] = round(time.perf_counter() - t0, 2)
+    console.print(f"  done in {timings[what]:.1f} s", style="dim")
 
 
-def run_demo(config: BenchConfig, out_dir: Path, console: Console) -> dict[str, Any]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    data = digits()
-    images, labels = data.images[:, 0], data.labels
-    picks = [int(np.flatnonzero(labels == c)[0]) for c in range(10)]
-    with step(console, "open the simulated bench and record a dark frame"), Bench(config) as bench:
-        shape = bench.display.shape[:2]
-        levels = [place_on_display(images[i], shape) for i in picks]
-        dark = snap_dark(bench)
-        with step(console, f"show {len(picks)} digits and capture their frames"):
-            frames = snap_levels(bench, levels)
-        designed = np.stack([designed_feature_maps(bench, lv) for lv in levels])
-        captured = np.stack([raw_feature_maps(bench, f.image, dark) for f in frames])
-        bit_depth, simulated = bench.camera.bit_depth, bench.simulated
-
-    with step(console, f"write pictures to {out_dir}"):
-        pictures = {
-            "frame": out_dir / "frame_digit0.png",
-            "frames": out_dir / "frames.png",
-            "feature_maps": out_dir / "feature_maps.png",
-        }
-        save_frame_png(frames[0].image, bit_depth, pictures["frame"])
-        raw = np.stack([f.image.astype(np.float32) for f in frames])
-        save_map_sheet([("camera frames", raw)], pictures["frames"], "digits 0-9 on the sensor")
-        rows = []
-        for d in (0, 1, 2):
-            rows += [(f"{d}: design", designed[d]), (f"{d}: bench", captured[d])]
-        save_map_sheet(rows, pictures["feature_maps"], "feature maps: design vs fabricated bench")
-
-    err = np.linalg.norm((captured - designed).reshape(10, -1), axis=1)
-    rel = float(np.mean(err / np.linalg.norm(designed.reshape(10, -1), axis=1)))
-    console.print(f"uncalibrated feature maps differ from the design by {100 * rel:.1f}% (rel. L2)")
-
-    with step(console, "calibrate the fabricated bench"):
-        cal = run_calibrate(config, out_dir / "calibration", console)
-    console.print(
-        f"calibration: PSFs within {100 * cal['psf_rel_error']:.1f}% of the fabricated ones, "
-        f"registration within {cal['registration_rms_px']:.3f} px, new frames predicted within "
-        f"{100 * cal['prediction_excess_rel_error']:.1f}% beyond sensor noise"
+def train_demo_teacher(data: Dataset, path: Path, plan: DemoPlan, console: Console) -> dict:
+    model, record = train_teacher(
+        "resnet18", data, Settings(epochs=plan.teacher_epochs, lr=1e-3, seed=plan.seed)
     )
+    save_teacher(model, record, path)
+    console.print(f"  resnet18 teacher: test accuracy {record['test_accuracy']:.4f}")
+    return record
+
+
+def train_demo_student(
+    data: Dataset, teacher_path: Path, out: Path, plan: DemoPlan, console: Console
+) -> dict:
+    from hil.teachers import load_teacher
+
+    teacher, _, _ = load_teacher(str(teacher_path), data.name)
+    model, record = train_student(
+        StudentSpec(seed=plan.seed),
+        data,
+        "ntkd",
+        Settings(epochs=plan.student_epochs, lr=plan.student_lr, seed=plan.seed),
+        teacher=teacher,
+        teacher_cache=out.with_name(f"{out.stem}.teacher-features.pt"),
+        projections=plan.projections,
+    )
+    save_student(model, out, {})
+    console.print(f"  NTKD student in simulation: test accuracy {record['test_accuracy']:.4f}")
+    return record
+
+
+def fabricated_bench(config: BenchConfig, student: Path, seed: int) -> BenchConfig:
+    """The bench whose optic was fabricated from `student`'s PSFs, with this seed's errors."""
+    sim = config.sim
+    return config.model_copy(
+        update={
+            "sim": sim.model_copy(
+                update={
+                    "frontend": sim.frontend.model_copy(update={"design": str(student)}),
+                    "fabrication": sim.fabrication.model_copy(update={"seed": seed}),
+                }
+            )
+        }
+    )
+
+
+def capture_splits(
+    config: BenchConfig, cal: Path, out_dir: Path, plan: DemoPlan, console: Console
+) -> dict[str, Path]:
+    stores = {}
+    for split, fraction in (("train", plan.train_fraction), ("test", 1.0)):
+        stores[split] = out_dir / f"{split}.h5"
+        run_capture(
+            config, cal, "digits", split, stores[split], console, fraction=fraction, seed=plan.seed
+        )
+    return stores
+
+
+def compensate(
+    student: Path,
+    teacher: Path,
+    stores: dict[str, Path],
+    out_dir: Path,
+    plan: DemoPlan,
+    methods: tuple[str, ...] = ("ce", "ntkd"),
+) -> dict[str, dict]:
+    """Fine-tune the backend with each method on all of the captured train rows."""
     return {
-        "out_dir": str(out_dir),
-        "pictures": {k: str(v) for k, v in pictures.items()},
-        "samples": len(picks),
-        "feature_map_rel_error": rel,
-        "simulated": simulated,
-        "calibration": cal,
+        method: run_finetune(
+            str(teacher),
+            stores["train"],
+            student,
+            method,
+            out_dir / f"onn-{method}.pt",
+            Settings(epochs=plan.finetune_epochs, lr=plan.finetune_lr, seed=plan.seed),
+            fraction=1.0,
+            test_captures=stores["test"],
+            projections=plan.projections,
+        )
+        for method in methods
     }
+
+
+def recovered(simulated: float, uncompensated: float, compensated: float) -> float:
+    """Fraction of the accuracy the fabrication lost that compensation brought back."""
+    lost = simulated - uncompensated
+    return (compensated - uncompensated) / lost if lost > 0 else float("nan")
+
+
+def run_demo(
+    config: BenchConfig, out_dir: Path, console: Console, plan: DemoPlan = DemoPlan()
+) -> dict[str, Any]:
+    from hil import report
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    data = digits()
+    teacher, student = out_dir / "teacher-resnet18.pt", out_dir / "onn.pt"
+    with step(console, f"train the resnet18 teacher ({plan.teacher_epochs} epochs)", timings):
+        teacher_record = train_demo_teacher(data, teacher, plan, console)
+    with step(console, "train the optical student with NTKD in simulation", timings):
+        student_record = train_demo_student(data, teacher, student, plan, console)
+    bench = fabricated_bench(config, student, plan.seed)
+    with step(console, "fabricate it (a simulated bench with errors) and calibrate", timings):
+        cal = run_calibrate(bench, out_dir / "calibration", console)
+    with step(console, "capture 10% of the train split and the test split", timings):
+        stores = capture_splits(
+            bench, Path(cal["calibration_file"]), out_dir / "captures", plan, console
+        )
+    with step(console, "fine-tune the backend on the captures with CE and with NTKD", timings):
+        tuned = compensate(student, teacher, stores, out_dir, plan)
+    with step(console, "evaluate every variant and write the report", timings):
+        variants = {"no compensation": student} | {
+            f"{m.upper()} fine-tune": out_dir / f"onn-{m}.pt" for m in tuned
+        }
+        evaluated = {
+            name: evaluate_store(load_onn(path), stores["test"]) for name, path in variants.items()
+        }
+        accuracy = {
+            "resnet18 teacher (raw images)": teacher_record["test_accuracy"],
+            "ONN in simulation (as designed)": student_record["test_accuracy"],
+        } | {name: e["accuracy"] for name, e in evaluated.items()}
+        sim, none = accuracy["ONN in simulation (as designed)"], accuracy["no compensation"]
+        recovery = {
+            name: recovered(sim, none, accuracy[name]) for name in variants if name in accuracy
+        }
+        pictures = report.write_pictures(
+            out_dir,
+            student=load_onn(student),
+            test_store=stores["test"],
+            data=data,
+            histories={"NTKD in simulation": student_record["history"]}
+            | {f"{m.upper()} fine-tune": r["history"] for m, r in tuned.items()},
+            confusions={name: np.asarray(e["confusion"]) for name, e in evaluated.items()},
+        )
+        result = {
+            "out_dir": str(out_dir),
+            "accuracy": accuracy,
+            "recovered_fraction": {k: v for k, v in recovery.items() if k != "no compensation"},
+            "calibration": {
+                k: cal[k]
+                for k in ("psf_rel_error", "registration_rms_px", "prediction_excess_rel_error")
+                if k in cal
+            },
+            "captured": {split: len(read(path).index) for split, path in stores.items()},
+            "pictures": {k: str(v) for k, v in pictures.items()}
+            | {f"calibration {k}": v for k, v in cal["pictures"].items()},
+            "fabrication": bench.sim.fabrication.model_dump(),
+            "plan": plan.__dict__,
+            "timings_s": timings,
+        }
+        report.write_summary(out_dir / "REPORT.md", result)
+    return result

@@ -18,26 +18,13 @@ from hil import store as capture_store
 from hil.capture import stratified_subset
 from hil.datasets import load_dataset
 from hil.errors import UserError
+from hil.evaluate import check_maps, load_onn
 from hil.losses import build_loss
-from hil.models.onn import ONN, StudentSpec
+from hil.models.onn import ONN
 from hil.simtrain import teacher_features
-from hil.training import Settings, accuracy, fit, load_checkpoint, save_checkpoint
+from hil.training import Settings, accuracy, fit, save_checkpoint
 
 DEFAULT_SPLIT_FRACTION = 0.1
-
-
-def load_student(path: Path | str) -> ONN:
-    """An ONN from a checkpoint written by `hil train` or `hil finetune`."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: student checkpoint not found (write one with `hil train`)")
-    try:
-        state = load_checkpoint(path)
-        model = ONN(StudentSpec(**state["spec"]))
-        model.load_state_dict(state["model"])
-    except (KeyError, TypeError, RuntimeError, OSError, ValueError) as e:
-        raise UserError(f"{path}: not a hil student checkpoint ({e})") from None
-    return model.eval()
 
 
 def save_student(model: ONN, path: Path | str, record: dict[str, Any]) -> None:
@@ -45,17 +32,6 @@ def save_student(model: ONN, path: Path | str, record: dict[str, Any]) -> None:
         Path(path),
         {"model": model.state_dict(), "spec": model.spec.to_dict(), "finetune": record},
     )
-
-
-def check_captures(model: ONN, captures: capture_store.Captures, path: Path | str) -> None:
-    maps = tuple(captures.features.shape[1:])
-    s = model.spec
-    want = (s.kernels, s.image_size, s.image_size)
-    if maps != want:
-        raise UserError(
-            f"{path}: feature maps of shape {maps}, but the student takes {want} "
-            "(captured with another design or display?)"
-        )
 
 
 def rows_for_training(
@@ -154,9 +130,9 @@ def run_finetune(
 
     if method not in ("ce", "kd", "ntkd"):
         raise UserError(f"--method {method!r}: choose ce, kd or ntkd")
-    model = load_student(checkpoint)
+    model = load_onn(checkpoint)
     found = capture_store.read(captures)
-    check_captures(model, found, captures)
+    check_maps(model, found.features.shape[1:], captures)
     train_rows, held_rows, used = rows_for_training(found, fraction, settings.seed)
     dataset = found.identity.get("dataset", "digits")
     if found.identity.get("split") not in (None, "train"):
@@ -167,7 +143,7 @@ def run_finetune(
     tests = None
     if test_captures is not None:
         tests = capture_store.read(test_captures)
-        check_captures(model, tests, test_captures)
+        check_maps(model, tests.features.shape[1:], test_captures)
     t_model = raw = None
     if method != "ce":
         t_model, _, _ = load_teacher(teacher, dataset)

@@ -10,7 +10,7 @@ import torch
 from hil.cli import main
 from hil.datasets import digits, to_display
 from hil.errors import UserError
-from hil.finetune import load_student, rows_for_training, run_finetune, save_student
+from hil.finetune import load_onn, rows_for_training, run_finetune, save_student
 from hil.models.onn import ONN, StudentSpec
 from hil.simtrain import train_student
 from hil.store import CaptureStore, Row, read
@@ -66,7 +66,7 @@ def test_default_rows_are_ten_percent_of_the_split_stratified(bench):
 
 def test_ce_finetune_undoes_a_gain_and_offset_and_leaves_the_frontend_alone(bench, tmp_path):
     root, simulated = bench
-    before = load_student(root / "onn.pt")
+    before = load_onn(root / "onn.pt")
     record = run_finetune(
         "unused",
         root / "train.h5",
@@ -76,7 +76,7 @@ def test_ce_finetune_undoes_a_gain_and_offset_and_leaves_the_frontend_alone(benc
         Settings(epochs=150, lr=1e-2, batch_size=64),
         test_captures=root / "test.h5",
     )
-    tuned = load_student(tmp_path / "ft.pt")
+    tuned = load_onn(tmp_path / "ft.pt")
     assert torch.equal(tuned.frontend.raw, before.frontend.raw)
     # the miscalibration costs accuracy, and 10% of the train split buys it back
     assert record["before"]["test_accuracy"] < simulated - 0.1
@@ -134,7 +134,7 @@ def test_a_bench_can_be_designed_from_a_trained_student(bench):
     from hil.config import parse_bench
 
     root, _ = bench
-    student = load_student(root / "onn.pt")
+    student = load_onn(root / "onn.pt")
     design = str(root / "onn.pt")
     config = parse_bench({"sim": {"frontend": {"design": design}}})
     world = Bench(config).world

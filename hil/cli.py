@@ -173,6 +173,12 @@ def calibrate_cmd(
     emit(result, as_json, f"wrote {result['calibration_file']}; run record {run.dir}")
 
 
+def _score(result: dict) -> str:
+    if "test_miou" in result:
+        return f"test mIoU {result['test_miou']:.4f}"
+    return f"test accuracy {result['test_accuracy']:.4f}"
+
+
 @teacher_app.command("train")
 def teacher_train(
     arch: Annotated[str, typer.Option(help="resnet18, lenet, alexnet or unet.")] = "resnet18",
@@ -205,7 +211,7 @@ def teacher_train(
     emit(
         result,
         as_json,
-        f"{arch} on {dataset}: test accuracy {result['test_accuracy']:.4f}; stored {path}",
+        f"{arch} on {dataset}: {_score(result)}; stored {path}",
     )
 
 
@@ -220,7 +226,9 @@ def train_cmd(
     frontend: Annotated[str, typer.Option(help="psf or 4f.")] = "psf",
     kernels: Annotated[int, typer.Option(min=1)] = 8,
     kernel_size: Annotated[int, typer.Option(min=1)] = 7,
-    backend: Annotated[str, typer.Option(help="fc2, fc3 or conv.")] = "fc2",
+    backend: Annotated[
+        str, typer.Option(help="fc2, fc3, conv, or updecoder (segmentation).")
+    ] = "fc2",
     epochs: Annotated[int, typer.Option(min=1)] = 30,
     lr: Annotated[float, typer.Option(min=0)] = 1e-2,
     batch_size: Annotated[int, typer.Option(min=2)] = 128,
@@ -233,6 +241,17 @@ def train_cmd(
     temperature: Annotated[float, typer.Option(min=0.1, help="KD temperature.")] = 4.0,
     seed: int = 0,
     resume: Annotated[bool, typer.Option(help="Continue from --out's last epoch.")] = False,
+    augment: Annotated[
+        bool,
+        typer.Option(
+            help="Draw fabrication errors (gain, shift, rotation, kernel error; sizes from the "
+            "bench file's [sim.fabrication]) and sensor noise afresh for every batch."
+        ),
+    ] = False,
+    noise: Annotated[
+        float, typer.Option(min=0, help="With --augment: noise std relative to the maps' RMS.")
+    ] = 0.01,
+    bench: BenchOpt = None,
     data_root: DataRootOpt = None,
     runs_dir: RunsOpt = Path("runs"),
     as_json: JsonOpt = False,
@@ -241,16 +260,26 @@ def train_cmd(
 
     Also runs under `torchrun --nproc_per_node N -m hil train ...` as DistributedDataParallel.
     """
+    from hil.config import load_bench
     from hil.datasets import load_dataset
     from hil.models.onn import StudentSpec
     from hil.records import Run, write_json
-    from hil.simtrain import train_student
+    from hil.simtrain import FabricationAugment, train_student
     from hil.teachers import load_teacher
     from hil.training import Settings, world
 
     if method not in ("none", "ce", "kd", "ntkd"):
         raise UserError(f"--method {method!r}: choose none, kd or ntkd")
     data = load_dataset(dataset, data_root)
+    if data.task == "segmentation" and backend != "updecoder":
+        err.print(f"{dataset} is a segmentation dataset: using --backend updecoder")
+        backend = "updecoder"
+    fabrication = load_bench(bench).sim.fabrication
+    augmentation = (
+        FabricationAugment.from_fabrication(fabrication, noise=noise, seed=seed)
+        if augment
+        else None
+    )
     spec = StudentSpec(
         frontend=frontend,
         kernels=kernels,
@@ -278,6 +307,7 @@ def train_cmd(
         "lr": lr,
         "options": options,
         "out": str(out),
+        "augment": augmentation.to_dict() if augmentation else None,
     }
     with Run("train", runs_dir if rank == 0 else runs_dir / f"rank{rank}", None, args) as run:
         model, record = train_student(
@@ -292,6 +322,7 @@ def train_cmd(
             checkpoint=out,
             resume=resume,
             on_epoch=epoch_printer(err),
+            augment=augmentation,
         )
         write_json(run.dir / "metrics.json", record["history"])
         result = run.finish(
@@ -299,7 +330,8 @@ def train_cmd(
             | {"checkpoint": str(out), "epochs_run": len(record["history"])}
         )
     if rank == 0:
-        emit(result, as_json, f"{method}: test accuracy {result['test_accuracy']:.4f}; {out}")
+        score = _score(result)
+        emit(result, as_json, f"{method}: {score}; {out}")
 
 
 @app.command("capture")

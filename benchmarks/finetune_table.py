@@ -43,7 +43,7 @@ def one_seed(seed: int, teacher: Path, out: Path, console: Console) -> dict[str,
     out.mkdir(parents=True, exist_ok=True)
     student = out / "onn.pt"
     record = train_demo_student(data, teacher, student, plan, console)
-    bench = fabricated_bench(load_bench(None), student, seed)
+    bench = fabricated_bench(load_bench(None), student, plan)
     cal = run_calibrate(bench, out / "calibration", console)
     stores = capture_splits(bench, Path(cal["calibration_file"]), out / "captures", plan, console)
     compensate(student, teacher, stores, out, plan)

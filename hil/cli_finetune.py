@@ -34,8 +34,8 @@ def finetune_cmd(
             help="Fraction of the store that trains (stratified); default: 10% of the split.",
         ),
     ] = None,
-    epochs: Annotated[int, typer.Option(min=1)] = 60,
-    lr: Annotated[float, typer.Option(min=0)] = 3e-3,
+    epochs: Annotated[int, typer.Option(min=1)] = 30,
+    lr: Annotated[float, typer.Option(min=0)] = 1e-3,
     batch_size: Annotated[int, typer.Option(min=2)] = 128,
     beta: Annotated[float, typer.Option(help="Weight of the NTK term.")] = 1.0,
     norm: Annotated[

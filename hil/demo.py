@@ -40,9 +40,13 @@ class DemoPlan:
     student_epochs: int = 20
     student_lr: float = 1e-2
     projections: int = 32
-    finetune_epochs: int = 60
-    finetune_lr: float = 3e-3
+    finetune_epochs: int = 30
+    finetune_lr: float = 1e-3
     train_fraction: float = 0.1
+    # The optic's shape errors, which calibration measures but cannot undo: a smooth 50% error
+    # field per PSF. None keeps the bench file's [sim.fabrication] value.
+    kernel_error: float | None = 0.5
+    kernel_error_corr_px: float | None = 3.0
 
 
 @contextmanager
@@ -83,15 +87,23 @@ def train_demo_student(
     return record
 
 
-def fabricated_bench(config: BenchConfig, student: Path, seed: int) -> BenchConfig:
-    """The bench whose optic was fabricated from `student`'s PSFs, with this seed's errors."""
+def fabricated_bench(config: BenchConfig, student: Path, plan: DemoPlan) -> BenchConfig:
+    """The bench whose optic was fabricated from `student`'s PSFs, with the plan's errors."""
     sim = config.sim
+    errors = {"seed": plan.seed} | {
+        k: v
+        for k, v in (
+            ("kernel_error", plan.kernel_error),
+            ("kernel_error_corr_px", plan.kernel_error_corr_px),
+        )
+        if v is not None
+    }
     return config.model_copy(
         update={
             "sim": sim.model_copy(
                 update={
                     "frontend": sim.frontend.model_copy(update={"design": str(student)}),
-                    "fabrication": sim.fabrication.model_copy(update={"seed": seed}),
+                    "fabrication": sim.fabrication.model_copy(update=errors),
                 }
             )
         }
@@ -154,7 +166,7 @@ def run_demo(
         teacher_record = train_demo_teacher(data, teacher, plan, console)
     with step(console, "train the optical student with NTKD in simulation", timings):
         student_record = train_demo_student(data, teacher, student, plan, console)
-    bench = fabricated_bench(config, student, plan.seed)
+    bench = fabricated_bench(config, student, plan)
     with step(console, "fabricate it (a simulated bench with errors) and calibrate", timings):
         cal = run_calibrate(bench, out_dir / "calibration", console)
     with step(console, "capture 10% of the train split and the test split", timings):

@@ -137,14 +137,33 @@ def blur_psfs(psfs: Tensor, sigma_px: float) -> Tensor:
 
 
 def perturb_psfs(
-    psfs: Tensor, kernel_error: float, generator: torch.Generator | None = None
+    psfs: Tensor,
+    kernel_error: float,
+    generator: torch.Generator | None = None,
+    corr_px: float = 0.0,
 ) -> Tensor:
-    """Fabrication error δ: i.i.d. relative error per pixel, clamped because light is ≥ 0."""
+    """Fabrication error δ: a relative error of std `kernel_error` per pixel, clamped because
+    light is ≥ 0. With `corr_px` > 0 the error is a Gaussian random field of that correlation
+    length (std in pixels of the smoothing), as a fabrication bias that drifts across a
+    sub-optic distorts its PSF's shape smoothly rather than pixel by pixel."""
     if kernel_error == 0:
         return psfs
     # Draw where the generator lives, so a CPU seed gives the same optic on any device.
     device = psfs.device if generator is None else generator.device
-    z = torch.randn(psfs.shape, generator=generator, dtype=psfs.dtype, device=device)
+    if corr_px == 0:
+        z = torch.randn(psfs.shape, generator=generator, dtype=psfs.dtype, device=device)
+    else:
+        g = _discrete_gaussian(corr_px, psfs.dtype, device)
+        r = g.numel() // 2
+        k = psfs.shape[-1]
+        field = torch.randn(
+            (*psfs.shape[:-2], k + 2 * r, k + 2 * r),
+            generator=generator,
+            dtype=psfs.dtype,
+            device=device,
+        ).reshape(-1, 1, k + 2 * r, k + 2 * r)
+        field = F.conv2d(F.conv2d(field, g.view(1, 1, 1, -1)), g.view(1, 1, -1, 1))
+        z = field.reshape(psfs.shape) / g.square().sum()  # unit variance: Σ(g⊗g)² = (Σg²)²
     return (psfs * (1 + kernel_error * z.to(psfs.device))).clamp(min=0)
 
 
@@ -171,7 +190,8 @@ class Fabrication:
 
     def fabricate_psfs(self, psfs: Tensor) -> Tensor:
         """Designed PSFs → fabricated ones: perturb, then blur. Same seed, same result."""
-        perturbed = perturb_psfs(psfs, self.params.kernel_error, self.generator())
+        p = self.params
+        perturbed = perturb_psfs(psfs, p.kernel_error, self.generator(), p.kernel_error_corr_px)
         return blur_psfs(perturbed, self.params.kernel_blur_px)
 
     def apply_to_display(self, values: Tensor) -> Tensor:

@@ -40,6 +40,9 @@ class FabricationParams(_Section):
     )
     rotation_deg: float = Field(0.6, ge=-45, le=45, description="image rotation on the kernels")
     kernel_error: float = Field(0.1, ge=0, le=1, description="relative kernel fabrication error δ")
+    kernel_error_corr_px: float = Field(
+        0.0, ge=0, le=20, description="correlation length of δ in pixels (0: independent pixels)"
+    )
     kernel_blur_px: float = Field(0.5, ge=0, le=20, description="Gaussian blur σ of the PSFs")
     background: float = Field(
         0.01, ge=0, le=1, description="stray light, as a fraction of a white field's peak"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -203,3 +205,15 @@ def test_fabrication_display_and_warp() -> None:
     torch.testing.assert_close(
         fab.warp_points(xy), warp_points(xy, (10, 12), params.shift_px, params.rotation_deg)
     )
+
+
+def test_correlated_kernel_error_has_the_set_std_and_correlation() -> None:
+    """A smooth δ keeps unit variance; its neighbour correlation is exp(-d²/4σ²) (closed form
+    for white noise smoothed by a Gaussian of std σ)."""
+    psfs = torch.ones(4000, 1, 7, 7, dtype=torch.float64)
+    error, corr = 0.2, 2.0
+    z = (perturb_psfs(psfs, error, _gen(5), corr_px=corr) - 1) / error
+    assert float(z.std()) == pytest.approx(1.0, rel=0.02)
+    for d in (1, 2, 3):
+        rho = float((z[..., :, :-d] * z[..., :, d:]).mean())
+        assert rho == pytest.approx(math.exp(-(d**2) / (4 * corr**2)), abs=0.02)

@@ -274,17 +274,16 @@ def train_cmd(
     if data.task == "segmentation" and backend != "updecoder":
         err.print(f"{dataset} is a segmentation dataset: using --backend updecoder")
         backend = "updecoder"
-    fabrication = load_bench(bench).sim.fabrication
-    augmentation = (
-        FabricationAugment.from_fabrication(fabrication, noise=noise, seed=seed)
-        if augment
-        else None
-    )
+    sim = load_bench(bench).sim  # the display the student's images are shown on
+    augmentation = None
+    if augment:
+        augmentation = FabricationAugment.from_fabrication(sim.fabrication, noise=noise, seed=seed)
     spec = StudentSpec(
         frontend=frontend,
         kernels=kernels,
         kernel_size=kernel_size,
         backend=backend,
+        image_size=sim.display.height,
         channels=int(data.images.shape[1]),
         classes=data.classes,
         seed=seed,

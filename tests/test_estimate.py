@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 import tomllib
 
 import numpy as np
@@ -12,23 +13,44 @@ import pytest
 import torch
 from sklearn.kernel_ridge import KernelRidge
 
+from calibration.pipeline import Plan
+from hil.cli import main
 from hil.config import parse_bench
 from hil.datasets import Dataset, load_dataset, to_display
 from hil.design_layout import design_layout, layout_for_kernels
 from hil.errors import UserError
 from hil.estimate import (
+    EXPOSURE_FILL,
     KernelRegression,
+    MapNoise,
+    PooledONN,
+    _bin_px,
+    _noisy_inputs,
     estimate,
     format_table,
     ntk_blocks,
+    pooled_patches,
     run_estimate,
     train_subset,
 )
 from hil.models.onn import ONN, StudentSpec
 from hil.ntk import student_ntk
-from sim.params import FrontendParams
+from sim.params import FrontendParams, SensorParams
+from sim.sensor import Sensor
 
 TRAINED_NTKD_8 = 0.968  # `hil train --method ntkd`, 8 kernels on digits, mean of 5 seeds
+
+
+def run_hil(monkeypatch, capsys, *args):
+    """Run `hil ARGS` in-process; returns (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["hil", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code or 0
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
 
 
 # ------------------------------------------------------------------ the estimate against training
@@ -37,26 +59,59 @@ TRAINED_NTKD_8 = 0.968  # `hil train --method ntkd`, 8 kernels on digits, mean o
 def test_estimate_digits_default_display_is_flat_and_near_training():
     """On the 32x32 display each pooled map is 8x8, the digits' own resolution, so even 2 kernels
     carry the image: training gets 96.2/96.1/96.5/96.3% for 2/4/8/16 kernels (`none`, 5 seeds),
-    flat within noise, and so is the estimate (measured 98.3/98.5/98.7/98.0%, 800 samples)."""
-    result = estimate("digits", (2, 4, 8, 16), 7, train_size=800, seeds=3)
+    flat within noise, and so is the estimate with sensor noise (`hil estimate` defaults, whole
+    training split, 5 initialisations: 98.56/98.78/98.72/98.78%). Here 400 samples, 2 inits:
+    measured 97.2% for 2 and 8 kernels."""
+    result = estimate("digits", (2, 8), 7, train_size=400, seeds=2)
     acc = {r["kernels"]: r["accuracy"] for r in result["rows"]}
     assert abs(acc[8] - TRAINED_NTKD_8) <= 0.05, acc
-    assert max(acc.values()) - min(acc.values()) <= 0.02, acc
-    assert (result["train_size"], result["val_size"], result["test_size"]) == (800, 359, 360)
+    assert abs(acc[8] - acc[2]) <= 0.01, acc
+    assert (result["train_size"], result["val_size"], result["test_size"]) == (400, 359, 360)
     for row in result["rows"]:
         assert not row["lambda_at_edge"], row
-    assert "| 8 |" in format_table(result)
+        assert 50 < row["map_snr"] < 200, row  # the bench's exposure: noise does not bind
+    assert "| 8 |" in format_table(result) and "map SNR" in format_table(result)
 
 
 def test_estimate_rises_where_the_kernel_count_binds():
     """On a 16x16 display a pooled map is 4x4 (16 numbers), so the kernel count is the bottleneck:
     training gets 88.8/90.7/91.1/92.8% for 2/4/8/16 kernels (3 seeds), and the estimate rises with
-    it (measured 94.2/95.2/95.2/96.1%, 5 initialisations): never down by more than 0.5 points from
-    one count to the next, and 16 kernels at least 1 point above 2."""
-    result = estimate("digits", (2, 4, 8, 16), 7, train_size=800, seeds=5, image_size=16)
-    acc = [r["accuracy"] for r in result["rows"]]
-    assert all(b >= a - 0.005 for a, b in itertools.pairwise(acc)), acc
-    assert acc[-1] >= acc[0] + 0.01, acc
+    it (defaults, 5 initialisations: 93.3/94.8/95.5/95.9%). Here 300 samples, 2 inits: measured
+    86.9% for 2 kernels, 90.4% for 16."""
+    result = estimate("digits", (2, 16), 7, train_size=300, seeds=2, image_size=16)
+    low, high = (r["accuracy"] for r in result["rows"])
+    assert high >= low + 0.015, (low, high)
+
+
+# ------------------------------------------------------------------ sensor noise (Monte Carlo)
+
+
+def test_map_noise_is_the_simulated_sensors_at_the_calibrated_exposure():
+    """The pooled, signed map noise in closed form against `sim.sensor.Sensor` frames: shot,
+    dark, read and ADC noise at the exposure where one design unit is fill x full well."""
+    params = SensorParams()
+    noise = MapNoise.from_sensor(params)
+    assert Plan().target_fill == EXPOSURE_FILL
+    assert noise.e_per_unit == pytest.approx(0.7 * params.full_well_e)
+    sensor, gen = Sensor(params), torch.Generator().manual_seed(0)
+    exposure = noise.e_per_unit / params.flux_e_per_s
+    light = torch.rand(2, 16, 16, generator=gen) * 0.8 + 0.05  # ± tiles, design units
+    frames = 1000
+    dn = sensor.capture(light.expand(frames, 2, 16, 16), gen, exposure).double()
+    maps = dn * sensor.gain_e_per_dn / noise.e_per_unit  # design units, up to an offset
+    pooled = torch.nn.functional.avg_pool2d(maps[:, 0:1] - maps[:, 1:2], 4).flatten(1)
+    pooled_light = torch.nn.functional.avg_pool2d(light.double(), 4).flatten(1)[None]
+    want = noise.std(pooled_light, _bin_px(16, 4), signed=True)[0, 0]
+    np.testing.assert_allclose(pooled.std(0).numpy(), want.numpy(), rtol=0.1)
+    assert abs(float((pooled.std(0) / want).mean()) - 1) < 0.03
+
+
+def test_bin_px_is_the_inverse_noise_gain_of_adaptive_pooling():
+    """var(pool(white noise)) = Σ_p w_qp² = 1 / bin size, also for uneven bins (18 px → 4)."""
+    for size, pool in ((32, 8), (18, 4), (7, 3)):
+        impulses = torch.eye(size * size, dtype=torch.float64).reshape(-1, 1, size, size)
+        weights = torch.nn.functional.adaptive_avg_pool2d(impulses, pool).flatten(1)
+        torch.testing.assert_close(1 / weights.pow(2).sum(0), _bin_px(size, pool))
 
 
 # ------------------------------------------------------------------ closed form (numeric oracle)
@@ -101,23 +156,69 @@ def test_ntk_blocks_equal_the_exact_kernel_in_one_pass_or_many():
         assert not k_tt.requires_grad
 
 
-def test_estimate_accuracy_is_the_closed_form_on_the_exact_kernel():
+def test_pooled_onn_is_the_onn_with_the_same_kernel():
+    """The fc backends pool first, so the ONN on pooled patches is the same function of the same
+    parameters: equal logits and equal exact NTK (uneven bins, 3 channels, unsigned, fc3)."""
+    rng = np.random.default_rng(0)
+    for spec in (
+        StudentSpec(kernels=2, image_size=16, hidden=16, seed=1),
+        StudentSpec(kernels=3, image_size=18, channels=3, signed=False, backend="fc3", hidden=8),
+    ):
+        x = torch.as_tensor(rng.random((12, spec.channels, 18, 18), np.float32))
+        x = x[..., : spec.image_size, : spec.image_size]
+        onn = ONN(spec).eval()
+        pool = spec.image_size // 4
+        patches = pooled_patches(x, spec.kernel_size, pool)
+        inputs = torch.cat([patches, torch.zeros(12, pool * pool, spec.kernels)], -1)
+        pooled = PooledONN(onn).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(pooled(inputs), onn(x), rtol=1e-5, atol=1e-6)
+        want, got = student_ntk(onn, x).detach(), student_ntk(pooled, inputs).detach()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+
+
+class _MapsWithNoise(torch.nn.Module):
+    """Oracle: the ONN on full-resolution images whose maps get additive noise (extra channels)."""
+
+    def __init__(self, onn: ONN) -> None:
+        super().__init__()
+        self.onn = onn
+
+    def forward(self, x):
+        return self.onn.backend(self.onn.frontend(x[:, :1]) + x[:, 1:])
+
+
+@pytest.mark.parametrize("noise", [None, MapNoise(e_per_unit=30.0, floor_e2=10.0)])
+def test_estimate_accuracy_is_the_closed_form_on_the_exact_kernel(noise):
     """End to end: the reported accuracy is that of y = Θ_te,tr (Θ_tr,tr + λI)^-1 Y_tr solved
-    directly with the exact (unfactored) kernel of the same initialised network."""
+    directly with the exact kernel of the same initialised ONN on the raw images; with noise, of
+    the ONN whose full-resolution maps carry the draw (constant over each pooling bin)."""
     data, rel = _tiny_dataset(), 1e-3
-    result = estimate(data, (2,), 7, None, [5], hidden=32, image_size=16, lambdas=[rel])
-    x = torch.as_tensor(to_display(data.images, (16, 16)))
+    result = estimate(
+        data, (2,), 7, None, [5], hidden=32, image_size=16, lambdas=[rel], noise=noise
+    )
     tr, va, te = (data.split(s) for s in ("train", "val", "test"))
+    order = np.concatenate([tr, va, te])
+    x = torch.as_tensor(to_display(data.images[order], (16, 16)))
+    labels = data.labels[order]
+    tr, va, te = np.split(np.arange(len(order)), [len(tr), len(tr) + len(va)])
     model = ONN(StudentSpec(kernels=2, image_size=16, hidden=32, seed=5)).eval()
-    k = student_ntk(model, x).detach().double()
-    y = torch.nn.functional.one_hot(torch.as_tensor(data.labels[tr]), 10).double()
+    if noise is None:
+        k = student_ntk(model, x).detach().double()
+    else:
+        inputs, snr = _noisy_inputs(model, pooled_patches(x, 7, 4), noise, _bin_px(16, 4), 5)
+        draw = inputs[..., 49:].transpose(1, 2).unflatten(2, (4, 4))
+        full = draw.repeat_interleave(4, 2).repeat_interleave(4, 3)
+        k = student_ntk(_MapsWithNoise(model).eval(), torch.cat([x, full], 1)).detach().double()
+        assert 1 < snr < 10 and result["rows"][0]["map_snr"] == pytest.approx(snr)
+    y = torch.nn.functional.one_hot(torch.as_tensor(labels[tr]), 10).double()
     mean = y.mean(0, keepdim=True)
     k_tt = k[tr][:, tr]
     lam = rel * float(k_tt.diagonal().mean())
     alpha = torch.linalg.solve(k_tt + lam * torch.eye(len(tr)), y - mean)
     for split, key in ((te, "accuracy"), (va, "val_accuracy")):
         pred = (mean + k[split][:, tr] @ alpha).argmax(1).numpy()
-        assert result["rows"][0][key] == pytest.approx(np.mean(pred == data.labels[split]))
+        assert result["rows"][0][key] == pytest.approx(np.mean(pred == labels[split]))
 
 
 def test_train_subset_is_balanced_fixed_and_inside_the_split():
@@ -244,10 +345,15 @@ def test_run_estimate_writes_curve_and_layouts(tmp_path):
     assert FrontendParams.model_validate(toml["sim"]["frontend"]).kernels == 2
     assert not rows[16]["layout"]["fits"]
     assert "pixel pitch binds" in rows[16]["layout"]["reason"]
-    png = tmp_path / "est" / "estimate.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert json.loads((tmp_path / "est" / "estimate.json").read_text())["rows"][0]["kernels"] == 2
+    out = tmp_path / "est"
+    assert (out / "estimate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "estimate.json").read_text())["rows"][0]["kernels"] == 2
     assert "| 16 |" in result["table"] and "no" in result["table"]
+    assert (out / "estimate.md").read_text() == result["table"] + "\n"
+    layouts = json.loads((out / "layouts.json").read_text())
+    assert layouts["2"]["grid"] == [2, 2] and not layouts["16"]["fits"]
+    assert (out / "frontend-2.toml").read_text() == rows[2]["layout"]["frontend_toml"]
+    assert not (out / "frontend-16.toml").exists()
 
 
 def test_run_estimate_asks_for_the_missing_constraint(tmp_path):
@@ -263,3 +369,90 @@ def test_run_estimate_asks_for_the_missing_constraint(tmp_path):
         )
     with pytest.raises(UserError, match="kernel counts must be >= 1"):
         run_estimate("digits", [0, 2], 7, tmp_path)
+
+
+# ------------------------------------------------------------------------------ hil estimate
+
+
+LAYOUT_8 = ["--metasurface-um", "1000,1000", "--spacing-um", 50, "--kernel-um", 200]
+SENSOR_ARGS = ["--pixel-um", 5, "--sensor-px", "512,512"]
+
+
+def test_cli_json_is_the_estimate_and_lays_out_the_published_grid(tmp_path, monkeypatch, capsys):
+    """`hil estimate --json` reports what `estimate()` returns for the same arguments, and with
+    the published MNIST sizes (200 µm sub-optics 50 µm apart on 1 mm²) 8 kernels get its 4x4."""
+    args = ["estimate", "--kernels", "8,2", "--seeds", 1, "--train-size", 100]
+    args += [*LAYOUT_8, *SENSOR_ARGS, "--out", tmp_path / "o", "--runs-dir", tmp_path / "r"]
+    code, out, err = run_hil(monkeypatch, capsys, *args, "--json")
+    assert code == 0, err
+    got = json.loads(out)
+    want = estimate("digits", (2, 8), 7, train_size=100, seeds=1)
+    assert [r["kernels"] for r in got["rows"]] == [2, 8]
+    for g, w in zip(got["rows"], want["rows"], strict=True):
+        for key in ("accuracy", "val_accuracy", "lambda", "lambda_at_edge", "per_seed"):
+            assert g[key] == w[key], key
+        assert g["map_snr"] == pytest.approx(w["map_snr"], rel=1e-6)
+        assert g["lambda_abs"] == pytest.approx(w["lambda_abs"], rel=1e-6)
+    assert got["noise"] == want["noise"] and got["train_size"] == 100
+    lay = got["rows"][1]["layout"]
+    assert (lay["grid"], lay["kernels"], lay["tiles"], lay["tile_px"]) == ([4, 4], 8, 16, 40)
+    frontend = tomllib.loads((tmp_path / "o" / "frontend-8.toml").read_text())["sim"]["frontend"]
+    assert FrontendParams.model_validate(frontend).kernels == 8
+    record = json.loads(
+        (tmp_path / "r" / got["run_dir"].split("/")[-1] / "result.json").read_text()
+    )
+    assert record["status"] == "ok" and record["command"] == "estimate"
+
+
+def test_cli_prints_the_table_and_each_layout(tmp_path, monkeypatch, capsys):
+    args = ["estimate", "--kernels", 2, "--seeds", 1, "--train-size", 50, "--no-noise"]
+    args += [*LAYOUT_8, *SENSOR_ARGS, "--out", tmp_path / "o", "--runs-dir", tmp_path / "r"]
+    code, out, err = run_hil(monkeypatch, capsys, *args)
+    assert code == 0, err
+    assert "| 2 |" in out and "noiseless maps" in out and "map SNR" not in out
+    assert "2 kernels: 4 x 4 grid of 200 µm sub-optics" in out
+    assert "[sim.frontend]" in out and "kernels = 2" in out
+    assert "2 kernels:" in err  # progress
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--metasurface-um", "100,100", "--spacing-um", 50, *SENSOR_ARGS], "pixel pitch binds"),
+        (
+            ["--metasurface-um", "1000,1000", "--spacing-um", 50, "--pixel-um", 5],
+            "the layout needs --sensor-px as well",
+        ),
+        (
+            ["--metasurface-um", "1000,1000", "--spacing-um", 50, "--pixel-um", 5]
+            + ["--sensor-px", "40,40"],
+            "the sensor binds (short by",
+        ),
+        ([*LAYOUT_8, *SENSOR_ARGS, "--kernels", 16], "the metasurface binds (short by 8 kernels)"),
+        (
+            ["--metasurface-um", "150,1000", "--spacing-um", 50, "--kernel-um", 200, *SENSOR_ARGS],
+            "height 150 µm < one kernel 200 µm",
+        ),
+        (["--kernels", "2,x"], "--kernels: give comma-separated whole numbers"),
+        (["--metasurface-um", "1000"], "--metasurface-um: give 2 comma-separated numbers"),
+        (["--train-size", "many"], "--train-size: a whole number or 'all'"),
+    ],
+)
+def test_cli_impossible_constraints_are_one_line_naming_what_binds(
+    tmp_path, monkeypatch, capsys, args, expected
+):
+    """Before any computation: no candidate of the default 2,4,8,16 fits, or the input is bad."""
+    runs = tmp_path / "r"
+    code, out, err = run_hil(monkeypatch, capsys, "estimate", *args, "--runs-dir", runs)
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], err
+    assert "Traceback" not in out + err
+
+
+def test_cli_help_teaches_what_the_estimate_is(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, _ = run_hil(monkeypatch, capsys, "estimate", "--help")
+    assert code == 0
+    for words in ("neural tangent kernel", "diagnostic", "s on 2 CPU cores", "[sim.frontend]"):
+        assert words in out, words

@@ -191,36 +191,57 @@ def calibrate(
     spacing = max(8, k + 1)
     grid = geometry.dot_grid(display_hw, spacing)
 
+    def grid_frames(factor: float) -> np.ndarray:
+        cam.exposure_s = min(exposure * factor, cam.exposure_range_s[1])
+        try:
+            return show_frames(grid.split(2), plan.grid_frames) - dark
+        finally:
+            cam.exposure_s = exposure
+
+    def register(dots: np.ndarray, guess: np.ndarray, region) -> tuple:
+        y0, x0, h, w = region
+        spots = np.vstack(
+            [geometry.find_spots(d[y0 : y0 + h, x0 : x0 + w], 2 * spacing) + [x0, y0] for d in dots]
+        )
+        try:
+            return geometry.register_tile(grid, spots, guess, region=region), False
+        except geometry.GeometryError as e:
+            if "ambiguous" not in str(e):
+                raise
+            # a dot lost off the sensor's edge can hide the parity gap: keep the designed
+            # orientation, and say so
+            reg = geometry.register_tile(
+                grid, spots, guess, region=region, orientations=("identity",)
+            )
+            return reg, True
+
     def geometry_step():
-        # a dot carries a small fraction of a white field's light: expose longer
-        cam.exposure_s = min(exposure * plan.grid_exposure_factor, cam.exposure_range_s[1])
-        dots = show_frames(grid.split(2), plan.grid_frames) - dark
-        cam.exposure_s = exposure
-        affines, rms, boxes, assumed = [], [], [], []
+        # a dot carries a small fraction of a white field's light: expose longer, and longer
+        # still for a tile too dim to show its dots (sub-optics differ in throughput)
+        longest = cam.exposure_range_s[1] / exposure
+        shots = {plan.grid_exposure_factor: grid_frames(plan.grid_exposure_factor)}
+        affines, rms, boxes, assumed, longer = [], [], [], [], {}
         for p, box in enumerate(design.tile_boxes):
             lead = design.centroid_offset(p)
             guess = _design_affine(box, display_hw)
             guess[:, 2] += lead
             region = geometry.tile_box(guess, display_hw, frame_hw, pad=spacing + 2)
-            y0, x0, h, w = region
-            spots = [
-                geometry.find_spots(d[y0 : y0 + h, x0 : x0 + w], 2 * spacing) + [x0, y0]
-                for d in dots
-            ]
-            try:
+            factor = plan.grid_exposure_factor
+            while True:
+                if factor not in shots:
+                    shots[factor] = grid_frames(factor)
                 try:
-                    reg = geometry.register_tile(grid, np.vstack(spots), guess, region=region)
+                    reg, orientation_assumed = register(shots[factor], guess, region)
+                    break
                 except geometry.GeometryError as e:
-                    if "ambiguous" not in str(e):
-                        raise
-                    # a dot lost off the sensor's edge can hide the parity gap: keep the
-                    # designed orientation, and say so
-                    reg = geometry.register_tile(
-                        grid, np.vstack(spots), guess, region=region, orientations=("identity",)
-                    )
-                    assumed.append(p)
-            except geometry.GeometryError as e:
-                raise CalibrationError(f"geometry: tile {p}: {e}") from None
+                    if "found" in str(e) and factor < min(longest, 64 * plan.grid_exposure_factor):
+                        factor *= 4
+                        continue
+                    raise CalibrationError(f"geometry: tile {p}: {e}") from None
+            if orientation_assumed:
+                assumed.append(p)
+            if factor != plan.grid_exposure_factor:
+                longer[str(p)] = factor
             affine = reg.affine.copy()
             affine[:, 2] -= lead  # the PSF keeps its design centroid (see Design)
             affines.append(affine)
@@ -229,6 +250,8 @@ def calibrate(
         record = {"registration_rms_px": float(np.mean(rms)), "spacing_px": spacing}
         if assumed:
             record["orientation_assumed_for_tiles"] = assumed
+        if longer:
+            record["grid_exposure_factor_for_dim_tiles"] = longer
         return np.asarray(affines), np.asarray(rms), boxes, record
 
     affines, reg_rms, boxes, _ = steps.run("geometry", geometry_step)

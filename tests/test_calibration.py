@@ -16,6 +16,7 @@ from hil.calibrate import design_of, ground_truth
 from hil.cli import main
 from hil.config import parse_bench
 from sim.clock import VirtualClock
+from sim.world import SimWorld
 
 HARSH = {  # the issue's range: gain 0.8-1.2, shift ≤ 3 px, rotation ≤ 1°, δ 10%, blur 0.5 px
     1: dict(gain=0.8, shift_px=[3.0, 2.0], rotation_deg=1.0),
@@ -153,3 +154,18 @@ def test_a_corrupt_replay_file_is_one_clear_error(tmp_path, monkeypatch, capsys)
     bench.write_text(f'[sim]\nreplay = "{bad}"\n')
     code, _, err = cli(monkeypatch, capsys, "devices", "--bench", bench)
     assert code == 2 and str(bad) in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_dim_sub_optic_is_registered_with_a_longer_grid_exposure():
+    """One PSF passing 1/15 of its design's light: its dots need a longer exposure, and get it."""
+    params = parse_bench({}).sim
+    psfs = SimWorld(params).designed.psfs.clone()
+    psfs[3] /= 15
+    bench = Bench(parse_bench({}), clock=VirtualClock(), designed_psfs=psfs)
+    with bench:
+        design = design_of(bench)
+        cal = calibrate(bench, design, Plan(patterns=16))
+        truth = ground_truth(bench, cal, design)
+    geometry = next(s for s in cal.steps if s["name"] == "geometry")
+    assert set(geometry["grid_exposure_factor_for_dim_tiles"]) == {"3"}
+    assert truth["registration_rms_px"] <= 0.2

@@ -8,6 +8,8 @@ Two estimators, because the two sides of NTKD have very different sizes:
 
 - **student** (:func:`student_ntk`): exact, ``vmap(jacrev(...))`` per sample, differentiable w.r.t.
   the student's parameters (the loss is backpropagated through the Jacobians: double backward).
+  :func:`factored_ntk` is the same kernel from closed-form per-sample gradients (what the NTKD
+  loss uses: about as cheap as a forward and backward pass of the student for the fc backends).
 - **teacher** (:class:`ProjectedTeacher`): a ResNet-18 Jacobian at batch 128 and 10 classes is
   ~56 GB, so the teacher's kernel is estimated without gradients by fixed random projections,
   ``Θ ≈ (1/R) Σ_r (J v_r)(J v_r)ᵀ`` with ``v_r ~ N(0, I)``. The projections are fixed by a seed, so
@@ -26,10 +28,12 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vmap
 
@@ -37,6 +41,7 @@ __all__ = [
     "ProjectedTeacher",
     "check_batch_independent",
     "cka",
+    "factored_ntk",
     "kernel_from_features",
     "normalise",
     "ntk_alignment_loss",
@@ -155,6 +160,346 @@ def student_ntk(
 
 
 def factored_ntk(
+    model: nn.Module,
+    x: Tensor,
+    params: Iterable[str] | None = None,
+    *,
+    x2: Tensor | None = None,
+) -> Tensor:
+    """The same exact kernel as `student_ntk`, from per-sample gradients in closed form.
+
+    A layer linear in its parameters enters the kernel through δ_c = ∂f_c/∂y at its output y
+    and its input: y = W a + b contributes Σ_c ⟨δ_ic, δ_jc⟩ (⟨a_i, a_j⟩ + 1 for the bias), so
+    its weights' Jacobians are never formed. When the model is a chain of layers known to treat
+    samples independently and every chosen parameter belongs to a Linear, a `MapAffine` or a
+    `PSFFrontend` (`_batched_ntk`), the δ of the whole batch come from one class-batched backward
+    pass and the per-sample gradients are a few tensor contractions, which is what makes an NTKD
+    step cost about a KD step. Anything else (4f or convolutional parameters, other modules)
+    falls back to `_factored_ntk_vmap`: vmap over samples of jacrev, with the Linear
+    factorisation. Both are differentiable w.r.t. every parameter (double backward).
+    """
+    check_batch_independent(model)
+    chosen = _select_params(model, params)
+    plan = _plan(model, chosen)
+    if plan is not None:
+        try:
+            return _batched_ntk(plan, x, x2)
+        except _Unsupported:
+            pass
+    return _factored_ntk_vmap(model, x, params, x2=x2)
+
+
+# --------------------------------------------------------------- batched closed-form student NTK
+
+
+class _Unsupported(Exception):
+    """The forward pass met a shape the closed forms do not cover: use the vmap path."""
+
+
+# Leaf layers whose output for a sample depends on that sample only (BatchNorm with running
+# statistics; `check_batch_independent` has ruled out training mode and active dropout).
+_SAMPLEWISE = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Softplus,
+    nn.Identity,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.ConvTranspose2d,
+    nn.AvgPool2d,
+    nn.MaxPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.Dropout,
+)
+
+
+def _chain(model: nn.Module) -> list[nn.Module] | None:
+    """The model as the leaf layers its forward applies one after the other, or None.
+
+    Only containers whose forward is known to be that chain (nn.Sequential, ONN) are unrolled.
+    In-place activations are refused: they would overwrite the recorded layer outputs.
+    """
+    from hil.models.onn import ONN, MapAffine
+    from sim.fourier4f import Fourier4fFrontend
+    from sim.psf_frontend import PSFFrontend
+
+    kind = type(model)
+    if kind is nn.Sequential or kind is ONN:
+        layers = model if kind is nn.Sequential else (model.frontend, model.backend)
+        parts = [_chain(m) for m in layers]
+        return None if any(p is None for p in parts) else [m for p in parts for m in p]
+    if kind in (PSFFrontend, MapAffine, Fourier4fFrontend):
+        return [model]
+    if kind not in _SAMPLEWISE or getattr(model, "inplace", False):
+        return None
+    if isinstance(model, nn.modules.batchnorm._BatchNorm) and model.running_mean is None:
+        return None  # batch statistics even in eval mode
+    return [model]
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """PSFFrontend → MapAffine (either may be absent), with which of their parameters are chosen.
+
+    When a uniform average pool follows, the segment runs at the pooled resolution (exactly: the
+    pool of a "same" convolution is a strided convolution of the block-averaged input) and its δ
+    is taken after the pool.
+    """
+
+    psf: nn.Module | None
+    affine: nn.Module | None
+    raw: bool
+    gain: bool
+    offset: bool
+
+    @property
+    def length(self) -> int:
+        return (self.psf is not None) + (self.affine is not None)
+
+    @property
+    def chosen(self) -> bool:
+        return self.raw or self.gain or self.offset
+
+
+@dataclass(frozen=True)
+class _Plan:
+    chain: list[nn.Module]
+    linears: dict[int, tuple[bool, bool]]  # chain position -> (weight chosen, bias chosen)
+    segments: dict[int, _Segment]  # chain position of the segment's first layer -> segment
+
+
+def _plan(model: nn.Module, chosen: Mapping[str, Tensor]) -> _Plan | None:
+    """How `_batched_ntk` covers every chosen parameter, or None where it cannot."""
+    from hil.models.onn import MapAffine
+    from sim.psf_frontend import PSFFrontend
+
+    chain = _chain(model)
+    if chain is None:
+        return None
+    shared = [p for m in chain for p in m.parameters(recurse=False)]
+    if len({id(m) for m in chain}) != len(chain) or len({id(p) for p in shared}) != len(shared):
+        return None  # a layer or weight used twice: its per-sample gradients would add up
+    if not all(p.requires_grad for p in chosen.values()):
+        return None  # the δ are taken by autograd, through the chosen parameters
+    names = {id(m): n for n, m in model.named_modules()}
+
+    def name(layer: nn.Module, attr: str) -> str:
+        return f"{names[id(layer)]}.{attr}" if names[id(layer)] else attr
+
+    covered: set[str] = set()
+    linears: dict[int, tuple[bool, bool]] = {}
+    segments: dict[int, _Segment] = {}
+    i = 0
+    while i < len(chain):
+        layer = chain[i]
+        if type(layer) in (PSFFrontend, MapAffine):
+            psf = layer if type(layer) is PSFFrontend else None
+            j = i + (psf is not None)
+            affine = chain[j] if j < len(chain) and type(chain[j]) is MapAffine else None
+            own = {"raw": psf, "gain": affine, "offset": affine}
+            picked = {a: m is not None and name(m, a) in chosen for a, m in own.items()}
+            covered |= {name(own[a], a) for a, ok in picked.items() if ok}
+            segments[i] = _Segment(psf, affine, **picked)
+            i += segments[i].length
+            continue
+        if type(layer) is nn.Linear:
+            w, b = name(layer, "weight") in chosen, name(layer, "bias") in chosen
+            if w or b:
+                linears[i] = (w, b)
+                covered |= {name(layer, a) for a, ok in (("weight", w), ("bias", b)) if ok}
+        i += 1
+    return _Plan(chain, linears, segments) if covered == set(chosen) else None
+
+
+def _uniform_block(layer: nn.Module, hw: tuple[int, ...]) -> tuple[int, int] | None:
+    """(bh, bw) when ``layer`` averages disjoint bh x bw blocks tiling an input of size ``hw``."""
+    h, w = hw
+    if type(layer) is nn.AdaptiveAvgPool2d:
+        size = layer.output_size
+        oh, ow = (size, size) if isinstance(size, int) else size
+        oh, ow = oh or h, ow or w
+        if h % oh == 0 and w % ow == 0:
+            return h // oh, w // ow
+    if type(layer) is nn.AvgPool2d:
+        pair = lambda v: tuple(v) if isinstance(v, tuple | list) else (v, v)  # noqa: E731
+        k, s, pad = pair(layer.kernel_size), pair(layer.stride), pair(layer.padding)
+        exact = k == s and pad == (0, 0) and layer.divisor_override is None
+        if exact and h % k[0] == 0 and w % k[1] == 0:
+            return k
+    return None
+
+
+def _shifted_inputs(x: Tensor, k: int, block: tuple[int, int] | None) -> Tensor:
+    """(N, Cin·k·k, L): the input under kernel offset u at output position l of a "same"
+    convolution (conv2d_direct and conv2d_fft cut it alike), block-averaged when pooled.
+
+    A PSF output is y_p[h] = Σ_u x[h - (k-1)//2 + u] · kernel_p[k-1-u], so ∂y_p[h]/∂kernel_p
+    is this with the offsets flipped, and the block average of y_p is the same sum over the
+    block-averaged input taken with the block as stride.
+    """
+    lo = (k - 1) // 2
+    xp = F.pad(x, (lo, k - 1 - lo, lo, k - 1 - lo))
+    stride = (1, 1)
+    if block is not None:
+        xp = xp.unfold(2, block[0], 1).mean(-1).unfold(3, block[1], 1).mean(-1)
+        stride = block
+    cols = xp.unfold(2, k, stride[0]).unfold(3, k, stride[1])  # (N, Cin, h, w, k, k)
+    cols = cols.flip(-2, -1).permute(0, 1, 4, 5, 2, 3)  # flipped: indexed like the kernel
+    return cols.reshape(x.shape[0], -1, cols.shape[-2] * cols.shape[-1])
+
+
+class _KernelOf(nn.Module):
+    """``front.kernel`` as a forward, so functional_call can swap ``front.raw`` for a tensor."""
+
+    def __init__(self, front: nn.Module) -> None:
+        super().__init__()
+        self.front = front
+
+    def forward(self) -> Tensor:
+        return self.front.kernel
+
+
+def _batched_ntk(plan: _Plan, x: Tensor, x2: Tensor | None) -> Tensor:
+    """Σ over sites of per-sample gradient inner products, from `_sample_terms` of each side."""
+    outer = torch.is_grad_enabled()
+    with torch.enable_grad():  # the δ are taken by autograd even under no_grad
+        terms = _sample_terms(plan, x, outer)
+        terms2 = terms if x2 is None else _sample_terms(plan, x2, outer)
+        total: Tensor | int = 0
+        for (g, w, a, plain), (g2, _, a2, _) in zip(terms, terms2, strict=True):
+            gg = (g if w is None else g * w) @ g2.T  # (N, N2)
+            if a is not None:
+                total = total + gg * (a @ a2.T)
+            if plain:
+                total = total + gg
+    assert isinstance(total, Tensor)
+    return total if outer else total.detach()
+
+
+# (g, w, a, plain): per-sample factors of one batch whose kernel term is
+# (g diag(w) g'ᵀ) ⊙ (a a'ᵀ) for a Linear's weight (a: its inputs), plus g diag(w) g'ᵀ if plain.
+_Term = tuple[Tensor, Tensor | None, Tensor | None, bool]
+
+
+def _sample_terms(plan: _Plan, x: Tensor, create_graph: bool) -> list[_Term]:
+    """The kernel terms of batch ``x`` (see `_Term`), in the order of the plan.
+
+    δ_c at every site comes from one backward pass of Σ_i f_c(x_i), batched over the classes:
+    samples are independent, so its gradient at sample i's activations is sample i's own.
+    """
+    chain, n = plan.chain, x.shape[0]
+    h, inputs, probes, segs, seg_probes = x, [], [], [], []
+    i = 0
+    while i < len(chain):
+        seg = plan.segments.get(i)
+        if seg is None:
+            out = chain[i](h)
+            if i in plan.linears:
+                if h.dim() != 2:
+                    raise _Unsupported  # per-sample weight gradients would sum over positions
+                inputs.append(h)
+                probes.append(out)
+            h, i = out, i + 1
+            continue
+        nxt, block, cols = i + seg.length, None, None
+        if seg.psf is not None and (h.dim() != 4 or h.shape[1] != seg.psf.channels):
+            raise _Unsupported  # the PSF's own forward says what is wrong
+        if h.dim() == 4 and nxt < len(chain):  # a PSF's "same" output has its input's size
+            block = _uniform_block(chain[nxt], tuple(h.shape[-2:]))
+        if seg.psf is not None and (block is not None or seg.raw):
+            cols = _shifted_inputs(h, seg.psf.kernel_size, block)
+        if seg.psf is not None and block is not None:
+            kernel = seg.psf.kernel.to(h.dtype).flatten(1)  # (m, Cin·k·k)
+            z = (kernel @ cols).unflatten(-1, (h.shape[-2] // block[0], h.shape[-1] // block[1]))
+        else:
+            z = h if seg.psf is None else seg.psf(h)
+            z = z if block is None else F.avg_pool2d(z, block)
+        if seg.affine is not None:
+            gain, offset = seg.affine.gain, seg.affine.offset
+            if z.dim() != 4 or gain.shape != (z.shape[1], 1, 1) or offset.shape != gain.shape:
+                raise _Unsupported
+        out = z if seg.affine is None else seg.affine(z)  # an average of z·g + o is z̄·g + o
+        if seg.chosen:
+            seg_probes.append(out)
+            segs.append((seg, z, cols))
+        h, i = out, nxt + (block is not None)
+
+    logits = h.reshape(n, -1)
+    classes = logits.shape[1]
+    seeds = torch.eye(classes, dtype=logits.dtype, device=logits.device)[:, None, :]
+    deltas = torch.autograd.grad(
+        logits,
+        probes + seg_probes,
+        seeds.expand(classes, n, classes),
+        is_grads_batched=True,
+        create_graph=create_graph,
+        allow_unused=True,
+    )
+    deltas = [
+        p.new_zeros(classes, *p.shape) if d is None else d
+        for d, p in zip(deltas, probes + seg_probes, strict=True)
+    ]
+    terms = []  # deltas: the Linears', then the segments'
+    for (w, b), a, d in zip(plan.linears.values(), inputs, deltas, strict=False):
+        terms.append((d.transpose(0, 1).reshape(n, -1), None, a if w else None, b))
+    for (seg, z, cols), d in zip(segs, deltas[len(inputs) :], strict=True):
+        terms.extend(_segment_terms(seg, z, cols, d))
+    return terms
+
+
+def _segment_terms(seg: _Segment, z: Tensor, cols: Tensor | None, delta: Tensor) -> list[_Term]:
+    """Terms of a segment's chosen parameters from δ (C, N, m, h, w) after it: per-sample
+    gradients w.r.t. gain Σ δ z̄, offset Σ δ and the PSF kernel Σ_l (gain·δ)[l] cols[u, l]; the
+    latter is pulled back to ``raw`` through the metric of `_psf_metric`."""
+    n = z.shape[0]
+    out: list[_Term] = []
+    if seg.gain:
+        out.append((torch.einsum("cnmhw,nmhw->nmc", delta, z).reshape(n, -1), None, None, True))
+    if seg.offset:
+        out.append((delta.sum(dim=(-2, -1)).transpose(0, 1).reshape(n, -1), None, None, True))
+    if seg.raw:
+        assert seg.psf is not None and cols is not None
+        d = delta if seg.affine is None else delta * seg.affine.gain
+        g = torch.einsum("cnml,nrl->nmrc", d.flatten(-2), cols)  # (N, m, Cin·k·k, C)
+        w = _psf_metric(seg.psf).to(g.dtype)
+        out.append(
+            (g.reshape(n, -1), w.reshape(-1, 1).expand(-1, g.shape[-1]).reshape(-1), None, True)
+        )
+    return out
+
+
+def _psf_metric(front: nn.Module) -> Tensor:
+    """diag(J Jᵀ), J = ∂kernel/∂raw, when each raw entry moves at most one kernel entry.
+
+    Then Σ_r (Jᵀ g_i)_r (Jᵀ g_j)_r = Σ_a g_i[a] w[a] g_j[a]: the PSF term is contracted over
+    the m·Cin·k² kernel entries with weights w rather than over the raw entries after a pullback
+    of every (sample, class). J is taken by jacrev through ``front.kernel`` itself (softplus,
+    signed pairs), so w stays exact and differentiable whatever that map is; any other sparsity
+    raises `_Unsupported` (the vmap path).
+    """
+
+    def kernel(raw: Tensor) -> Tensor:
+        return functional_call(_KernelOf(front), {"front.raw": raw}, ())
+
+    raw = front.raw
+    jac = jacrev(kernel)(raw).reshape(-1, raw.numel())
+    if bool(((jac != 0).sum(0) > 1).any()):
+        raise _Unsupported
+    return jac.square().sum(1)
+
+
+def _factored_ntk_vmap(
     model: nn.Module,
     x: Tensor,
     params: Iterable[str] | None = None,

@@ -351,3 +351,173 @@ def test_factored_kernel_equals_the_jacobian_kernel_with_its_gradients(backend, 
         assert (a is None) == (b is None)
         if a is not None:
             assert rel(b, a) < 1e-9
+
+
+# ------------------------------------------------------- batched closed-form kernel (factored_ntk)
+
+
+def onn(**spec) -> nn.Module:
+    from hil.models.onn import ONN, StudentSpec
+
+    base = {"kernels": 3, "kernel_size": 5, "image_size": 12, "hidden": 6}
+    return ONN(StudentSpec(**(base | spec))).double()
+
+
+def no_fallback(monkeypatch) -> None:
+    """Make the per-sample vmap path fail, so a passing test ran the batched closed forms."""
+    import hil.ntk
+
+    def fail(*args, **kwargs):
+        raise AssertionError("fell back to the vmap path")
+
+    monkeypatch.setattr(hil.ntk, "_factored_ntk_vmap", fail)
+
+
+SUBSETS = {
+    "all": None,
+    "backend": lambda n: "backend" in n,
+    "psf": lambda n: n == "frontend.raw",
+    "psf+gain+fc": lambda n: n in ("frontend.raw", "backend.0.gain") or n.endswith("3.weight"),
+    "offset+bias": lambda n: n.endswith("offset") or n.endswith("3.bias"),
+}
+
+
+# (image size, backend, signed, subset): at 12 px the fc backends pool 4x4 blocks, the fast
+# case; at 14 px the 3x3 pool is uneven and the frontend runs at full size
+BATCHED_CASES = [
+    *[(12, "fc2", signed, subset) for signed in (True, False) for subset in SUBSETS],
+    *[(12, "fc3", signed, subset) for signed in (True, False) for subset in ("all", "backend")],
+    (14, "fc2", True, "all"),
+    (14, "fc2", True, "psf+gain+fc"),
+    (14, "fc3", False, "all"),
+]
+
+
+@pytest.mark.parametrize("size, backend, signed, subset", BATCHED_CASES)
+def test_batched_kernel_equals_the_jacobian_kernel_with_its_gradients(
+    monkeypatch, size, backend, signed, subset
+):
+    """PSF frontend + fc backends through the closed forms: kernel, cross-kernel and the
+    gradients of both w.r.t. every parameter (frontend, map gains, backend) agree with
+    student_ntk, whichever parameters the kernel is taken over."""
+    model = onn(backend=backend, signed=signed, image_size=size)
+    pick = SUBSETS[subset]
+    names = None if pick is None else [n for n, _ in model.named_parameters() if pick(n)]
+    x = images(6, seed=3, positive=True, size=size)
+    x2 = images(4, seed=4, positive=True, size=size)
+    exact = student_ntk(model, x, names)
+    exact2 = student_ntk(model, x, names, x2=x2)
+    calls = []
+    model.frontend.register_forward_hook(lambda *args: calls.append(1))
+    no_fallback(monkeypatch)
+    fast, fast2 = factored_ntk(model, x, names), factored_ntk(model, x, names, x2=x2)
+    # at 12 px the fc backend pools 4x4 blocks: the frontend runs pooled, never at full size
+    assert (len(calls) == 0) == (size == 12)
+    assert fast2.shape == (6, 4)
+    assert rel(fast, exact) < 1e-10 and rel(fast2, exact2) < 1e-10
+    params = list(model.parameters())
+    for e, f in ((exact, fast), (exact2, fast2)):
+        loss_e, loss_f = (ntk_mse(k, k.detach().flip(0), "diag") for k in (e, f))
+        g_exact = torch.autograd.grad(loss_e, params, allow_unused=True)
+        g_fast = torch.autograd.grad(loss_f, params, allow_unused=True)
+        scale = torch.stack([a.norm() for a in g_exact if a is not None]).norm()
+        for a, b in zip(g_exact, g_fast, strict=True):
+            assert (a is None) == (b is None)
+            if a is not None:  # some blocks are zero up to rounding: a floor from the whole
+                assert (b - a).norm() <= 1e-9 * a.norm() + 1e-13 * scale
+
+
+def test_gradcheck_through_the_batched_kernel(monkeypatch):
+    """gradcheck of the NTKD losses w.r.t. every parameter of a tiny PSF + fc2 student (79
+    numbers: PSFs through softplus, map gains and offsets, both Linear layers)."""
+    model = onn(kernels=2, kernel_size=3, image_size=8, hidden=3, classes=3)
+    names = [n for n, _ in model.named_parameters()]
+    x = images(4, seed=5, positive=True)
+    K_fixed = random_psd(4, 6)
+    no_fallback(monkeypatch)
+
+    class Kernel(nn.Module):
+        def __init__(self, student: nn.Module) -> None:
+            super().__init__()
+            self.student = student
+
+        def forward(self, x: Tensor) -> Tensor:
+            return factored_ntk(self.student, x)
+
+    def loss(*theta: Tensor) -> Tensor:
+        p = {f"student.{n}": t for n, t in zip(names, theta, strict=True)}
+        K = functional_call(Kernel(model), p, (x,))
+        return ntk_mse(K, K_fixed, "diag") + ntk_alignment_loss(K, K_fixed)
+
+    theta = tuple(p.detach().clone().requires_grad_(True) for p in model.parameters())
+    assert torch.autograd.gradcheck(loss, theta, eps=1e-6, atol=1e-7)
+
+
+def test_batched_kernel_without_gradients_and_with_a_frozen_frontend(monkeypatch):
+    """Under no_grad (the NTK regression estimate) the kernel is the same and carries no graph;
+    after fabrication (frozen frontend) the default kernel is the backend's."""
+    model = onn()
+    x = images(5, seed=7, positive=True, size=12)
+    exact = student_ntk(model, x).detach()
+    no_fallback(monkeypatch)
+    with torch.no_grad():
+        k = factored_ntk(model, x)
+    assert not k.requires_grad and rel(k, exact) < 1e-10
+    model.freeze_frontend()
+    backend = [n for n, _ in model.named_parameters() if "backend" in n]
+    assert rel(factored_ntk(model, x), student_ntk(model, x, backend)) < 1e-10
+
+
+def test_factored_kernel_falls_back_where_the_closed_forms_stop(monkeypatch):
+    """4f masks and convolutional layers go through the vmap path; a 4f student's backend
+    kernel (compensation) still takes the closed forms, with the 4f frontend run as it is."""
+    import hil.ntk
+
+    fourier = onn(frontend="4f", kernels=2, image_size=8)
+    conv = onn(backend="conv")
+    used = []
+    vmap_path = hil.ntk._factored_ntk_vmap
+    monkeypatch.setattr(
+        hil.ntk, "_factored_ntk_vmap", lambda *a, **k: used.append(1) or vmap_path(*a, **k)
+    )
+    x8, x12 = images(4, seed=8, positive=True), images(4, seed=8, positive=True, size=12)
+    backend = [n for n, _ in fourier.named_parameters() if "backend" in n]
+    for model, x, names, falls_back in (
+        (fourier, x8, None, True),
+        (fourier, x8, backend, False),
+        (conv, x12, None, True),
+    ):
+        used.clear()
+        assert rel(factored_ntk(model, x, names), student_ntk(model, x, names)) < 1e-10
+        assert bool(used) == falls_back
+
+
+def test_batched_kernel_on_plain_chains(monkeypatch):
+    """The closed forms are not tied to ONN: an nn.Sequential with an FFT-convolving PSF layer
+    (13x13), an AvgPool2d instead of the adaptive pool, three input channels, no MapAffine."""
+    from hil.models.onn import MapAffine
+    from sim.psf_frontend import PSFFrontend
+
+    torch.manual_seed(0)
+    chains = [
+        nn.Sequential(
+            PSFFrontend(3, 13, method="fft"),
+            MapAffine(3),
+            nn.AvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(3 * 36, 4),
+            nn.Tanh(),
+            nn.Linear(4, 3),
+        ),
+        nn.Sequential(
+            PSFFrontend(2, 3, channels=3, signed=False),
+            nn.AvgPool2d(3),
+            nn.Flatten(),
+            nn.Linear(2 * 16, 3),
+        ),
+    ]
+    no_fallback(monkeypatch)
+    for net, channels in zip(chains, (1, 3), strict=True):
+        net = net.double()
+        x = torch.rand(5, channels, 12, 12, generator=torch.Generator().manual_seed(1), dtype=F64)
+        assert rel(factored_ntk(net, x), student_ntk(net, x)) < 1e-10

@@ -43,9 +43,9 @@ class DemoPlan:
     finetune_epochs: int = 30
     finetune_lr: float = 1e-3
     train_fraction: float = 0.1
-    # The optic's shape errors, which calibration measures but cannot undo: a smooth 40% error
+    # The optic's shape errors, which calibration measures but cannot undo: a smooth 60% error
     # field per PSF. None keeps the bench file's [sim.fabrication] value.
-    kernel_error: float | None = 0.4
+    kernel_error: float | None = 0.6
     kernel_error_corr_px: float | None = 2.0
 
 

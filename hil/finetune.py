@@ -150,12 +150,18 @@ def run_finetune(
         images = load_dataset(dataset, data_root).images
         raw = torch.as_tensor(images[found.index[train_rows]])
     train = _tensors(found, train_rows)
-    held = _tensors(found, held_rows) if len(held_rows) else train
-
+    held = _tensors(found, held_rows) if len(held_rows) else None
     test = _tensors(tests, np.arange(len(tests.index))) if tests is not None else None
+    # the epoch curve watches held-out captures, else the test captures (watched only: the last
+    # epoch is kept, nothing is selected on them), else the training rows themselves
+    watched, watched_name = next(
+        (v, k) for k, v in (("held out", held), ("test", test), ("train", train)) if v is not None
+    )
 
     def scores() -> dict[str, float]:
-        s = {"held_out_accuracy": accuracy(model.backend, held["x"], held["y"])}
+        s = {}
+        if held is not None:
+            s["held_out_accuracy"] = accuracy(model.backend, held["x"], held["y"])
         if test is not None:
             s["test_accuracy"] = accuracy(model.backend, test["x"], test["y"])
         return s
@@ -167,7 +173,7 @@ def run_finetune(
         train["y"],
         method,
         settings,
-        val=held,
+        val=watched,
         teacher=t_model,
         raw=raw,
         loss_options=loss_options,
@@ -184,6 +190,7 @@ def run_finetune(
         "calibration_id": found.identity.get("calibration_id"),
         "train_samples": int(len(train_rows)),
         "held_out_samples": int(len(held_rows)),
+        "curve_watches": watched_name,
         "fraction_of_store": used,
         "before": before,
         "after": scores(),

@@ -36,7 +36,9 @@ def save_training_curves(histories: dict[str, list[dict[str, float]]], path) -> 
         axes[1].plot(epochs, [h["val_accuracy"] for h in history], label=name)
     axes[0].set(xlabel="epoch", ylabel="training loss", yscale="log", title="loss")
     axes[1].set(
-        xlabel="epoch", ylabel="accuracy", title="validation (fine-tunes: held-out captures)"
+        xlabel="epoch",
+        ylabel="accuracy",
+        title="validation (fine-tunes: captured test split, watched only)",
     )
     axes[1].legend(fontsize=8)
     _save(fig, Path(path))

@@ -47,6 +47,8 @@ def test_an_interrupted_train_continues_from_its_last_epoch(tmp_path):
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        # a shell's background job (CI's, perhaps) ignores SIGINT, and children inherit that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     while not out.exists() and time.monotonic() < deadline:

@@ -26,6 +26,13 @@ def finetune_cmd(
     test_captures: Annotated[
         Path | None, typer.Option(help="Capture store of the test split, to score the result.")
     ] = None,
+    val_captures: Annotated[
+        Path | None,
+        typer.Option(
+            help="Capture store of the val split: the epoch scoring best on it is kept "
+            "(the untouched backend when no epoch beats it)."
+        ),
+    ] = None,
     fraction: Annotated[
         float | None,
         typer.Option(
@@ -74,6 +81,7 @@ def finetune_cmd(
         "method": method,
         "out": str(out),
         "test_captures": str(test_captures) if test_captures else None,
+        "val_captures": str(val_captures) if val_captures else None,
         "fraction": fraction,
         "epochs": epochs,
         "lr": lr,
@@ -90,6 +98,7 @@ def finetune_cmd(
             Settings(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed),
             fraction=fraction,
             test_captures=test_captures,
+            val_captures=val_captures,
             data_root=data_root,
             loss_options=options,
             projections=projections,

@@ -1,7 +1,7 @@
 """`hil demo`: the whole story on the bundled digits, on a simulated bench, in a few minutes.
 
 Design → NTKD training in simulation → a fabricated frontend that misbehaves → calibration →
-capture (10% of the train split, all of the test split) → backend fine-tuning with CE and with
+capture (10% of the train split; the val and test splits) → backend fine-tuning with CE and with
 NTKD → evaluation of every variant, written as a report folder a person can open.
 
 The step functions are what `benchmarks/finetune_table.py` repeats over seeds.
@@ -114,7 +114,7 @@ def capture_splits(
     config: BenchConfig, cal: Path, out_dir: Path, plan: DemoPlan, console: Console
 ) -> dict[str, Path]:
     stores = {}
-    for split, fraction in (("train", plan.train_fraction), ("test", 1.0)):
+    for split, fraction in (("train", plan.train_fraction), ("val", 1.0), ("test", 1.0)):
         stores[split] = out_dir / f"{split}.h5"
         run_capture(
             config, cal, "digits", split, stores[split], console, fraction=fraction, seed=plan.seed
@@ -130,7 +130,8 @@ def compensate(
     plan: DemoPlan,
     methods: tuple[str, ...] = ("ce", "ntkd"),
 ) -> dict[str, dict]:
-    """Fine-tune the backend with each method on all of the captured train rows."""
+    """Fine-tune the backend with each method on all of the captured train rows, keeping the
+    epoch that scores best on the captured val split."""
     return {
         method: run_finetune(
             str(teacher),
@@ -141,6 +142,7 @@ def compensate(
             Settings(epochs=plan.finetune_epochs, lr=plan.finetune_lr, seed=plan.seed),
             fraction=1.0,
             test_captures=stores["test"],
+            val_captures=stores["val"],
             projections=plan.projections,
         )
         for method in methods
@@ -169,7 +171,7 @@ def run_demo(
     bench = fabricated_bench(config, student, plan)
     with step(console, "fabricate it (a simulated bench with errors) and calibrate", timings):
         cal = run_calibrate(bench, out_dir / "calibration", console)
-    with step(console, "capture 10% of the train split and the test split", timings):
+    with step(console, "capture 10% of the train split, the val and the test split", timings):
         stores = capture_splits(
             bench, Path(cal["calibration_file"]), out_dir / "captures", plan, console
         )

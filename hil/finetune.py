@@ -65,9 +65,15 @@ def finetune(
     projections: int = 64,
     checkpoint: Path | None = None,
     resume: bool = False,
+    keep_best: bool = False,
     on_epoch=None,
-) -> list[dict[str, float]]:
-    """Train `model.backend` in place on captured `features`; the frontend stays frozen."""
+) -> tuple[list[dict[str, float]], int]:
+    """Train `model.backend` in place on captured `features`; the frontend stays frozen.
+    Returns the metrics of every epoch and the epoch the backend ends with.
+
+    `keep_best`: end with the epoch (or the untouched backend, -1) that scores best on `val`, so
+    a fine-tune that does not help on validation captures changes nothing.
+    """
     model.freeze_frontend()
     backend = model.backend
     loss = build_loss(method, **(loss_options or {}))
@@ -89,7 +95,16 @@ def finetune(
         def extras(idx):
             return {"teacher_features": feats[idx]}
 
-    return fit(
+    best = {"val_accuracy": accuracy(backend, val["x"], val["y"]), "epoch": -1}
+    best["state"] = {k: v.clone() for k, v in backend.state_dict().items()}
+
+    def watch(metrics: dict[str, float]) -> None:
+        if metrics["val_accuracy"] > best["val_accuracy"]:
+            best.update(metrics, state={k: v.clone() for k, v in backend.state_dict().items()})
+        if on_epoch is not None:
+            on_epoch(metrics)
+
+    history = fit(
         backend,
         loss,
         {"x": features, "y": labels},
@@ -98,8 +113,12 @@ def finetune(
         batch_extras=extras,
         checkpoint=checkpoint,
         resume=resume,
-        on_epoch=on_epoch,
+        on_epoch=watch,
     )
+    if not keep_best:
+        return history, len(history) - 1
+    backend.load_state_dict(best["state"])
+    return history, int(best["epoch"])
 
 
 def _tensors(captures: capture_store.Captures, rows: np.ndarray) -> dict[str, torch.Tensor]:
@@ -119,6 +138,7 @@ def run_finetune(
     *,
     fraction: float | None = None,
     test_captures: Path | None = None,
+    val_captures: Path | None = None,
     data_root: Path | None = None,
     loss_options: dict[str, Any] | None = None,
     projections: int = 64,
@@ -152,10 +172,18 @@ def run_finetune(
     train = _tensors(found, train_rows)
     held = _tensors(found, held_rows) if len(held_rows) else None
     test = _tensors(tests, np.arange(len(tests.index))) if tests is not None else None
-    # the epoch curve watches held-out captures, else the test captures (watched only: the last
-    # epoch is kept, nothing is selected on them), else the training rows themselves
+    val = None
+    if val_captures is not None:
+        found_val = capture_store.read(val_captures)
+        check_maps(model, found_val.features.shape[1:], val_captures)
+        val = _tensors(found_val, np.arange(len(found_val.index)))
+    # the epoch curve watches the validation captures (and the best epoch on them is kept), else
+    # held-out captures, else the test captures (watched only: the last epoch is kept, nothing is
+    # selected on them), else the training rows themselves
     watched, watched_name = next(
-        (v, k) for k, v in (("held out", held), ("test", test), ("train", train)) if v is not None
+        (v, k)
+        for k, v in (("val", val), ("held out", held), ("test", test), ("train", train))
+        if v is not None
     )
 
     def scores() -> dict[str, float]:
@@ -167,7 +195,7 @@ def run_finetune(
         return s
 
     before = scores()
-    history = finetune(
+    history, kept = finetune(
         model,
         train["x"],
         train["y"],
@@ -180,6 +208,7 @@ def run_finetune(
         projections=projections,
         checkpoint=out.with_name(f"{out.stem}.partial.pt"),
         resume=resume,
+        keep_best=val is not None,
         on_epoch=on_epoch,
     )
     record = {
@@ -191,6 +220,7 @@ def run_finetune(
         "train_samples": int(len(train_rows)),
         "held_out_samples": int(len(held_rows)),
         "curve_watches": watched_name,
+        "kept_epoch": kept,
         "fraction_of_store": used,
         "before": before,
         "after": scores(),

@@ -38,7 +38,7 @@ def save_training_curves(histories: dict[str, list[dict[str, float]]], path) -> 
     axes[1].set(
         xlabel="epoch",
         ylabel="accuracy",
-        title="validation (fine-tunes: captured test split, watched only)",
+        title="validation (fine-tunes: captured val split)",
     )
     axes[1].legend(fontsize=8)
     _save(fig, Path(path))
@@ -95,7 +95,8 @@ def write_summary(path: Path, result: dict[str, Any]) -> None:
     cal = result["calibration"]
     lines += [
         "",
-        f"Captured {result['captured']['train']} train samples (the fine-tuning set) and "
+        f"Captured {result['captured']['train']} train samples (the fine-tuning set), "
+        f"{result['captured']['val']} val samples (to keep the best fine-tuning epoch) and "
         f"{result['captured']['test']} test samples on the simulated bench.",
         "",
         "Fabrication errors of the simulated bench: "

@@ -142,3 +142,27 @@ def test_a_bench_can_be_designed_from_a_trained_student(bench):
     bad = parse_bench({"sim": {"frontend": {"design": design, "kernels": 4}}})
     with pytest.raises(UserError, match=r"\(kernels, kernel_size, signed, channels\)"):
         Bench(bad).sim_world()
+
+
+def test_val_captures_keep_the_best_epoch_even_the_untouched_backend(bench, tmp_path):
+    """A learning rate that wrecks the backend: with validation captures nothing is kept."""
+    root, _ = bench
+    common = dict(fraction=0.05, test_captures=root / "test.h5")
+    wild = Settings(epochs=5, lr=10.0)
+    kept = run_finetune(
+        "unused",
+        root / "train.h5",
+        root / "onn.pt",
+        "ce",
+        tmp_path / "a.pt",
+        wild,
+        val_captures=root / "test.h5",
+        **common,
+    )
+    assert kept["kept_epoch"] == -1
+    assert kept["after"]["test_accuracy"] == kept["before"]["test_accuracy"]
+    last = run_finetune(
+        "unused", root / "train.h5", root / "onn.pt", "ce", tmp_path / "b.pt", wild, **common
+    )
+    assert last["kept_epoch"] == 4
+    assert last["after"]["test_accuracy"] < last["before"]["test_accuracy"] - 0.2

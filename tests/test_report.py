@@ -25,7 +25,7 @@ def test_summary_lists_every_variant_and_picture(tmp_path):
         "out_dir": str(tmp_path),
         "accuracy": {"ONN in simulation (as designed)": 0.96, "no compensation": 0.8},
         "recovered_fraction": {"NTKD fine-tune": 0.75},
-        "captured": {"train": 108, "test": 360},
+        "captured": {"train": 108, "val": 359, "test": 360},
         "fabrication": {"gain": 0.9},
         "calibration": {"psf_rel_error": 0.05},
         "pictures": {"confusion": str(picture)},

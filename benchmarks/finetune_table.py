@@ -4,9 +4,10 @@ NTKD fine-tune, mean ± std over seeds, on simulated benches with the demo's fab
     .venv/bin/python benchmarks/finetune_table.py --seeds 5 [--out bench-runs] [--json FILE]
 
 Per seed: the NTKD student trained in simulation (that seed), a bench fabricated from it with that
-seed's errors (the default bench file's [sim.fabrication]), calibration, capture of 10% of the
-train split and the test split, backend fine-tunes with CE and NTKD, test accuracy on the
-captured test split. One resnet18 teacher serves every seed. Exactly what `hil demo` does.
+seed's errors (the demo's [sim.fabrication]), calibration, capture of 10% of the train split, the
+val split and the test split, backend fine-tunes with CE and NTKD on the 10% (keeping the epoch
+that scores best on the captured val split), test accuracy on the captured test split. One
+resnet18 teacher serves every seed. Exactly what `hil demo` does.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ The step functions are what `benchmarks/finetune_table.py` repeats over seeds.
 
 from __future__ import annotations
 
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -113,6 +114,8 @@ def fabricated_bench(config: BenchConfig, student: Path, plan: DemoPlan) -> Benc
 def capture_splits(
     config: BenchConfig, cal: Path, out_dir: Path, plan: DemoPlan, console: Console
 ) -> dict[str, Path]:
+    """Fresh stores every run: a rerun calibrates anew, and a store belongs to one calibration."""
+    shutil.rmtree(out_dir, ignore_errors=True)
     stores = {}
     for split, fraction in (("train", plan.train_fraction), ("val", 1.0), ("test", 1.0)):
         stores[split] = out_dir / f"{split}.h5"

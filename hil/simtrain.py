@@ -15,6 +15,7 @@ Fabrication-error augmentation (`FabricationAugment`) trains the student through
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,16 @@ def student_inputs(data: Dataset, split: str, spec: StudentSpec) -> dict[str, to
     }
 
 
+def teacher_key(teacher: torch.nn.Module, seed: int) -> str:
+    """A digest of the teacher's weights and the projections' seed: cached features are only
+    reused for the same teacher (a retrained one, even with the same name, is another)."""
+    h = hashlib.sha256(str(seed).encode())
+    for name, value in teacher.state_dict().items():
+        h.update(name.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def teacher_features(
     teacher: torch.nn.Module,
     raw: torch.Tensor,
@@ -105,9 +116,11 @@ def teacher_features(
     With `pool` (segmentation) the outputs are the teacher's logit map pooled to pool x pool
     (`losses.pool_logits`), C = classes · pool², as the NTKD loss pools the student's.
     """
+    key = teacher_key(teacher, seed)
     if cache is not None and cache.exists():
         state = torch.load(cache, map_location="cpu", weights_only=True)
         same = state["n"] == len(raw) and torch.equal(state["checksum"], raw.sum().reshape(1))
+        same = same and state.get("teacher") == key
         if same and state.get("pool") == pool and state["features"].shape[-1] == projections:
             return state["features"]
     net = teacher if pool is None else PooledLogits(teacher.eval(), pool)
@@ -116,7 +129,13 @@ def teacher_features(
     if cache is not None:
         save_checkpoint(
             cache,
-            {"features": features, "n": len(raw), "checksum": raw.sum().reshape(1), "pool": pool},
+            {
+                "features": features,
+                "n": len(raw),
+                "checksum": raw.sum().reshape(1),
+                "pool": pool,
+                "teacher": key,
+            },
         )
     return features
 

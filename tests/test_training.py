@@ -138,3 +138,23 @@ def test_distillation_runs_with_a_small_teacher(tmp_path, method, augment):
     terms = record["history"][0]
     assert ("kd" if method == "kd" else "ntk") in terms and 0 <= record["test_accuracy"] <= 1
     assert "val_accuracy" in terms and all(map(math.isfinite, terms.values()))
+
+
+def test_cached_teacher_features_belong_to_one_teacher(tmp_path):
+    """A retrained teacher under the same cache name gets its own features, not stale ones."""
+    from hil.models.teachers import build_teacher
+    from hil.ntk import ProjectedTeacher
+    from hil.simtrain import teacher_features
+
+    raw = torch.rand(6, 1, 8, 8)
+    cache = tmp_path / "features.pt"
+    torch.manual_seed(0)
+    first = build_teacher("lenet", 1, 10).eval()
+    a = teacher_features(first, raw, cache, projections=3, seed=1)
+    torch.testing.assert_close(teacher_features(first, raw, cache, 3, 1), a)
+    torch.manual_seed(1)
+    second = build_teacher("lenet", 1, 10).eval()
+    b = teacher_features(second, raw, cache, projections=3, seed=1)
+    expected = ProjectedTeacher(second, projections=3, seed=1).features_dataset(raw, batch_size=128)
+    torch.testing.assert_close(b, expected)
+    assert not torch.allclose(a, b)

@@ -500,7 +500,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 def save_curve_png(result: dict[str, Any], path: Path | str) -> Path:
     """Estimated test accuracy against the kernel count (log2 axis), written atomically."""
-    from hil.figures import _save, plt
+    from hil.figures import plt, save_figure
 
     path = Path(path)
     rows = result["rows"]
@@ -535,9 +535,7 @@ def save_curve_png(result: dict[str, Any], path: Path | str) -> Path:
     )
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _save(fig, path)
-    return path
+    return save_figure(fig, path)
 
 
 def _layout_entry(m: int, physical: dict[str, Any], kernel_um: float | None) -> dict[str, Any]:

@@ -9,7 +9,6 @@ around it (IGNORE) is not counted.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from matplotlib.figure import Figure
 
 from hil import store as capture_store
 from hil.errors import UserError
+from hil.figures import save_figure
 from hil.models.onn import ONN, StudentSpec
 from hil.simtrain import place_masks
 from hil.training import IGNORE, iou_counts, load_checkpoint, mean_iou, predictions
@@ -126,16 +126,6 @@ def evaluate_store(model: ONN, store_path: Path | str) -> dict[str, Any]:
     return evaluate_captures(model, capture_store.read(store_path), store_path)
 
 
-def _save(fig: Figure, path: Path | str) -> Path:
-    """Write atomically, so a person never opens half a picture."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-    return path
-
-
 def save_confusion_png(
     matrix: np.ndarray, path: Path | str, title: str = "", names: list[str] | None = None
 ) -> Path:
@@ -157,8 +147,7 @@ def save_confusion_png(
     ax.set_ylabel("true")
     if title:
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def save_overlay_png(
@@ -191,5 +180,4 @@ def save_overlay_png(
                 ax.set_title(label, fontsize=9)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

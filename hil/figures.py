@@ -45,11 +45,7 @@ def save_map_sheet(rows: list[tuple[str, np.ndarray]], path: Path | str, title: 
         axes[r, 0].set_ylabel(label, fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def save_calibration_plots(cal, design_psfs: np.ndarray, out_dir: Path) -> dict[str, Path]:
@@ -72,7 +68,7 @@ def save_calibration_plots(cal, design_psfs: np.ndarray, out_dir: Path) -> dict[
     axes[0].set(xlabel="tile", ylabel="px", title="registration RMS residual")
     axes[1].bar(tiles, cal.psf_residual)
     axes[1].set(xlabel="tile", ylabel="relative", title="PSF fit residual")
-    _save(fig, paths["residuals"])
+    save_figure(fig, paths["residuals"])
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     levels = np.asarray(cal.display_levels)
@@ -93,13 +89,17 @@ def save_calibration_plots(cal, design_psfs: np.ndarray, out_dir: Path) -> dict[
     im = axes[2].imshow(cal.illumination, cmap="viridis")
     axes[2].set(title="display illumination", xticks=[], yticks=[])
     fig.colorbar(im, ax=axes[2], fraction=0.046)
-    _save(fig, paths["photometry"])
+    save_figure(fig, paths["photometry"])
     return paths
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path | str) -> Path:
+    """Lay out, write atomically (a person never opens half a picture) and close."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+    return path

@@ -11,7 +11,7 @@ import torch
 
 from hil.datasets import Dataset, to_display
 from hil.evaluate import save_confusion_png
-from hil.figures import _save, plt, save_map_sheet
+from hil.figures import plt, save_figure, save_map_sheet
 from hil.models.onn import ONN
 from hil.records import atomic_write_text
 from hil.store import read
@@ -41,7 +41,7 @@ def save_training_curves(histories: dict[str, list[dict[str, float]]], path) -> 
         title="validation (fine-tunes: captured val split)",
     )
     axes[1].legend(fontsize=8)
-    _save(fig, Path(path))
+    save_figure(fig, path)
 
 
 @torch.no_grad()

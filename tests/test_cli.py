@@ -1,28 +1,15 @@
 """The command line: one clear line for user errors, run records, and what it writes."""
 
 import json
-import sys
 import tomllib
 
 import cv2
 import numpy as np
 import pytest
+from cli_run import run_hil
 
 from hil import __version__
-from hil.cli import main
 from hil.config import BenchConfig, default_bench_toml, load_bench
-
-
-def run_hil(monkeypatch, capsys, *args):
-    """Run `hil ARGS` in-process; returns (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["hil", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code or 0
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 def test_version(monkeypatch, capsys):

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import itertools
 import json
-import sys
 import tomllib
 
 import numpy as np
 import pytest
 import torch
+from cli_run import run_hil
 from sklearn.kernel_ridge import KernelRidge
 
 from calibration.pipeline import Plan
-from hil.cli import main
 from hil.config import parse_bench
 from hil.datasets import Dataset, load_dataset, to_display
 from hil.design_layout import design_layout, layout_for_kernels
@@ -39,18 +38,6 @@ from sim.params import FrontendParams, SensorParams
 from sim.sensor import Sensor
 
 TRAINED_NTKD_8 = 0.968  # `hil train --method ntkd`, 8 kernels on digits, mean of 5 seeds
-
-
-def run_hil(monkeypatch, capsys, *args):
-    """Run `hil ARGS` in-process; returns (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["hil", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code or 0
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 # ------------------------------------------------------------------ the estimate against training

@@ -1,16 +1,15 @@
 """`hil evaluate`: scores equal what the backend gives on the store; pictures a person can open."""
 
 import json
-import sys
 
 import cv2
 import numpy as np
 import pytest
 import torch
+from cli_run import run_hil
 from test_capture import shared_calibration
 from torch import nn
 
-from hil.cli import main
 from hil.errors import UserError
 from hil.evaluate import evaluate_captures, evaluate_store, save_overlay_png
 from hil.models.onn import ONN, StudentSpec
@@ -109,17 +108,6 @@ def test_overlay_png_shows_the_masks(tmp_path):
     path = save_overlay_png(images, masks, masks, tmp_path / "o.png", "two samples")
     picture = cv2.imread(str(path))
     assert picture is not None and picture.shape[0] > picture.shape[1] * 0.5
-
-
-def run_hil(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["hil", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code or 0
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 def test_evaluate_on_the_simulated_bench_reports_what_the_backend_gives(

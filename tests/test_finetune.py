@@ -1,13 +1,12 @@
 """Fine-tuning after fabrication: only the backend moves, and it undoes what it can represent."""
 
 import json
-import sys
 
 import numpy as np
 import pytest
 import torch
+from cli_run import run_hil
 
-from hil.cli import main
 from hil.datasets import digits, to_display
 from hil.errors import UserError
 from hil.finetune import load_onn, rows_for_training, run_finetune, save_student
@@ -85,17 +84,6 @@ def test_ce_finetune_undoes_a_gain_and_offset_and_leaves_the_frontend_alone(benc
     direct = accuracy(tuned.backend, torch.as_tensor(caps.features), torch.as_tensor(caps.labels))
     assert record["after"]["test_accuracy"] == direct
     assert not (tmp_path / "ft.partial.pt").exists()
-
-
-def run_hil(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["hil", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 def test_cli_ntkd_finetune_with_a_teacher_checkpoint(bench, tmp_path, monkeypatch, capsys):

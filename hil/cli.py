@@ -25,9 +25,14 @@ from drivers.errors import DeviceError
 from hil import cli_estimate, cli_evaluate, cli_finetune  # noqa: E402, F401, I001
 from hil.cli_common import (
     BenchOpt,
+    CalibrationOpt,
     DataRootOpt,
+    DatasetOpt,
+    FractionOpt,
     JsonOpt,
     RunsOpt,
+    SeedOpt,
+    SplitOpt,
     app,
     bench_app,
     emit,
@@ -335,15 +340,13 @@ def train_cmd(
 
 @app.command("capture")
 def capture_cmd(
-    calibration: Annotated[Path, typer.Option("--calibration", help="Calibration file (HDF5).")],
+    calibration: CalibrationOpt,
     out: Annotated[Path, typer.Option("--out", help="Capture store to write or resume (HDF5).")],
     bench: BenchOpt = None,
-    dataset: Annotated[str, typer.Option(help="Dataset to show.")] = "digits",
-    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
-    fraction: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Stratified fraction of the split.")
-    ] = 1.0,
-    seed: Annotated[int, typer.Option(help="Seed of the subset (and of simulated noise).")] = 0,
+    dataset: DatasetOpt = "digits",
+    split: SplitOpt = "test",
+    fraction: FractionOpt = 1.0,
+    seed: SeedOpt = 0,
     keep_frames: Annotated[bool, typer.Option(help="Also store the raw frames.")] = False,
     data_root: DataRootOpt = None,
     runs_dir: RunsOpt = Path("runs"),

@@ -45,6 +45,13 @@ DataRootOpt = Annotated[
     Path | None,
     typer.Option("--data-root", help="Folder with the dataset's files (mnist, cifar10, carvana)."),
 ]
+CalibrationOpt = Annotated[Path, typer.Option("--calibration", help="Calibration file (HDF5).")]
+DatasetOpt = Annotated[str, typer.Option(help="Dataset to show.")]
+SplitOpt = Annotated[str, typer.Option(help="train, val or test.")]
+FractionOpt = Annotated[
+    float, typer.Option(min=0.0, max=1.0, help="Stratified fraction of the split.")
+]
+SeedOpt = Annotated[int, typer.Option(help="Seed of the subset (and of simulated noise).")]
 RunsOpt = Annotated[Path, typer.Option("--runs-dir", help="Where run folders are written.")]
 
 

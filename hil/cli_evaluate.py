@@ -7,7 +7,20 @@ from typing import Annotated
 
 import typer
 
-from hil.cli_common import BenchOpt, DataRootOpt, JsonOpt, RunsOpt, app, emit, err
+from hil.cli_common import (
+    BenchOpt,
+    CalibrationOpt,
+    DataRootOpt,
+    DatasetOpt,
+    FractionOpt,
+    JsonOpt,
+    RunsOpt,
+    SeedOpt,
+    SplitOpt,
+    app,
+    emit,
+    err,
+)
 
 OVERLAY_SAMPLES = 6
 
@@ -17,14 +30,12 @@ def evaluate_cmd(
     checkpoint: Annotated[
         Path, typer.Option("--checkpoint", help="Student checkpoint (from `hil train`/`finetune`).")
     ],
-    calibration: Annotated[Path, typer.Option("--calibration", help="Calibration file (HDF5).")],
+    calibration: CalibrationOpt,
     bench: BenchOpt = None,
-    dataset: Annotated[str, typer.Option(help="Dataset to show.")] = "digits",
-    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
-    fraction: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Stratified fraction of the split.")
-    ] = 1.0,
-    seed: Annotated[int, typer.Option(help="Seed of the subset (and of simulated noise).")] = 0,
+    dataset: DatasetOpt = "digits",
+    split: SplitOpt = "test",
+    fraction: FractionOpt = 1.0,
+    seed: SeedOpt = 0,
     captures: Annotated[
         Path | None,
         typer.Option(

@@ -21,11 +21,11 @@ from rich.console import Console
 
 from calibration import calfile
 from calibration.pipeline import Plan, calibrate
-from hil.bench import Bench
-from hil.calibrate import design_of
-from hil.capture import run_capture
-from hil.config import BenchConfig
-from hil.datasets import load_dataset
+from hil.acquire.capture import run_capture
+from hil.bench.assembly import Bench
+from hil.bench.config import BenchConfig
+from hil.data.datasets import load_dataset
+from hil.jobs.calibrate import design_of
 from sim.clock import VirtualClock
 from sim.params import SensorParams, SimParams
 

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from hil.calibrate import run_calibrate
-from hil.config import load_bench
-from hil.datasets import digits
-from hil.demo import (
+from hil.bench.config import load_bench
+from hil.data.datasets import digits
+from hil.jobs.calibrate import run_calibrate
+from hil.jobs.demo import (
     DemoPlan,
     capture_splits,
     compensate,
@@ -33,7 +33,7 @@ from hil.demo import (
     train_demo_student,
     train_demo_teacher,
 )
-from hil.evaluate import evaluate_store, load_onn
+from hil.jobs.evaluate import evaluate_store, load_onn
 
 COLUMNS = ("ONN in simulation", "no compensation", "CE fine-tune", "NTKD fine-tune")
 

@@ -21,11 +21,11 @@ import time
 
 import torch
 
-from hil.datasets import NEEDS_ROOT, load_dataset
+from hil.data.datasets import NEEDS_ROOT, load_dataset
 from hil.models.onn import StudentSpec
-from hil.simtrain import train_student
-from hil.teachers import load_teacher, save_teacher, teacher_path, train_teacher
-from hil.training import Settings
+from hil.training.loop import Settings
+from hil.training.student import train_student
+from hil.training.teacher import load_teacher, save_teacher, teacher_path, train_teacher
 
 STUDENTS = {
     "digits": {"kernels": 8, "kernel_size": 7, "backend": "fc2"},

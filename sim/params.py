@@ -1,7 +1,8 @@
 """Parameters of the simulated optics, sensor and display.
 
-These pydantic models are the `[sim.*]` sections of a bench file: `hil.config` composes them, and
-the physics in `sim/` takes them directly, so a key has one name, one default and one bound.
+These pydantic models are the `[sim.*]` sections of a bench file: `hil.bench.config` composes
+them, and the physics in `sim/` takes them directly, so a key has one name, one default and
+one bound.
 """
 
 from __future__ import annotations

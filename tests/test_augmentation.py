@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from hil.datasets import digits
-from hil.losses import build_loss
+from hil.data.datasets import digits
 from hil.models.onn import ONN, StudentSpec
-from hil.ntk import factored_ntk
-from hil.simtrain import FabricatedStudent, FabricationAugment, draw_optic, train_student
-from hil.training import Settings
+from hil.ntkd.kernels import factored_ntk
+from hil.ntkd.losses import build_loss
+from hil.training.loop import Settings
+from hil.training.student import FabricatedStudent, FabricationAugment, draw_optic, train_student
 from sim.fabrication import perturb_psfs, warp_image
 from sim.params import FabricationParams
 from sim.psf_frontend import PSFFrontend

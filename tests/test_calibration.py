@@ -11,10 +11,10 @@ from calibration import calfile
 from calibration.errors import CalibrationError
 from calibration.model import noise_variance, predict_frames
 from calibration.pipeline import Plan, calibrate
-from hil.bench import Bench
-from hil.calibrate import design_of, ground_truth
-from hil.cli import main
-from hil.config import parse_bench
+from hil.bench.assembly import Bench
+from hil.bench.config import parse_bench
+from hil.cli.commands import main
+from hil.jobs.calibrate import design_of, ground_truth
 from sim.clock import VirtualClock
 from sim.world import SimWorld
 

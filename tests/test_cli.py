@@ -9,7 +9,7 @@ import pytest
 from cli_run import run_hil
 
 from hil import __version__
-from hil.config import BenchConfig, default_bench_toml, load_bench
+from hil.bench.config import BenchConfig, default_bench_toml, load_bench
 
 
 def test_version(monkeypatch, capsys):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hil.datasets import (
+from hil.data.datasets import (
     Dataset,
     carvana,
     cifar10,
@@ -342,6 +342,6 @@ def test_a_pickle_cannot_set_attributes_on_the_allowed_globals(tmp_path, target)
     (tmp_path / "evil").write_bytes(evil)
     with pytest.raises(UserError, match="evil: "):
         read_safe_pickle(tmp_path / "evil")
-    from hil import datasets
+    from hil.data import datasets
 
     assert not any(hasattr(v, "x") for v in datasets.PICKLE_ALLOWED.values())

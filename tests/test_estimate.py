@@ -14,11 +14,9 @@ from cli_run import run_hil
 from sklearn.kernel_ridge import KernelRidge
 
 from calibration.pipeline import Plan
-from hil.config import parse_bench
-from hil.datasets import Dataset, load_dataset, to_display
-from hil.design_layout import design_layout, layout_for_kernels
-from hil.errors import UserError
-from hil.estimate import (
+from hil.bench.config import parse_bench
+from hil.data.datasets import Dataset, load_dataset, to_display
+from hil.design.estimate import (
     EXPOSURE_FILL,
     KernelRegression,
     MapNoise,
@@ -32,8 +30,10 @@ from hil.estimate import (
     run_estimate,
     train_subset,
 )
+from hil.design.layout import design_layout, layout_for_kernels
+from hil.errors import UserError
 from hil.models.onn import ONN, StudentSpec
-from hil.ntk import student_ntk
+from hil.ntkd.kernels import student_ntk
 from sim.params import FrontendParams, SensorParams
 from sim.sensor import Sensor
 

@@ -10,11 +10,11 @@ from cli_run import run_hil
 from test_capture import shared_calibration
 from torch import nn
 
+from hil.acquire.store import Captures, CaptureStore, Row, read
 from hil.errors import UserError
-from hil.evaluate import evaluate_captures, evaluate_store, save_overlay_png
+from hil.jobs.evaluate import evaluate_captures, evaluate_store, save_overlay_png
 from hil.models.onn import ONN, StudentSpec
-from hil.store import Captures, CaptureStore, Row, read
-from hil.training import save_checkpoint
+from hil.training.loop import save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +179,7 @@ def test_a_missing_or_foreign_checkpoint_is_one_line(calibration, tmp_path, monk
 def test_evaluate_a_segmentation_student_reports_miou_and_overlays(
     calibration, tmp_path, monkeypatch, capsys
 ):
-    from hil.simtrain import place_masks
+    from hil.training.student import place_masks
 
     model = ONN(StudentSpec(backend="updecoder", classes=2, seed=2))
     checkpoint = tmp_path / "seg.pt"

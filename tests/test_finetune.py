@@ -7,14 +7,14 @@ import pytest
 import torch
 from cli_run import run_hil
 
-from hil.datasets import digits, to_display
+from hil.acquire.store import CaptureStore, Row, read
+from hil.data.datasets import digits, to_display
 from hil.errors import UserError
-from hil.finetune import load_onn, rows_for_training, run_finetune, save_student
+from hil.jobs.finetune import load_onn, rows_for_training, run_finetune, save_student
 from hil.models.onn import ONN, StudentSpec
-from hil.simtrain import train_student
-from hil.store import CaptureStore, Row, read
-from hil.teachers import save_teacher, train_teacher
-from hil.training import Settings, accuracy
+from hil.training.loop import Settings, accuracy
+from hil.training.student import train_student
+from hil.training.teacher import save_teacher, train_teacher
 
 # a fabricated frontend that the backend's per-map gain and offset can undo exactly
 GAIN = torch.tensor([0.45, 1.6, 0.7, 1.3, 0.55, 1.2, 0.8, 1.5]).reshape(8, 1, 1)
@@ -118,8 +118,8 @@ def test_user_errors_are_one_line(bench, tmp_path, monkeypatch, capsys):
 
 
 def test_a_bench_can_be_designed_from_a_trained_student(bench):
-    from hil.bench import Bench
-    from hil.config import parse_bench
+    from hil.bench.assembly import Bench
+    from hil.bench.config import parse_bench
 
     root, _ = bench
     student = load_onn(root / "onn.pt")

@@ -25,8 +25,8 @@ from calibration.geometry import (
     register_tile,
     tile_box,
 )
-from hil.bench import Bench
-from hil.config import parse_bench
+from hil.bench.assembly import Bench
+from hil.bench.config import parse_bench
 from sim.clock import VirtualClock
 from sim.fabrication import blur_psfs, warp_image, warp_points
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from contracts import SNAP_TIMEOUT_S, CameraContract
 
-from hil.bench import Bench
-from hil.config import load_bench
+from hil.bench.assembly import Bench
+from hil.bench.config import load_bench
 
 pytestmark = pytest.mark.hardware
 BENCH = os.environ.get("HIL_HARDWARE_BENCH")

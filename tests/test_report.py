@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from hil.demo import recovered
-from hil.report import save_confusions, write_summary
+from hil.jobs.demo import recovered
+from hil.output.report import save_confusions, write_summary
 
 
 def test_recovered_fraction_is_the_share_of_the_lost_accuracy():

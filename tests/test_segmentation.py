@@ -8,12 +8,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from hil.datasets import shapes, to_display
-from hil.losses import KD, pool_logits, pooled_ntk
+from hil.data.datasets import shapes, to_display
 from hil.models.onn import ONN, StudentSpec
-from hil.simtrain import display_region, place_maps, place_masks, student_inputs, train_student
-from hil.teachers import train_teacher
-from hil.training import IGNORE, Settings, accuracy, iou_counts, mean_iou, miou
+from hil.ntkd.losses import KD, pool_logits, pooled_ntk
+from hil.training.loop import IGNORE, Settings, accuracy, iou_counts, mean_iou, miou
+from hil.training.student import (
+    display_region,
+    place_maps,
+    place_masks,
+    student_inputs,
+    train_student,
+)
+from hil.training.teacher import train_teacher
 
 F64 = torch.float64
 NA = IGNORE  # short, for the hand-written masks

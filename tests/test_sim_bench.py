@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from drivers.errors import DeviceTimeout
-from hil.bench import Bench
-from hil.config import BenchConfig, parse_bench
+from hil.bench.assembly import Bench
+from hil.bench.config import BenchConfig, parse_bench
 from sim.clock import VirtualClock
 from sim.fabrication import illumination_map
 

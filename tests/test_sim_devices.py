@@ -5,8 +5,8 @@ import pytest
 from contracts import CameraContract, DisplayContract, LightSourceContract, PowerMeterContract
 
 from drivers.errors import DeviceDisconnected, DeviceError, DeviceTimeout
-from hil.bench import Bench
-from hil.config import parse_bench
+from hil.bench.assembly import Bench
+from hil.bench.config import parse_bench
 from sim.clock import RealClock, VirtualClock
 from sim.devices import SimCamera, SimDisplay, SimLightSource, SimPowerMeter
 from sim.params import SimParams

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from hil.datasets import digits
+from hil.data.datasets import digits
 from hil.models.onn import StudentSpec
-from hil.simtrain import train_student
-from hil.training import Settings, load_checkpoint
+from hil.training.loop import Settings, load_checkpoint
+from hil.training.student import train_student
 
 SMALL = StudentSpec(kernels=2, kernel_size=3, image_size=16, hidden=16)
 HIL = [sys.executable, "-m", "hil"]
@@ -121,8 +121,8 @@ def test_a_missing_teacher_says_how_to_train_one(tmp_path):
 
 @pytest.mark.parametrize(("method", "augment"), [("kd", False), ("ntkd", False), ("ntkd", True)])
 def test_distillation_runs_with_a_small_teacher(tmp_path, method, augment):
-    from hil.simtrain import FabricationAugment
-    from hil.teachers import train_teacher
+    from hil.training.student import FabricationAugment
+    from hil.training.teacher import train_teacher
 
     data = digits()
     teacher, _ = train_teacher("lenet", data, Settings(epochs=1))
@@ -143,8 +143,8 @@ def test_distillation_runs_with_a_small_teacher(tmp_path, method, augment):
 def test_cached_teacher_features_belong_to_one_teacher(tmp_path):
     """A retrained teacher under the same cache name gets its own features, not stale ones."""
     from hil.models.teachers import build_teacher
-    from hil.ntk import ProjectedTeacher
-    from hil.simtrain import teacher_features
+    from hil.ntkd.kernels import ProjectedTeacher
+    from hil.training.student import teacher_features
 
     raw = torch.rand(6, 1, 8, 8)
     cache = tmp_path / "features.pt"

@@ -14,15 +14,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from hil import store as capture_store
-from hil.capture import stratified_subset
-from hil.datasets import load_dataset
+from hil.acquire import store as capture_store
+from hil.acquire.capture import stratified_subset
+from hil.data.datasets import load_dataset
 from hil.errors import UserError
-from hil.evaluate import check_maps, load_onn
-from hil.losses import build_loss
+from hil.jobs.evaluate import check_maps, load_onn
 from hil.models.onn import ONN
-from hil.simtrain import teacher_features
-from hil.training import Settings, accuracy, fit, save_checkpoint
+from hil.ntkd.losses import build_loss
+from hil.training.loop import Settings, accuracy, fit, save_checkpoint
+from hil.training.student import teacher_features
 
 DEFAULT_SPLIT_FRACTION = 0.1
 
@@ -146,7 +146,7 @@ def run_finetune(
     on_epoch=None,
 ) -> dict[str, Any]:
     """Fine-tune the backend of `checkpoint` on a capture store; write the student to `out`."""
-    from hil.teachers import load_teacher
+    from hil.training.teacher import load_teacher
 
     if method not in ("ce", "kd", "ntkd"):
         raise UserError(f"--method {method!r}: choose ce, kd or ntkd")

@@ -9,10 +9,10 @@ import numpy as np
 import torch
 
 from drivers.protocols import Frame
-from hil.bench import Bench
-from hil.config import BenchConfig
-from hil.figures import save_frame_png, save_map_sheet
-from hil.render import place_on_display, read_image
+from hil.bench.assembly import Bench
+from hil.bench.config import BenchConfig
+from hil.data.placement import place_on_display, read_image
+from hil.output.figures import save_frame_png, save_map_sheet
 from sim.psf_frontend import signed_combine
 
 SNAP_TIMEOUT_S = 5.0

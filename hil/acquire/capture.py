@@ -23,11 +23,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from calibration import calfile
-from hil.bench import Bench
-from hil.calibrate import design_of
-from hil.config import BenchConfig
-from hil.datasets import load_dataset, to_display
-from hil.store import CaptureStore, Row
+from hil.acquire.store import CaptureStore, Row
+from hil.bench.assembly import Bench
+from hil.bench.config import BenchConfig
+from hil.data.datasets import load_dataset, to_display
+from hil.jobs.calibrate import design_of
 
 SNAP_TIMEOUT_S = 5.0
 COMMIT_EVERY_S = 0.2  # a crash loses at most this much capture time (retaken on the rerun)

@@ -19,17 +19,17 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from hil.calibrate import run_calibrate
-from hil.capture import run_capture
-from hil.config import BenchConfig
-from hil.datasets import Dataset, digits
-from hil.evaluate import evaluate_store, load_onn
-from hil.finetune import run_finetune, save_student
+from hil.acquire.capture import run_capture
+from hil.acquire.store import read
+from hil.bench.config import BenchConfig
+from hil.data.datasets import Dataset, digits
+from hil.jobs.calibrate import run_calibrate
+from hil.jobs.evaluate import evaluate_store, load_onn
+from hil.jobs.finetune import run_finetune, save_student
 from hil.models.onn import StudentSpec
-from hil.simtrain import train_student
-from hil.store import read
-from hil.teachers import save_teacher, train_teacher
-from hil.training import Settings
+from hil.training.loop import Settings
+from hil.training.student import train_student
+from hil.training.teacher import save_teacher, train_teacher
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def train_demo_teacher(data: Dataset, path: Path, plan: DemoPlan, console: Conso
 def train_demo_student(
     data: Dataset, teacher_path: Path, out: Path, plan: DemoPlan, console: Console
 ) -> dict:
-    from hil.teachers import load_teacher
+    from hil.training.teacher import load_teacher
 
     teacher, _, _ = load_teacher(str(teacher_path), data.name)
     model, record = train_student(
@@ -161,7 +161,7 @@ def recovered(simulated: float, uncompensated: float, compensated: float) -> flo
 def run_demo(
     config: BenchConfig, out_dir: Path, console: Console, plan: DemoPlan = DemoPlan()
 ) -> dict[str, Any]:
-    from hil import report
+    from hil.output import report
 
     out_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hil import ntk
-from hil.training import IGNORE
+from hil.ntkd import kernels as ntk
+from hil.training.loop import IGNORE
 
 Batch = dict[str, torch.Tensor]
 Region = tuple[int, int, int, int]  # (top, left, height, width) of the image on the logit map

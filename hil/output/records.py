@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import hil
-from hil.config import BenchConfig, to_toml
+from hil.bench.config import BenchConfig, to_toml
 
 PACKAGES = (
     "torch",

@@ -34,7 +34,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from hil.config import to_toml
+from hil.bench.config import to_toml
 from hil.errors import UserError
 from sim.layout import TileLayout
 from sim.params import FrontendParams

@@ -19,8 +19,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from hil.data.placement import place_on_display
 from hil.errors import UserError
-from hil.render import place_on_display
 
 SPLIT_SEED = 20251207  # fixed forever: a sample stays in its split across runs and versions
 FRACTIONS = {"train": 0.6, "val": 0.2, "test": 0.2}

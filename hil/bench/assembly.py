@@ -11,7 +11,7 @@ from calibration.errors import CalibrationError
 from drivers import registry
 from drivers.errors import DeviceError
 from drivers.protocols import Camera, Device, Display, LightSource, PowerMeter
-from hil.config import ROLES, BenchConfig, DeviceConfig
+from hil.bench.config import ROLES, BenchConfig, DeviceConfig
 from hil.errors import UserError
 from sim.clock import RealClock, VirtualClock
 from sim.world import SimWorld
@@ -21,7 +21,7 @@ log = logging.getLogger("hil")
 
 def design_from_student(fp) -> torch.Tensor:
     """The PSFs of a trained student: what a lab sends to fabrication."""
-    from hil.evaluate import load_onn
+    from hil.jobs.evaluate import load_onn
 
     student = load_onn(fp.design)
     s = student.spec
@@ -65,7 +65,7 @@ class Bench:
         """The simulated world, made on first use by a simulated device."""
         if self._world is None:
             if self.config.sim.replay:
-                from hil.replay import ReplayWorld
+                from hil.bench.replay import ReplayWorld
 
                 self._world = ReplayWorld(self.config.sim, self.config.sim.replay, self._clock)
             else:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from hil.cli_common import (
+from hil.cli.common import (
     BenchOpt,
     CalibrationOpt,
     DataRootOpt,
@@ -57,10 +57,11 @@ def evaluate_cmd(
     writes mask overlays (segmentation), as PNG.
     """
     from calibration import calfile
-    from hil.capture import run_capture
-    from hil.config import load_bench
-    from hil.datasets import load_dataset, to_display
-    from hil.evaluate import (
+    from hil.acquire.capture import run_capture
+    from hil.acquire.store import read
+    from hil.bench.config import load_bench
+    from hil.data.datasets import load_dataset, to_display
+    from hil.jobs.evaluate import (
         check_maps,
         evaluate_store,
         load_onn,
@@ -68,9 +69,8 @@ def evaluate_cmd(
         save_confusion_png,
         save_overlay_png,
     )
-    from hil.records import Run
-    from hil.simtrain import place_masks
-    from hil.store import read
+    from hil.output.records import Run
+    from hil.training.student import place_masks
 
     config = load_bench(bench)
     model = load_onn(checkpoint)

@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from hil.datasets import Dataset
+from hil.data.datasets import Dataset
 from hil.errors import UserError
 from hil.models.teachers import TEACHERS, build_teacher
-from hil.training import Settings, accuracy, fit, load_checkpoint, save_checkpoint, task_metric
+from hil.training.loop import Settings, accuracy, fit, load_checkpoint, save_checkpoint, task_metric
 
 
 def teacher_dir() -> Path:

@@ -16,12 +16,12 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from hil import store as capture_store
+from hil.acquire import store as capture_store
 from hil.errors import UserError
-from hil.figures import save_figure
 from hil.models.onn import ONN, StudentSpec
-from hil.simtrain import place_masks
-from hil.training import IGNORE, iou_counts, load_checkpoint, mean_iou, predictions
+from hil.output.figures import save_figure
+from hil.training.loop import IGNORE, iou_counts, load_checkpoint, mean_iou, predictions
+from hil.training.student import place_masks
 
 
 def load_onn(path: Path | str) -> ONN:

@@ -20,10 +20,10 @@ from calibration import calfile
 from calibration.geometry import apply_affine
 from calibration.pipeline import STEPS, Design, Plan, calibrate
 from calibration.psf import psf_centroid
-from hil.bench import Bench
-from hil.config import BenchConfig
-from hil.figures import save_calibration_plots
-from hil.records import environment
+from hil.bench.assembly import Bench
+from hil.bench.config import BenchConfig
+from hil.output.figures import save_calibration_plots
+from hil.output.records import environment
 from sim.devices import SimCamera
 from sim.fabrication import illumination_map
 

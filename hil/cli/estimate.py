@@ -7,9 +7,9 @@ from typing import Annotated, Any
 
 import typer
 
-from hil.cli_common import JsonOpt, RunsOpt, app, emit, err, out
+from hil.cli.common import JsonOpt, RunsOpt, app, emit, err, out
+from hil.design.estimate import DEFAULT_SEEDS, DEFAULT_TRAIN_SIZE
 from hil.errors import UserError
-from hil.estimate import DEFAULT_SEEDS, DEFAULT_TRAIN_SIZE
 
 
 def _numbers(option: str, text: str | None, kind: type, count: int | None, example: str):
@@ -124,9 +124,9 @@ def estimate_cmd(
     """
     from rich.markup import escape
 
-    from hil.config import load_bench
-    from hil.estimate import MapNoise, run_estimate
-    from hil.records import Run
+    from hil.bench.config import load_bench
+    from hil.design.estimate import MapNoise, run_estimate
+    from hil.output.records import Run
 
     counts = _numbers("--kernels", kernels, int, None, "2,4,8,16")
     ms = _numbers("--metasurface-um", metasurface_um, float, 2, "1000,1000")

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from hil.cli_common import DataRootOpt, JsonOpt, RunsOpt, app, emit, epoch_printer, err
+from hil.cli.common import DataRootOpt, JsonOpt, RunsOpt, app, emit, epoch_printer, err
 
 
 @app.command("finetune")
@@ -66,9 +66,9 @@ def finetune_cmd(
         hil finetune --captures train.h5 --checkpoint onn.pt --teacher resnet18 \\
             --method ntkd --test-captures test.h5 --out onn-ntkd.pt
     """
-    from hil.finetune import run_finetune
-    from hil.records import Run, write_json
-    from hil.training import Settings
+    from hil.jobs.finetune import run_finetune
+    from hil.output.records import Run, write_json
+    from hil.training.loop import Settings
 
     options = {
         "kd": {"temperature": temperature},

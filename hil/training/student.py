@@ -25,12 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hil import ntk
-from hil.datasets import Dataset, to_display
+from hil.data.datasets import Dataset, to_display
 from hil.errors import UserError
-from hil.losses import PooledLogits, Region, SharedView, build_loss
 from hil.models.onn import ONN, StudentSpec
-from hil.training import IGNORE, Settings, accuracy, fit, save_checkpoint, task_metric
+from hil.ntkd import kernels as ntk
+from hil.ntkd.losses import PooledLogits, Region, SharedView, build_loss
+from hil.training.loop import IGNORE, Settings, accuracy, fit, save_checkpoint, task_metric
 from sim.fabrication import perturb_psfs, warp_image
 from sim.fftconv import conv2d_direct, conv2d_fft
 from sim.params import FabricationParams

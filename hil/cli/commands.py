@@ -22,8 +22,8 @@ from calibration.errors import CalibrationError
 from drivers.errors import DeviceError
 
 # the command modules register themselves on `app`
-from hil import cli_estimate, cli_evaluate, cli_finetune  # noqa: E402, F401, I001
-from hil.cli_common import (
+from hil.cli import estimate, evaluate, finetune  # noqa: E402, F401, I001
+from hil.cli.common import (
     BenchOpt,
     CalibrationOpt,
     DataRootOpt,
@@ -70,8 +70,8 @@ def bench_init(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
 ) -> None:
     """Write a commented bench file with every key at its default."""
-    from hil.config import default_bench_toml
-    from hil.records import atomic_write_text
+    from hil.bench.config import default_bench_toml
+    from hil.output.records import atomic_write_text
 
     if path.exists() and not force:
         raise UserError(f"{path}: exists already (use --force to overwrite)")
@@ -87,8 +87,8 @@ def devices(bench: BenchOpt = None, as_json: JsonOpt = False) -> None:
     reported, and the others are still tried.
     """
     from drivers import registry
-    from hil.bench import Bench
-    from hil.config import load_bench
+    from hil.bench.assembly import Bench
+    from hil.bench.config import load_bench
 
     config = load_bench(bench)
     backends = [vars(info) for info in registry.available()]
@@ -134,9 +134,9 @@ def sim_render(
 
     The frame is a 16-bit PNG whose values are the camera's DN shifted to the top bits.
     """
-    from hil.config import load_bench
-    from hil.records import Run
-    from hil.simrender import render_image
+    from hil.bench.config import load_bench
+    from hil.jobs.render import render_image
+    from hil.output.records import Run
 
     config = load_bench(bench)
     args = {"image": str(image), "out": str(out_path), "tiles": str(tiles) if tiles else None}
@@ -166,9 +166,9 @@ def calibrate_cmd(
     simulated bench the result also compares each fitted quantity with the ground truth.
     """
     from calibration.pipeline import Plan
-    from hil.calibrate import run_calibrate
-    from hil.config import load_bench
-    from hil.records import Run, write_json
+    from hil.bench.config import load_bench
+    from hil.jobs.calibrate import run_calibrate
+    from hil.output.records import Run, write_json
 
     config = load_bench(bench)
     plan = Plan(patterns=patterns, seed=seed)
@@ -199,10 +199,10 @@ def teacher_train(
     as_json: JsonOpt = False,
 ) -> None:
     """Train an electronic teacher on the raw images and store it for `--teacher ARCH`."""
-    from hil.datasets import load_dataset
-    from hil.records import Run, write_json
-    from hil.teachers import save_teacher, teacher_path, train_teacher
-    from hil.training import Settings
+    from hil.data.datasets import load_dataset
+    from hil.output.records import Run, write_json
+    from hil.training.loop import Settings
+    from hil.training.teacher import save_teacher, teacher_path, train_teacher
 
     data = load_dataset(dataset, data_root)
     path = out or teacher_path(arch, dataset)
@@ -265,13 +265,13 @@ def train_cmd(
 
     Also runs under `torchrun --nproc_per_node N -m hil train ...` as DistributedDataParallel.
     """
-    from hil.config import load_bench
-    from hil.datasets import load_dataset
+    from hil.bench.config import load_bench
+    from hil.data.datasets import load_dataset
     from hil.models.onn import StudentSpec
-    from hil.records import Run, write_json
-    from hil.simtrain import FabricationAugment, train_student
-    from hil.teachers import load_teacher
-    from hil.training import Settings, world
+    from hil.output.records import Run, write_json
+    from hil.training.loop import Settings, world
+    from hil.training.student import FabricationAugment, train_student
+    from hil.training.teacher import load_teacher
 
     if method not in ("none", "ce", "kd", "ntkd"):
         raise UserError(f"--method {method!r}: choose none, kd or ntkd")
@@ -357,9 +357,9 @@ def capture_cmd(
     A rerun of the same command resumes after the last stored sample; nothing captured is lost
     on Ctrl-C or a crash.
     """
-    from hil.capture import run_capture
-    from hil.config import load_bench
-    from hil.records import Run
+    from hil.acquire.capture import run_capture
+    from hil.bench.config import load_bench
+    from hil.output.records import Run
 
     config = load_bench(bench)
     args = {
@@ -412,9 +412,9 @@ def demo(
     """
     from dataclasses import replace
 
-    from hil.config import load_bench
-    from hil.demo import DemoPlan, run_demo
-    from hil.records import Run
+    from hil.bench.config import load_bench
+    from hil.jobs.demo import DemoPlan, run_demo
+    from hil.output.records import Run
 
     config = load_bench(bench)
     with Run("demo", runs_dir, config, {"out": str(out_dir), "seed": seed}) as run:

@@ -11,6 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from identities import identity
 
 from calibration import calfile
 from calibration.pipeline import Plan, calibrate
@@ -143,13 +144,13 @@ def row(i: int, m: int = 2) -> Row:
     )
 
 
-def open_store(path, n: int, identity=None) -> CaptureStore:
+def open_store(path, n: int, ident=None) -> CaptureStore:
     return CaptureStore.open_for_capture(
         path,
         plan=np.arange(n),
         feature_shape=(2, 4, 4),
         label_shape=(),
-        identity=identity or {"dataset": "x"},
+        identity=ident or identity(dataset="x"),
     )
 
 
@@ -170,7 +171,7 @@ def test_store_round_trip_and_uncommitted_rows_are_ignored(tmp_path):
     assert got.labels.tolist() == [0, 1, 2, 0, 1]
     np.testing.assert_array_equal(got.features[3], row(3).features)
     with pytest.raises(UserError, match="different capture"):
-        open_store(path, 5, identity={"dataset": "y"})
+        open_store(path, 5, ident=identity(dataset="y"))
     with pytest.raises(UserError, match="another list of samples"):
         open_store(path, 6)
 

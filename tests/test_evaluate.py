@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from cli_run import run_hil
+from identities import identity
 from test_capture import shared_calibration
 from torch import nn
 
@@ -42,7 +43,7 @@ def write_store(path, features, labels):
         plan=np.arange(len(features)),
         feature_shape=features.shape[1:],
         label_shape=labels.shape[1:],
-        identity={"dataset": "hand-made"},
+        identity=identity(dataset="hand-made"),
     ) as store:
         for i, (f, y) in enumerate(zip(features, labels, strict=True)):
             store.append(Row(i, f, y, 0.0, 0.01, 0.0, "0" * 40, True))
@@ -147,7 +148,7 @@ def test_evaluate_on_the_simulated_bench_reports_what_the_backend_gives(
         "--captures",
         tmp_path / "e" / "captures.h5",
     )
-    assert code == 2 and err.count("\n") == 1 and "differs in seed" in err
+    assert code == 2 and err.count("\n") == 1 and "differs in indices_digest, seed" in err
 
 
 def test_a_missing_or_foreign_checkpoint_is_one_line(calibration, tmp_path, monkeypatch, capsys):

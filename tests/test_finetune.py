@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 from cli_run import run_hil
+from identities import identity
 
+from hil.acquire.identity import as_shown, pattern_hash
 from hil.acquire.store import CaptureStore, Row, read
 from hil.data.datasets import digits, to_display
 from hil.errors import UserError
@@ -39,11 +41,13 @@ def bench(tmp_path_factory):
             plan=idx,
             feature_shape=maps.shape[1:],
             label_shape=(),
-            identity={"dataset": "digits", "split": split, "fraction": 1.0},
+            identity=identity(split=split, display_shape=(16, 16)),
         )
         with store:
+            shown = as_shown(data.images[idx], (16, 16))
             for i, (k, f) in enumerate(zip(idx, maps, strict=True)):
-                store.append(Row(int(k), f, int(data.labels[k]), float(i), 0.01, 0.0, "", True))
+                h = pattern_hash(shown[i])
+                store.append(Row(int(k), f, int(data.labels[k]), float(i), 0.01, 0.0, h, True))
     teacher, t_record = train_teacher("lenet", data, Settings(epochs=2, lr=3e-3))
     save_teacher(teacher, t_record, root / "lenet.pt")
     return root, record["test_accuracy"]
@@ -59,7 +63,7 @@ def test_default_rows_are_ten_percent_of_the_split_stratified(bench):
     expected = np.round(0.1 * np.bincount(caps.labels, minlength=10))
     np.testing.assert_array_equal(counts, expected)
     # a store that already holds 10% of the split trains on all of it
-    half = type(caps)(caps.features, caps.labels, caps.index, caps.meta, {"fraction": 0.1})
+    half = type(caps)(caps.features, caps.labels, caps.index, caps.meta, identity(fraction=0.1))
     assert rows_for_training(half, None, seed=0)[2] == 1.0
 
 
@@ -99,6 +103,32 @@ def test_cli_ntkd_finetune_with_a_teacher_checkpoint(bench, tmp_path, monkeypatc
     assert result["method"] == "ntkd" and abs(result["train_samples"] - 0.1 * n) <= 5
     assert result["train_samples"] + result["held_out_samples"] == n
     assert torch.load(out, weights_only=True)["finetune"]["method"] == "ntkd"
+
+
+def test_a_store_captured_from_other_images_is_refused_naming_store_and_dataset(
+    bench, tmp_path, monkeypatch, capsys
+):
+    root, _ = bench
+    caps = read(root / "train.h5")
+    moved = tmp_path / "moved.h5"  # every row claims the dataset index before the one it showed
+    with CaptureStore.open_for_capture(
+        moved,
+        plan=np.maximum(caps.index - 1, 0),
+        feature_shape=caps.features.shape[1:],
+        label_shape=(),
+        identity=caps.identity,
+    ) as store:
+        for i, k in enumerate(caps.index):
+            h = str(caps.meta["pattern_hash"][i].decode())
+            store.append(
+                Row(max(int(k) - 1, 0), caps.features[i], int(caps.labels[i]), 0, 0.01, 0, h, True)
+            )
+    args = ["finetune", "--captures", moved, "--checkpoint", root / "onn.pt", "--epochs", "1"]
+    args += ["--teacher", root / "lenet.pt", "--out", tmp_path / "x.pt"]
+    code, _, err = run_hil(monkeypatch, capsys, *args, "--runs-dir", tmp_path / "runs")
+    assert code == 2 and err.count("\n") == 1
+    assert str(moved) in err and "'digits'" in err and f"{len(caps.index)} of" in err
+    assert not (tmp_path / "x.pt").exists()
 
 
 def test_user_errors_are_one_line(bench, tmp_path, monkeypatch, capsys):

@@ -10,7 +10,6 @@ after the last committed sample, with the same simulated noise per sample as an 
 
 from __future__ import annotations
 
-import hashlib
 import queue
 import threading
 import time
@@ -23,10 +22,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from calibration import calfile
+from hil.acquire.identity import StoreIdentity, array_digest, as_shown, pattern_hash
 from hil.acquire.store import CaptureStore, Row
 from hil.bench.assembly import Bench
 from hil.bench.config import BenchConfig
-from hil.data.datasets import load_dataset, to_display
+from hil.data.datasets import load_dataset
 from hil.jobs.calibrate import design_of
 
 SNAP_TIMEOUT_S = 5.0
@@ -112,8 +112,7 @@ def run_capture(
     bench = Bench(config)
     data = load_dataset(dataset, data_root)
     plan = stratified_subset(data.labels, data.split(split), fraction, seed)
-    shown = to_display(data.images[plan], bench.display.shape[:2])
-    shown = shown[:, 0] if shown.shape[1] == 1 else shown.transpose(0, 2, 3, 1)
+    shown = as_shown(data.images[plan], bench.display.shape[:2])
     with bench:
         design = design_of(bench)
         inputs = calfile.fingerprint_inputs(
@@ -127,14 +126,18 @@ def run_capture(
         )
         cal = calfile.load(calibration, expect_fingerprint=inputs)
         extract = FeatureExtractor(cal, design.psfs.sum(axis=(1, 2, 3)))
-        identity = {
-            "dataset": dataset,
-            "split": split,
-            "fraction": fraction,
-            "seed": seed,
-            "calibration_id": cal.id,
-            "simulated": bench.simulated,
-        }
+        identity = StoreIdentity(
+            dataset=dataset,
+            split=split,
+            fraction=fraction,
+            seed=seed,
+            data_digest=array_digest(data.images, data.labels),
+            indices_digest=array_digest(plan),
+            display_shape=tuple(bench.display.shape),
+            calibration_id=cal.id,
+            bench_fingerprint=cal.fingerprint,
+            simulated=bench.simulated,
+        )
         label_shape = tuple(data.labels.shape[1:])
         store = CaptureStore.open_for_capture(
             out,
@@ -195,7 +198,7 @@ def _capture_loop(bench, store, plan, shown, data, cal, extract, start, seed, co
                             timestamp_s=frame.timestamp_s,
                             exposure_s=frame.exposure_s,
                             saturated_fraction=float(np.mean(frame.image >= 0.98 * cam.max_dn)),
-                            pattern_hash=hashlib.sha1(shown[i].tobytes()).hexdigest(),
+                            pattern_hash=pattern_hash(shown[i]),
                             simulated=frame.simulated,
                             frame=frame.image if keep else None,
                         )

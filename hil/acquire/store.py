@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import h5py
 import numpy as np
 
+from hil.acquire.identity import StoreIdentity
 from hil.errors import UserError
 
-SCHEMA_VERSION = 2  # 2: the committed count is a dataset (SWMR writers may not touch attributes)
+# 2: the committed count is a dataset (SWMR writers may not touch attributes)
+# 3: a typed, versioned identity (hil.acquire.identity.StoreIdentity)
+SCHEMA_VERSION = 3
 FORMAT = "hil-capture-store"
 ROW_FIELDS = {  # per-row datasets besides features, labels and frames
     "index": "i8",
@@ -111,7 +112,7 @@ class CaptureStore:
         plan: np.ndarray,
         feature_shape: tuple[int, ...],
         label_shape: tuple[int, ...],
-        identity: dict[str, Any],
+        identity: StoreIdentity,
         keep_frames: tuple[int, int] | None = None,
     ) -> CaptureStore:
         """Create a store for `plan` (dataset indices, in capture order) or resume one whose
@@ -201,7 +202,7 @@ def _create(path, plan, feature_shape, label_shape, identity, keep_frames) -> h5
     f.attrs.update(
         format=FORMAT,
         schema_version=SCHEMA_VERSION,
-        identity=json.dumps(identity, default=str),
+        identity=identity.model_dump_json(),
         feature_shape=list(feature_shape),
     )
     f.create_dataset("plan", data=np.asarray(plan, np.int64))
@@ -257,10 +258,8 @@ def _check_resumable(f, path, plan, feature_shape, label_shape, identity) -> Non
             f"{path}: capture store schema {version}, this hil writes {SCHEMA_VERSION}; "
             "choose another --out"
         )
-    stored = json.loads(f.attrs.get("identity", "{}"))
-    wanted = json.loads(json.dumps(identity, default=str))
-    if stored != wanted:
-        differs = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+    differs = StoreIdentity.parse(f.attrs.get("identity", "{}"), path).differences(identity)
+    if differs:
         raise UserError(
             f"{path}: exists from a different capture (differs in {', '.join(differs)}); "
             "choose another --out or delete it"
@@ -326,7 +325,7 @@ class Captures:
     labels: np.ndarray
     index: np.ndarray
     meta: dict[str, np.ndarray]
-    identity: dict[str, Any]
+    identity: StoreIdentity
 
 
 def read(path: Path | str) -> Captures:
@@ -347,7 +346,7 @@ def read(path: Path | str) -> Captures:
                 )
             n = int(f["committed"][0])
             data = {k: f[k][:n] for k in ("features", "labels", *ROW_FIELDS)}
-            identity = json.loads(f.attrs["identity"])
+            identity = f.attrs["identity"]
     except UserError:
         raise
     except (OSError, KeyError, ValueError) as e:
@@ -363,4 +362,5 @@ def read(path: Path | str) -> Captures:
             f"dataset index {int(data['index'][bad[0]])}): the file was modified"
         )
     meta = {k: v for k, v in data.items() if k not in ("features", "labels", "index", "checksum")}
+    identity = StoreIdentity.parse(identity, path)
     return Captures(data["features"], data["labels"], data["index"], meta, identity)

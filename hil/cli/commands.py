@@ -70,8 +70,8 @@ def bench_init(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
 ) -> None:
     """Write a commented bench file with every key at its default."""
+    from calibration.atomic import atomic_write_text
     from hil.bench.config import default_bench_toml
-    from hil.output.records import atomic_write_text
 
     if path.exists() and not force:
         raise UserError(f"{path}: exists already (use --force to overwrite)")

@@ -16,6 +16,7 @@ import torch
 
 from hil.acquire import store as capture_store
 from hil.acquire.capture import stratified_subset
+from hil.acquire.identity import check_source
 from hil.data.datasets import load_dataset
 from hil.errors import UserError
 from hil.jobs.evaluate import check_maps, load_onn
@@ -41,7 +42,7 @@ def rows_for_training(
 
     `fraction=None` means 10% of the split, whatever fraction of it the store holds.
     """
-    held = float(captures.identity.get("fraction", 1.0)) or 1.0
+    held = captures.identity.fraction or 1.0
     use = min(1.0, DEFAULT_SPLIT_FRACTION / held) if fraction is None else fraction
     if not 0 < use <= 1:
         raise UserError(f"--fraction {use}: must be in (0, 1]")
@@ -154,10 +155,10 @@ def run_finetune(
     found = capture_store.read(captures)
     check_maps(model, found.features.shape[1:], captures)
     train_rows, held_rows, used = rows_for_training(found, fraction, settings.seed)
-    dataset = found.identity.get("dataset", "digits")
-    if found.identity.get("split") not in (None, "train"):
+    dataset = found.identity.dataset
+    if found.identity.split != "train":
         raise UserError(
-            f"{captures}: captured from the {found.identity['split']} split; fine-tune on the "
+            f"{captures}: captured from the {found.identity.split} split; fine-tune on the "
             "train split and evaluate on the test split (--test-captures)"
         )
     tests = None
@@ -167,8 +168,9 @@ def run_finetune(
     t_model = raw = None
     if method != "ce":
         t_model, _, _ = load_teacher(teacher, dataset)
-        images = load_dataset(dataset, data_root).images
-        raw = torch.as_tensor(images[found.index[train_rows]])
+        data = load_dataset(dataset, data_root)
+        check_source(captures, found.identity, found.index, found.meta["pattern_hash"], data)
+        raw = torch.as_tensor(data.images[found.index[train_rows]])
     train = _tensors(found, train_rows)
     held = _tensors(found, held_rows) if len(held_rows) else None
     test = _tensors(tests, np.arange(len(tests.index))) if tests is not None else None
@@ -216,7 +218,7 @@ def run_finetune(
         "teacher": teacher if method != "ce" else None,
         "dataset": dataset,
         "captures": str(captures),
-        "calibration_id": found.identity.get("calibration_id"),
+        "calibration_id": found.identity.calibration_id,
         "train_samples": int(len(train_rows)),
         "held_out_samples": int(len(held_rows)),
         "curve_watches": watched_name,

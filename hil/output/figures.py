@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import cv2
 import matplotlib
+
+from calibration.atomic import atomic_path
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -15,12 +16,10 @@ import numpy as np  # noqa: E402
 
 def save_frame_png(image_dn: np.ndarray, bit_depth: int, path: Path | str) -> None:
     """A camera frame as a lossless 16-bit PNG, DN shifted to the top bits so viewers show it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
     scaled = np.asarray(image_dn, np.uint16) << np.uint16(16 - bit_depth)
-    if not cv2.imwrite(str(tmp), scaled):
-        raise OSError(f"could not write {path}")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        if not cv2.imwrite(str(tmp), scaled):
+            raise OSError(f"could not write {path}")
 
 
 def save_map_sheet(rows: list[tuple[str, np.ndarray]], path: Path | str, title: str = "") -> None:
@@ -95,11 +94,10 @@ def save_calibration_plots(cal, design_psfs: np.ndarray, out_dir: Path) -> dict[
 
 def save_figure(fig, path: Path | str) -> Path:
     """Lay out, write atomically (a person never opens half a picture) and close."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
+    return Path(path)

@@ -1,0 +1,110 @@
+"""What a capture store was captured from, typed, so nothing downstream guesses.
+
+The store's rows are feature maps of images shown on the bench; the teacher that fine-tuning
+distils from sees the raw images of the same dataset indices. `StoreIdentity` records which
+dataset, split, subset, calibration and bench made the rows, and each row carries the hash of the
+pattern that was displayed, so `verify_patterns` can prove that the images the teacher will get are
+the ones the optics saw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from hil.data.datasets import to_display
+from hil.errors import UserError
+
+IDENTITY_VERSION = 1
+
+
+class StoreIdentity(BaseModel):
+    """The capture a store holds; a resumed capture must have the same identity."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: Literal[1] = IDENTITY_VERSION
+    dataset: str
+    split: str
+    fraction: float = Field(ge=0, le=1)
+    seed: int
+    data_digest: str = Field(description="digest of the dataset's images and labels")
+    indices_digest: str = Field(description="digest of the planned dataset indices, in order")
+    display_shape: tuple[int, ...] = Field(description="display the patterns were made for")
+    calibration_id: str
+    bench_fingerprint: str
+    simulated: bool
+
+    @classmethod
+    def parse(cls, text: str, path: Path | str) -> StoreIdentity:
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as e:
+            where = ".".join(str(p) for p in e.errors()[0]["loc"]) or "identity"
+            raise UserError(
+                f"{path}: capture store identity is not readable ({where}: "
+                f"{e.errors()[0]['msg']}); capture it again"
+            ) from None
+
+    def differences(self, other: StoreIdentity) -> list[str]:
+        mine, theirs = self.model_dump(), other.model_dump()
+        return sorted(k for k in mine if mine[k] != theirs[k])
+
+
+def array_digest(*arrays: np.ndarray) -> str:
+    """SHA-256 (first 128 bits) over arrays' dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:32]
+
+
+def pattern_hash(shown: np.ndarray) -> str:
+    """The hash each row records of the display levels it was captured with."""
+    return hashlib.sha1(np.ascontiguousarray(shown, np.float32).tobytes()).hexdigest()
+
+
+def as_shown(images: np.ndarray, display_hw: tuple[int, int]) -> np.ndarray:
+    """Dataset images (N, C, h, w) as display levels: (N, H, W) or (N, H, W, 3)."""
+    shown = to_display(images, display_hw)
+    return shown[:, 0] if shown.shape[1] == 1 else shown.transpose(0, 2, 3, 1)
+
+
+def check_source(
+    store: Path | str, identity: StoreIdentity, index: np.ndarray, hashes, data
+) -> None:
+    """Refuse a store whose rows were not captured from `data`'s images at their indices: the
+    teacher, which sees those raw images, would learn other pictures than the optics saw."""
+    if identity.dataset != data.name:
+        raise UserError(f"{store}: captured from dataset {identity.dataset!r}, not {data.name!r}")
+    if len(index) and (index.min() < 0 or index.max() >= len(data.images)):
+        raise UserError(
+            f"{store}: dataset index {int(index.max())} is beyond dataset {data.name!r} "
+            f"({len(data.images)} images): the store and the dataset disagree"
+        )
+    shown = as_shown(data.images[index], tuple(identity.display_shape[:2]))
+    verify_patterns(store, hashes, shown, data.name)
+
+
+def verify_patterns(store: Path | str, recorded, shown: np.ndarray, dataset: str) -> None:
+    wrong = [
+        i
+        for i, (h, s) in enumerate(zip(recorded, shown, strict=True))
+        if _text(h) != pattern_hash(s)
+    ]
+    if wrong:
+        raise UserError(
+            f"{store}: {len(wrong)} of {len(recorded)} rows were captured from other images than "
+            f"dataset {dataset!r} gives for their indices (first: row {wrong[0]}); the store and "
+            "the dataset disagree: give the --data-root it was captured from, or capture again"
+        )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

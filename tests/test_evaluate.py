@@ -208,4 +208,5 @@ def test_evaluate_a_segmentation_student_reports_miou_and_overlays(
     assert result["task"] == "segmentation" and result["n"] == len(captures.index) == 10
     assert result["miou"] == pytest.approx(np.mean(ious))
     assert result["figure"].endswith("overlays.png")
-    assert cv2.imread(result["figure"]) is not None
+    picture = cv2.imread(result["figure"])  # 6 rows of shown/true/predicted at 110 dpi
+    assert picture.shape == (round(110 * (2.0 * 6 + 0.4)), round(110 * 6.0), 3)

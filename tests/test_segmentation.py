@@ -5,6 +5,7 @@ and a tiny training run that beats the all-background predictor."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -126,15 +127,30 @@ def test_a_tiny_segmentation_run_beats_the_all_background_predictor():
     assert record["test_miou"] > trivial + 0.2, (record["test_miou"], trivial)
 
 
+def hand_miou(said: np.ndarray, truth: np.ndarray) -> float:
+    """Mean over present classes of |said ∩ truth| / |said ∪ truth|, ignored pixels left out."""
+    scored = truth != IGNORE
+    ious = []
+    for c in np.union1d(said[scored], truth[scored]):
+        union = ((said == c) | (truth == c)) & scored
+        ious.append(((said == c) & (truth == c) & scored).sum() / union.sum())
+    return float(np.mean(ious))
+
+
 def test_unet_teacher_and_distillation_run_on_masks(tmp_path):
     data = shapes(n=60, size=16, seed=2)
     teacher, info = train_teacher("unet", data, Settings(epochs=1, batch_size=12))
-    assert 0 <= info["test_miou"] <= 1 and "val_miou" in info["history"][0]
+    test = data.split("test")
+    with torch.no_grad():
+        said = teacher.eval()(torch.as_tensor(data.images[test])).argmax(1).numpy()
+    assert info["test_miou"] == pytest.approx(hand_miou(said, data.labels[test]), abs=1e-9)
+    assert "val_miou" in info["history"][0]
     spec = StudentSpec(kernels=2, kernel_size=3, image_size=16, backend="updecoder", classes=2)
     settings = Settings(epochs=1, batch_size=12)
     cache = tmp_path / "features.pt"
+    test = student_inputs(data, "test", spec)
     for method, options in (("kd", {}), ("ntkd", {"pool": 2})):
-        _, record = train_student(
+        student, record = train_student(
             spec,
             data,
             method,
@@ -144,6 +160,9 @@ def test_unet_teacher_and_distillation_run_on_masks(tmp_path):
             projections=4,
             teacher_cache=cache,
         )
-        assert np.isfinite(record["history"][0]["total"]) and 0 <= record["test_miou"] <= 1
+        with torch.no_grad():
+            said = student.eval()(test["x"]).argmax(1).numpy()
+        assert record["test_miou"] == pytest.approx(hand_miou(said, test["y"].numpy()), abs=1e-9)
+        assert np.isfinite(record["history"][0]["total"])
     state = torch.load(cache, weights_only=True)  # the teacher's pooled logits: 2 classes x 2x2
     assert state["pool"] == 2 and state["features"].shape == (len(data.split("train")), 8, 4)

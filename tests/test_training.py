@@ -15,7 +15,7 @@ import torch
 from hil.data.datasets import digits
 from hil.models.onn import StudentSpec
 from hil.training.loop import Settings, load_checkpoint
-from hil.training.student import train_student
+from hil.training.student import student_inputs, train_student
 
 SMALL = StudentSpec(kernels=2, kernel_size=3, image_size=16, hidden=16)
 HIL = [sys.executable, "-m", "hil"]
@@ -126,7 +126,7 @@ def test_distillation_runs_with_a_small_teacher(tmp_path, method, augment):
 
     data = digits()
     teacher, _ = train_teacher("lenet", data, Settings(epochs=1))
-    _, record = train_student(
+    student, record = train_student(
         SMALL,
         data,
         method,
@@ -136,7 +136,11 @@ def test_distillation_runs_with_a_small_teacher(tmp_path, method, augment):
         augment=FabricationAugment() if augment else None,
     )
     terms = record["history"][0]
-    assert ("kd" if method == "kd" else "ntk") in terms and 0 <= record["test_accuracy"] <= 1
+    test = student_inputs(data, "test", SMALL)
+    with torch.no_grad():
+        said = student.eval()(test["x"]).argmax(1)
+    assert record["test_accuracy"] == pytest.approx((said == test["y"]).double().mean().item())
+    assert ("kd" if method == "kd" else "ntk") in terms
     assert "val_accuracy" in terms and all(map(math.isfinite, terms.values()))
 
 

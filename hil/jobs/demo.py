@@ -102,12 +102,10 @@ def fabricated_bench(config: BenchConfig, student: Path, plan: DemoPlan) -> Benc
     }
     return config.model_copy(
         update={
+            "frontend": config.frontend.model_copy(update={"design": str(student)}),
             "sim": sim.model_copy(
-                update={
-                    "frontend": sim.frontend.model_copy(update={"design": str(student)}),
-                    "fabrication": sim.fabrication.model_copy(update=errors),
-                }
-            )
+                update={"fabrication": sim.fabrication.model_copy(update=errors)}
+            ),
         }
     )
 

@@ -25,7 +25,6 @@ from hil.acquire.capture import run_capture
 from hil.bench.assembly import Bench
 from hil.bench.config import BenchConfig
 from hil.data.datasets import load_dataset
-from hil.jobs.calibrate import design_of
 from sim.clock import VirtualClock
 from sim.params import SensorParams, SimParams
 
@@ -49,7 +48,7 @@ def main() -> None:
             bench = Bench(BenchConfig(), clock=VirtualClock())
             with bench:
                 cal = calfile.save(
-                    calibrate(bench, design_of(bench), Plan(patterns=16)), Path(tmp) / "cal.h5"
+                    calibrate(bench, bench.design, Plan(patterns=16)), Path(tmp) / "cal.h5"
                 )
         rows = []
         for fps in LIMITS:

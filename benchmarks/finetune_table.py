@@ -33,7 +33,8 @@ from hil.jobs.demo import (
     train_demo_student,
     train_demo_teacher,
 )
-from hil.jobs.evaluate import evaluate_store, load_onn
+from hil.jobs.evaluate import evaluate_store
+from hil.models.checkpoint import load_onn
 
 COLUMNS = ("ONN in simulation", "no compensation", "CE fine-tune", "NTKD fine-tune")
 

@@ -31,17 +31,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
 
 from calibration.errors import CalibrationError
 
+if TYPE_CHECKING:
+    from calibration.design import Design
+
 SCHEMA_VERSION = 1
 FORMAT = "hil-calibration"
 
-# What must match between a calibration and the bench that uses it, in signature order.
+# What must match between a calibration and the bench that uses it, in the order errors name it.
 FINGERPRINT_FIELDS = (
     "frame_shape",
     "display_shape",
@@ -213,41 +216,47 @@ def _dumps(name: str, value: Any, sort_keys: bool = False) -> str:
 
 
 def fingerprint_inputs(
-    frame_shape: Any,
-    display_shape: Any,
-    kernels: int,
-    kernel_size: int,
-    signed: bool,
-    channels: int,
-    camera_bit_depth: int,
+    design: Design, frame_shape: Any, display_shape: Any, camera_bit_depth: int
 ) -> dict[str, Any]:
-    """The fingerprint inputs in canonical JSON types; pass this dict as `load(expect_fingerprint=)`
-    so a mismatch names the fields that differ instead of two opaque hashes."""
-    return {
-        "frame_shape": list(_as_shape("frame_shape", frame_shape)),
-        "display_shape": list(_as_shape("display_shape", display_shape)),
-        "kernels": _as_int("kernels", kernels),
-        "kernel_size": _as_int("kernel_size", kernel_size),
-        "signed": _as_bool("signed", signed),
-        "channels": _as_int("channels", channels),
-        "camera_bit_depth": _as_int("camera_bit_depth", camera_bit_depth),
-    }
+    """What a calibration of `design` on this camera and display is valid for, in canonical JSON
+    types; pass this dict as `load(expect_fingerprint=)` so a mismatch names the fields that
+    differ instead of two opaque hashes."""
+    return _canonical_inputs(
+        {
+            "frame_shape": frame_shape,
+            "display_shape": display_shape,
+            "kernels": design.kernels,
+            "kernel_size": design.kernel_size,
+            "signed": design.signed,
+            "channels": design.channels,
+            "camera_bit_depth": camera_bit_depth,
+        }
+    )
 
 
 def bench_fingerprint(
-    frame_shape: Any,
-    display_shape: Any,
-    kernels: int,
-    kernel_size: int,
-    signed: bool,
-    channels: int,
-    camera_bit_depth: int,
+    design: Design, frame_shape: Any, display_shape: Any, camera_bit_depth: int
 ) -> str:
     """16 hex digits of SHA-256 over the canonical JSON of what a calibration is only valid for:
     any change of frame, display, kernel layout or bit depth invalidates every fitted quantity."""
-    inputs = fingerprint_inputs(
-        frame_shape, display_shape, kernels, kernel_size, signed, channels, camera_bit_depth
-    )
+    return _digest(fingerprint_inputs(design, frame_shape, display_shape, camera_bit_depth))
+
+
+def _canonical_inputs(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The FINGERPRINT_FIELDS of `fields` as canonical JSON types (shapes as lists of ints)."""
+    return {
+        "frame_shape": list(_as_shape("frame_shape", fields["frame_shape"])),
+        "display_shape": list(_as_shape("display_shape", fields["display_shape"])),
+        "kernels": _as_int("kernels", fields["kernels"]),
+        "kernel_size": _as_int("kernel_size", fields["kernel_size"]),
+        "signed": _as_bool("signed", fields["signed"]),
+        "channels": _as_int("channels", fields["channels"]),
+        "camera_bit_depth": _as_int("camera_bit_depth", fields["camera_bit_depth"]),
+    }
+
+
+def _digest(inputs: Mapping[str, Any]) -> str:
+    """The fingerprint of canonical inputs; the algorithm every calibration file on disk used."""
     text = json.dumps(inputs, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(b"hil-bench-fingerprint/1\n" + text.encode()).hexdigest()[:16]
 
@@ -314,7 +323,7 @@ class Calibration:
     @property
     def bench_inputs(self) -> dict[str, Any]:
         """The geometry this calibration is valid for, as `fingerprint_inputs` returns it."""
-        return fingerprint_inputs(**{name: getattr(self, name) for name in FINGERPRINT_FIELDS})
+        return _canonical_inputs({name: getattr(self, name) for name in FINGERPRINT_FIELDS})
 
     def validate(self) -> None:
         """Check and normalise every field; raises CalibrationError naming the field. `save` calls
@@ -351,7 +360,7 @@ class Calibration:
         for name in ("exposure_s", "conversion_gain_e_per_dn", "display_gamma"):
             if getattr(self, name) <= 0:
                 raise _bad(name, f"must be positive, got {getattr(self, name)}")
-        expected = bench_fingerprint(**self.bench_inputs)
+        expected = _digest(self.bench_inputs)
         if not self.fingerprint:
             self.fingerprint = expected
         elif self.fingerprint != expected:
@@ -629,8 +638,8 @@ def _check_bench(path: Path, cal: Calibration, expected: str | Mapping[str, Any]
         missing = [k for k in FINGERPRINT_FIELDS if k not in expected]
         if missing:
             raise _err(f"expect_fingerprint: the bench inputs lack {', '.join(missing)}")
-        want = fingerprint_inputs(**{k: expected[k] for k in FINGERPRINT_FIELDS})
-        if bench_fingerprint(**want) == cal.fingerprint:
+        want = _canonical_inputs(expected)
+        if _digest(want) == cal.fingerprint:
             return
         detail = ", ".join(
             f"{k} {_fmt(have[k])} in the file vs {_fmt(want[k])} on the bench"
@@ -656,8 +665,8 @@ def load(
     another bench) is one CalibrationError whose one-line message starts with the path.
 
     `expect_fingerprint` is the bench's fingerprint string, or better the `fingerprint_inputs`
-    dict (the keyword arguments of `bench_fingerprint`), with which a mismatch names the fields
-    that differ.
+    dict (one entry per FINGERPRINT_FIELDS name), with which a mismatch names the fields that
+    differ.
     """
     path = Path(path)
     if not path.exists():

@@ -16,14 +16,13 @@ import numpy as np
 
 from calibration import geometry, photometry
 from calibration.calfile import Calibration, bench_fingerprint
+from calibration.design import Design
 from calibration.errors import CalibrationError
 from calibration.model import noise_variance, predict_frames
 from calibration.psf import (
     estimate_kernel,
     exclusive_masks,
     fit_region,
-    kernel_offset,
-    psf_centroid,
     render_tiles,
 )
 
@@ -37,27 +36,6 @@ STEPS = (
     "kernels",
     "validation",
 )
-
-
-@dataclass(frozen=True)
-class Design:
-    """The frontend as designed: where its tiles should be and what its PSFs should look like.
-
-    Measured kernels are aligned to it: the translation a PSF and a misalignment share cannot be
-    told apart, so each measured PSF keeps its design's centroid and the registration takes the
-    rest.
-    """
-
-    kernels: int
-    kernel_size: int
-    signed: bool
-    channels: int
-    tile_boxes: list[tuple[int, int, int, int]]
-    psfs: np.ndarray  # (P, C, k, k)
-
-    def centroid_offset(self, p: int) -> np.ndarray:
-        """Design PSF centroid (x, y) minus the "same" window offset."""
-        return psf_centroid(self.psfs[p]) - kernel_offset(self.kernel_size)
 
 
 @dataclass(frozen=True)
@@ -282,9 +260,7 @@ def calibrate(
         id=uuid.uuid4().hex,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         bench_name=bench_name,
-        fingerprint=bench_fingerprint(
-            frame_hw, disp.shape, design.kernels, k, design.signed, channels, cam.bit_depth
-        ),
+        fingerprint=bench_fingerprint(design, frame_hw, disp.shape, cam.bit_depth),
         simulated=bool(bench.simulated),
         frame_shape=tuple(frame_hw),
         display_shape=tuple(disp.shape),

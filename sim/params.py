@@ -1,35 +1,18 @@
-"""Parameters of the simulated optics, sensor and display.
+"""Parameters of the simulated optics, sensor and display: what the simulated world really does.
 
 These pydantic models are the `[sim.*]` sections of a bench file: `hil.bench.config` composes
 them, and the physics in `sim/` takes them directly, so a key has one name, one default and
-one bound.
+one bound. What was designed (the `[frontend]` section) is not here: the world is built from the
+design, which real and simulated benches share.
 """
 
 from __future__ import annotations
-
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class FrontendParams(_Section):
-    """The designed optical frontend: which kernels sit on the sensor, and how."""
-
-    kernels: int = Field(8, ge=1, le=1024, description="number of kernels (feature maps)")
-    kernel_size: int = Field(7, ge=1, le=256, description="kernel (PSF) side in sensor pixels")
-    signed: bool = Field(True, description="signed kernels as a positive/negative PSF pair")
-    channels: Literal[1, 3] = Field(1, description="input colour channels (1 or 3)")
-    tile_gap_px: int = Field(4, ge=0, le=1024, description="dark gap between tiles on the sensor")
-    design_seed: int = Field(0, description="seed of the designed PSFs of the simulated bench")
-    design: str | None = Field(
-        None,
-        description="student checkpoint (from `hil train`) whose PSFs are the design; "
-        "default: a random design from design_seed",
-    )
 
 
 class FabricationParams(_Section):
@@ -81,10 +64,11 @@ class DisplayParams(_Section):
 
 
 class SimParams(_Section):
+    """The simulated bench: its fabricated glass, sensor and display, or a replayed calibration."""
+
     replay: str | None = Field(
         None, description="calibration file (HDF5) whose measured bench to replay instead"
     )
-    frontend: FrontendParams = FrontendParams()
     fabrication: FabricationParams = FabricationParams()
     sensor: SensorParams = SensorParams()
     display: DisplayParams = DisplayParams()

@@ -21,50 +21,49 @@ from sim.sensor import Sensor
 
 
 class SimWorld:
-    """State the simulated devices share; designed PSFs (P, C, k, k) default to a seeded design."""
+    """State the simulated devices share, built from the design it fabricates.
+
+    `designed_psfs` (P, C, k, k) are the design's PSFs (interleaved ± pairs when `signed`) and
+    `layout` its grid of P tiles on the sensor; the world fabricates its glass from them with the
+    `[sim.fabrication]` errors. What was designed is the caller's to say: sim knows no bench file.
+    """
 
     def __init__(
         self,
         params: SimParams,
-        designed_psfs: torch.Tensor | None = None,
+        designed_psfs: torch.Tensor,
+        signed: bool,
+        layout: TileLayout,
         clock: RealClock | VirtualClock | None = None,
     ) -> None:
         self.params, self.clock = params, clock or RealClock()
-        fp, dp = params.frontend, params.display
+        dp = params.display
+        p, channels, k = designed_psfs.shape[0], designed_psfs.shape[1], designed_psfs.shape[-1]
+        if layout.n_tiles != p:
+            raise ValueError(f"{p} designed PSFs but {layout.n_tiles} tiles in the layout")
+        kernels = p // 2 if signed else p
         self.designed = PSFFrontend(
-            fp.kernels,
-            fp.kernel_size,
-            fp.channels,
-            fp.signed,
-            psfs=designed_psfs,
-            trainable=False,
-            seed=fp.design_seed,
+            kernels, k, channels, signed, psfs=designed_psfs, trainable=False
         )
         self.fabrication = Fabrication(params.fabrication, dp)
         self.frontend = PSFFrontend(
-            fp.kernels,
-            fp.kernel_size,
-            fp.channels,
-            fp.signed,
+            kernels,
+            k,
+            channels,
+            signed,
             psfs=self.fabrication.fabricate_psfs(self.designed.psfs),
             trainable=False,
         )
-        self.layout = TileLayout.grid(
-            self.frontend.n_psfs, (dp.height, dp.width), fp.tile_gap_px, fp.signed
-        )
+        self.layout = layout
         self.sensor = Sensor(params.sensor)
         self.noise = torch.Generator().manual_seed(params.fabrication.seed * 1_000_003 + 17)
-        self.levels = torch.zeros(fp.channels, dp.height, dp.width)
+        self.levels = torch.zeros(channels, dp.height, dp.width)
         self.sources: dict[str, tuple[bool, float]] = {}
 
     @property
     def display_shape(self) -> tuple[int, ...]:
         dp = self.params.display
-        return (
-            (dp.height, dp.width)
-            if self.params.frontend.channels == 1
-            else (dp.height, dp.width, 3)
-        )
+        return (dp.height, dp.width) if self.designed.channels == 1 else (dp.height, dp.width, 3)
 
     def set_source(self, name: str, on: bool, level: float) -> None:
         """A light source or shutter in the illumination path; light passes when all are on."""

@@ -21,6 +21,7 @@ from calibration.calfile import (
     save,
     summary,
 )
+from calibration.design import Design
 from calibration.errors import CalibrationError
 
 H, W, HD, WD, K = 40, 40, 16, 16, 5
@@ -33,6 +34,27 @@ BENCH = {
     "channels": 1,
     "camera_bit_depth": 12,
 }
+
+
+def _design(kernels: int = 2, kernel_size: int = K, signed: bool = True, channels: int = 1):
+    """A design with that geometry (what the fingerprint reads of it; PSFs and boxes are not)."""
+    p = kernels * (2 if signed else 1)
+    return Design(
+        kernels=kernels,
+        kernel_size=kernel_size,
+        signed=signed,
+        channels=channels,
+        tile_boxes=[(0, 0, HD, WD)] * p,
+        psfs=np.ones((p, channels, kernel_size, kernel_size)),
+        hw=(HD, WD),
+    )
+
+
+def _fingerprint(fields: dict, of=bench_fingerprint):
+    """`of` (bench_fingerprint or fingerprint_inputs) of the seven geometry fields."""
+    f = dict(fields)
+    camera = (f.pop("frame_shape"), f.pop("display_shape"), f.pop("camera_bit_depth"))
+    return of(_design(**f), *camera)
 
 
 def _cal(seed: int = 0, **over) -> Calibration:
@@ -244,21 +266,23 @@ def test_other_bench_names_what_differs(saved) -> None:
     assert "kernels 2 in the file vs 3 on the bench" in message
     assert "frame_shape 40x40 in the file vs 48x48 on the bench" in message
     assert "display_shape" not in message and "run `hil calibrate` for this bench" in message
-    other = bench_fingerprint(**bench)
+    other = _fingerprint(bench)
     message = _load_error(path, expect_fingerprint=other)
     assert cal.fingerprint in message and other in message and "kernels 2" in message
     assert load(path, expect_fingerprint=BENCH) == cal
 
 
 def test_fingerprint_is_stable_and_canonical() -> None:
-    fp = bench_fingerprint(**BENCH)
+    fp = _fingerprint(BENCH)
     assert fp == "9ff6044719c49e3e"  # a change here orphans every calibration file on disk
     numpy_typed = {**BENCH, "frame_shape": np.array([H, W]), "kernels": np.int64(2)}
-    assert bench_fingerprint(**numpy_typed) == fp
-    assert fingerprint_inputs(**numpy_typed) == json.loads(json.dumps(fingerprint_inputs(**BENCH)))
+    assert _fingerprint(numpy_typed) == fp
+    inputs = _fingerprint(BENCH, fingerprint_inputs)
+    assert _fingerprint(numpy_typed, fingerprint_inputs) == json.loads(json.dumps(inputs))
+    assert inputs == _cal().bench_inputs
     changed = {"camera_bit_depth": 10, "signed": False, "channels": 3, "display_shape": (16, 17)}
     for key, value in changed.items():
-        assert bench_fingerprint(**{**BENCH, key: value}) != fp, key
+        assert _fingerprint({**BENCH, key: value}) != fp, key
     assert _cal().fingerprint == fp
 
 

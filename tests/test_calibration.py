@@ -13,10 +13,10 @@ from calibration.model import noise_variance, predict_frames
 from calibration.pipeline import Plan, calibrate
 from hil.bench.assembly import Bench
 from hil.bench.config import parse_bench
+from hil.bench.design import design_with, load_design
+from hil.bench.truth import ground_truth
 from hil.cli.commands import main
-from hil.jobs.calibrate import design_of, ground_truth
 from sim.clock import VirtualClock
-from sim.world import SimWorld
 
 HARSH = {  # the issue's range: gain 0.8-1.2, shift ≤ 3 px, rotation ≤ 1°, δ 10%, blur 0.5 px
     1: dict(gain=0.8, shift_px=[3.0, 2.0], rotation_deg=1.0),
@@ -25,13 +25,13 @@ HARSH = {  # the issue's range: gain 0.8-1.2, shift ≤ 3 px, rotation ≤ 1°, 
 }
 
 
-def sim_bench(**sections) -> Bench:
-    return Bench(parse_bench({"sim": sections}), clock=VirtualClock())
+def sim_bench(frontend: dict | None = None, **sections) -> Bench:
+    return Bench(parse_bench({"frontend": frontend or {}, "sim": sections}), clock=VirtualClock())
 
 
 def run(bench: Bench, plan: Plan = Plan()):
     with bench:
-        design = design_of(bench)
+        design = bench.design
         cal = calibrate(bench, design, plan)
         truth = ground_truth(bench, cal, design)
     return cal, truth
@@ -158,12 +158,12 @@ def test_a_corrupt_replay_file_is_one_clear_error(tmp_path, monkeypatch, capsys)
 
 def test_a_dim_sub_optic_is_registered_with_a_longer_grid_exposure():
     """One PSF passing 1/15 of its design's light: its dots need a longer exposure, and get it."""
-    params = parse_bench({}).sim
-    psfs = SimWorld(params).designed.psfs.clone()
+    config = parse_bench({})
+    psfs = load_design(config).psfs.copy()
     psfs[3] /= 15
-    bench = Bench(parse_bench({}), clock=VirtualClock(), designed_psfs=psfs)
+    bench = Bench(config, clock=VirtualClock(), design=design_with(config, psfs))
     with bench:
-        design = design_of(bench)
+        design = bench.design
         cal = calibrate(bench, design, Plan(patterns=16))
         truth = ground_truth(bench, cal, design)
     geometry = next(s for s in cal.steps if s["name"] == "geometry")

@@ -21,7 +21,6 @@ from hil.bench.assembly import Bench
 from hil.bench.config import BenchConfig
 from hil.data.datasets import load_dataset
 from hil.errors import UserError
-from hil.jobs.calibrate import design_of
 from sim.clock import VirtualClock
 
 
@@ -31,7 +30,7 @@ def shared_calibration(tmp_path_factory) -> Path:
     if not path.exists():
         bench = Bench(BenchConfig(), clock=VirtualClock())
         with bench:
-            cal = calibrate(bench, design_of(bench), Plan(patterns=16))
+            cal = calibrate(bench, bench.design, Plan(patterns=16))
         calfile.save(cal, path)
     return path
 

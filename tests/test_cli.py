@@ -29,7 +29,7 @@ def test_help_explains_every_command(monkeypatch, capsys):
     [
         ("[sim.sensor]\nexposure_s = -0.01\n", "sim.sensor.exposure_s"),
         ("[sim.sensor]\nexposure = 0.01\n", "sim.sensor.exposure"),
-        ("[sim.frontend]\nkernels = 0\n", "sim.frontend.kernels"),
+        ("[frontend]\nkernels = 0\n", "frontend.kernels"),
         ("[sim\n", "not valid TOML"),
     ],
 )
@@ -66,7 +66,7 @@ def test_bench_init_writes_the_defaults_and_a_partial_file_keeps_the_rest(
     cfg = load_bench(partial)
     assert cfg.sim.sensor.bit_depth == 10
     assert cfg.sim.sensor.full_well_e == BenchConfig().sim.sensor.full_well_e
-    assert cfg.sim.frontend == BenchConfig().sim.frontend
+    assert cfg.frontend == BenchConfig().frontend
 
 
 def test_devices_lists_the_simulated_bench(monkeypatch, capsys):

@@ -14,7 +14,7 @@ from cli_run import run_hil
 from sklearn.kernel_ridge import KernelRidge
 
 from calibration.pipeline import Plan
-from hil.bench.config import parse_bench
+from hil.bench.config import FrontendConfig, parse_bench
 from hil.data.datasets import Dataset, load_dataset, to_display
 from hil.design.estimate import (
     EXPOSURE_FILL,
@@ -34,7 +34,7 @@ from hil.design.layout import design_layout, layout_for_kernels
 from hil.errors import UserError
 from hil.models.onn import ONN, StudentSpec
 from hil.ntkd.kernels import student_ntk
-from sim.params import FrontendParams, SensorParams
+from sim.params import SensorParams
 from sim.sensor import Sensor
 
 TRAINED_NTKD_8 = 0.968  # `hil train --method ntkd`, 8 kernels on digits, mean of 5 seeds
@@ -258,11 +258,11 @@ def test_published_grids_from_sizes():
 def test_frontend_section_parses_and_validates():
     layout = design_layout((1000, 2000), 200, 50, channels=3, magnification=0.5, **SENSOR)
     parsed = tomllib.loads(layout.frontend_toml())
-    params = FrontendParams.model_validate(parsed["sim"]["frontend"])
+    params = FrontendConfig.model_validate(parsed["frontend"])
     assert params == layout.frontend
     assert (params.kernels, params.kernel_size, params.signed, params.channels) == (16, 7, True, 3)
     assert params.tile_gap_px == layout.gap_px == 5
-    assert parse_bench(parsed).sim.frontend == params  # a bench file accepts it as it is
+    assert parse_bench(parsed).frontend == params  # a bench file accepts it as it is
 
 
 def test_unsigned_kernels_and_odd_columns():
@@ -329,7 +329,7 @@ def test_run_estimate_writes_curve_and_layouts(tmp_path):
     assert list(rows) == [2, 16]
     assert rows[2]["layout"]["fits"] and rows[2]["layout"]["grid"] == [2, 2]
     toml = tomllib.loads(rows[2]["layout"]["frontend_toml"])
-    assert FrontendParams.model_validate(toml["sim"]["frontend"]).kernels == 2
+    assert FrontendConfig.model_validate(toml["frontend"]).kernels == 2
     assert not rows[16]["layout"]["fits"]
     assert "pixel pitch binds" in rows[16]["layout"]["reason"]
     out = tmp_path / "est"
@@ -383,8 +383,8 @@ def test_cli_json_is_the_estimate_and_lays_out_the_published_grid(tmp_path, monk
     assert got["noise"] == want["noise"] and got["train_size"] == 100
     lay = got["rows"][1]["layout"]
     assert (lay["grid"], lay["kernels"], lay["tiles"], lay["tile_px"]) == ([4, 4], 8, 16, 40)
-    frontend = tomllib.loads((tmp_path / "o" / "frontend-8.toml").read_text())["sim"]["frontend"]
-    assert FrontendParams.model_validate(frontend).kernels == 8
+    frontend = tomllib.loads((tmp_path / "o" / "frontend-8.toml").read_text())["frontend"]
+    assert FrontendConfig.model_validate(frontend).kernels == 8
     record = json.loads(
         (tmp_path / "r" / got["run_dir"].split("/")[-1] / "result.json").read_text()
     )
@@ -398,7 +398,7 @@ def test_cli_prints_the_table_and_each_layout(tmp_path, monkeypatch, capsys):
     assert code == 0, err
     assert "| 2 |" in out and "noiseless maps" in out and "map SNR" not in out
     assert "2 kernels: 4 x 4 grid of 200 µm sub-optics" in out
-    assert "[sim.frontend]" in out and "kernels = 2" in out
+    assert "[frontend]" in out and "kernels = 2" in out
     assert "2 kernels:" in err  # progress
 
 
@@ -441,5 +441,5 @@ def test_cli_help_teaches_what_the_estimate_is(monkeypatch, capsys):
     monkeypatch.setenv("COLUMNS", "200")
     code, out, _ = run_hil(monkeypatch, capsys, "estimate", "--help")
     assert code == 0
-    for words in ("neural tangent kernel", "diagnostic", "s on 2 CPU cores", "[sim.frontend]"):
+    for words in ("neural tangent kernel", "diagnostic", "s on 2 CPU cores", "[frontend]"):
         assert words in out, words

@@ -154,12 +154,12 @@ def test_a_bench_can_be_designed_from_a_trained_student(bench):
     root, _ = bench
     student = load_onn(root / "onn.pt")
     design = str(root / "onn.pt")
-    config = parse_bench({"sim": {"frontend": {"design": design}}})
+    config = parse_bench({"frontend": {"design": design}})
     world = Bench(config).world
     torch.testing.assert_close(world.designed.psfs, student.frontend.psfs.detach())
-    bad = parse_bench({"sim": {"frontend": {"design": design, "kernels": 4}}})
+    bad = parse_bench({"frontend": {"design": design, "kernels": 4}})
     with pytest.raises(UserError, match=r"\(kernels, kernel_size, signed, channels\)"):
-        Bench(bad).sim_world()
+        Bench(bad)
 
 
 def test_val_captures_keep_the_best_epoch_even_the_untouched_backend(bench, tmp_path):

@@ -9,12 +9,17 @@ from hil.bench.assembly import Bench
 from hil.bench.config import parse_bench
 from sim.clock import RealClock, VirtualClock
 from sim.devices import SimCamera, SimDisplay, SimLightSource, SimPowerMeter
+from sim.layout import TileLayout
 from sim.params import SimParams
+from sim.psf_frontend import PSFFrontend
 from sim.world import SimWorld
 
 
 def world(clock=None) -> SimWorld:
-    return SimWorld(SimParams(), clock=clock or VirtualClock())
+    """A world fabricated from 8 signed 7x7 random kernels, tiled on the sensor in a 4x4 grid."""
+    psfs = PSFFrontend(8, 7, 1, True, trainable=False).psfs
+    layout = TileLayout.grid(16, (32, 32), 4, True)
+    return SimWorld(SimParams(), psfs, True, layout, clock or VirtualClock())
 
 
 class TestSimCameraContract(CameraContract):

@@ -27,7 +27,6 @@ from hil.acquire.store import CaptureStore, Row
 from hil.bench.assembly import Bench
 from hil.bench.config import BenchConfig
 from hil.data.datasets import load_dataset
-from hil.jobs.calibrate import design_of
 
 SNAP_TIMEOUT_S = 5.0
 COMMIT_EVERY_S = 0.2  # a crash loses at most this much capture time (retaken on the rerun)
@@ -114,15 +113,9 @@ def run_capture(
     plan = stratified_subset(data.labels, data.split(split), fraction, seed)
     shown = as_shown(data.images[plan], bench.display.shape[:2])
     with bench:
-        design = design_of(bench)
+        design = bench.design
         inputs = calfile.fingerprint_inputs(
-            bench.camera.shape,
-            bench.display.shape,
-            design.kernels,
-            design.kernel_size,
-            design.signed,
-            design.channels,
-            bench.camera.bit_depth,
+            design, bench.camera.shape, bench.display.shape, bench.camera.bit_depth
         )
         cal = calfile.load(calibration, expect_fingerprint=inputs)
         extract = FeatureExtractor(cal, design.psfs.sum(axis=(1, 2, 3)))

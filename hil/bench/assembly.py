@@ -5,34 +5,21 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
 import torch
 
+from calibration.design import Design
 from calibration.errors import CalibrationError
 from drivers import registry
 from drivers.errors import DeviceError
 from drivers.protocols import Camera, Device, Display, LightSource, PowerMeter
 from hil.bench.config import ROLES, BenchConfig, DeviceConfig
+from hil.bench.design import load_design, tile_layout
 from hil.errors import UserError
 from sim.clock import RealClock, VirtualClock
 from sim.world import SimWorld
 
 log = logging.getLogger("hil")
-
-
-def design_from_student(fp) -> torch.Tensor:
-    """The PSFs of a trained student: what a lab sends to fabrication."""
-    from hil.jobs.evaluate import load_onn
-
-    student = load_onn(fp.design)
-    s = student.spec
-    have = (s.kernels, s.kernel_size, s.signed, s.channels)
-    want = (fp.kernels, fp.kernel_size, fp.signed, fp.channels)
-    if s.frontend != "psf" or have != want:
-        raise UserError(
-            f"[sim.frontend] design = {fp.design!r}: a {s.frontend} student with (kernels, "
-            f"kernel_size, signed, channels) = {have}, but the section says {want}"
-        )
-    return student.frontend.psfs.detach()
 
 
 class Bench:
@@ -42,16 +29,19 @@ class Bench:
     off, blanks the display and closes every device, even when one of those steps fails. A device
     with `backend = "auto"` that does not open is replaced by its simulated twin, loudly, and the
     bench's snapshot says so.
+
+    `design` is the optic as designed; by default the bench file's (`hil.bench.design`). A
+    simulated device builds the simulated world from it on first use; real devices never do.
     """
 
     def __init__(
         self,
         config: BenchConfig,
         clock: RealClock | VirtualClock | None = None,
-        designed_psfs: torch.Tensor | None = None,
+        design: Design | None = None,
     ) -> None:
         self.config = config
-        self._clock, self._designed, self._world = clock, designed_psfs, None
+        self._clock, self._design, self._world = clock, design, None
         self.fallbacks: list[str] = []
         self.devices: dict[str, Device] = {}
         self.build_errors: dict[str, DeviceError] = {}
@@ -61,18 +51,27 @@ class Bench:
             except DeviceError as e:
                 self.build_errors[role] = e
 
+    @property
+    def design(self) -> Design:
+        """The optic as designed, from the bench file (and its design checkpoint) only."""
+        if self._design is None:
+            self._design = load_design(self.config)
+        return self._design
+
     def sim_world(self) -> SimWorld:
-        """The simulated world, made on first use by a simulated device."""
+        """The simulated world, made from the design on first use by a simulated device."""
         if self._world is None:
-            if self.config.sim.replay:
+            design, sim = self.design, self.config.sim
+            layout = tile_layout(self.config.frontend, design.hw)
+            if tuple(layout.boxes) != design.tile_boxes:
+                raise ValueError("the design's tile boxes are not the bench file's tile grid")
+            if sim.replay:
                 from hil.bench.replay import ReplayWorld
 
-                self._world = ReplayWorld(self.config.sim, self.config.sim.replay, self._clock)
+                self._world = ReplayWorld(sim, design, layout, sim.replay, self._clock)
             else:
-                designed = self._designed
-                if designed is None and self.config.sim.frontend.design:
-                    designed = design_from_student(self.config.sim.frontend)
-                self._world = SimWorld(self.config.sim, designed, self._clock)
+                psfs = torch.from_numpy(design.psfs.astype(np.float32))
+                self._world = SimWorld(sim, psfs, design.signed, layout, self._clock)
         return self._world
 
     world = property(sim_world)
@@ -80,8 +79,8 @@ class Bench:
     def _build(self, role: str, dc: DeviceConfig) -> Device:
         try:
             return registry.build(ROLES[role], dc.driver, role, dc.options, self)
-        except CalibrationError:
-            raise  # a replayed calibration file that cannot be used: the user's to fix
+        except (CalibrationError, UserError):
+            raise  # an unusable replayed calibration or design checkpoint: the user's to fix
         except Exception as e:
             if dc.backend == "auto":
                 return self._fallback(role, e)

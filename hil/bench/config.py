@@ -8,15 +8,36 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from drivers import registry
 from hil.errors import UserError
 from sim.params import SimParams
+
+log = logging.getLogger("hil")
+
+
+class FrontendConfig(BaseModel):
+    """The optic as designed and fabricated: which kernels sit on the sensor, and how."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kernels: int = Field(8, ge=1, le=1024, description="number of kernels (feature maps)")
+    kernel_size: int = Field(7, ge=1, le=256, description="kernel (PSF) side in sensor pixels")
+    signed: bool = Field(True, description="signed kernels as a positive/negative PSF pair")
+    channels: Literal[1, 3] = Field(1, description="input colour channels (1 or 3)")
+    tile_gap_px: int = Field(4, ge=0, le=1024, description="dark gap between tiles on the sensor")
+    design_seed: int = Field(0, description="seed of the random design used without `design`")
+    design: str | None = Field(
+        None,
+        description="student checkpoint (`hil train`) whose PSFs went to fabrication; "
+        "default: random, from design_seed",
+    )
 
 
 class DeviceConfig(BaseModel):
@@ -64,19 +85,23 @@ ROLES = {
 
 
 class BenchConfig(BaseModel):
-    """A bench: its devices, and the simulated world used when they are simulated."""
+    """A bench: the optic as designed, its devices, and the simulated world used when they are
+    simulated."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field("simulated bench", description="a name for run records")
+    frontend: FrontendConfig = FrontendConfig()
     devices: DevicesConfig = DevicesConfig()
     sim: SimParams = SimParams()
 
 
-def _one_line(path: str, err: ValidationError) -> str:
+def _one_line(path: str, err: ValidationError, moved: bool = False) -> str:
     errors = err.errors()
     first = errors[0]
     loc = ".".join(str(p) for p in first["loc"])
+    if moved and first["loc"][0] == "frontend":
+        loc = f"sim.{loc}"  # name the key where the (deprecated) file has it
     if first["type"] == "extra_forbidden":
         section = _section_of(first["loc"][:-1])
         allowed = list(section.model_fields) if section else []
@@ -99,11 +124,30 @@ def _section_of(loc: tuple) -> type[BaseModel] | None:
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
+def _moved_frontend(data: dict, source: str) -> tuple[dict, bool]:
+    """A bench file of before `[frontend]` existed: its `[sim.frontend]` moved there, loudly."""
+    sim = data.get("sim")
+    if not (isinstance(sim, dict) and "frontend" in sim):
+        return data, False
+    if "frontend" in data:
+        raise UserError(
+            f"{source}: both [frontend] and the deprecated [sim.frontend]: "
+            "keep only [frontend] (the same keys)"
+        )
+    log.warning(
+        "%s: [sim.frontend] is deprecated: rename the section to [frontend] (the same keys)",
+        source,
+    )
+    rest = {k: v for k, v in sim.items() if k != "frontend"}
+    return {**data, "frontend": sim["frontend"], "sim": rest}, True
+
+
 def parse_bench(data: dict, source: str = "bench") -> BenchConfig:
+    data, moved = _moved_frontend(data, source)
     try:
         config = BenchConfig.model_validate(data)
     except ValidationError as e:
-        raise UserError(_one_line(source, e)) from None
+        raise UserError(_one_line(source, e, moved)) from None
     for role, device in config.devices.configured().items():
         _check_device(source, role, device)
     return config
@@ -192,6 +236,7 @@ def to_toml(config: BaseModel, comments: bool = True) -> str:
 def default_bench_toml() -> str:
     head = (
         "# hil bench file. Every key is optional: remove what you do not change.\n"
-        "# The [sim.*] sections describe the simulated bench (the digital twin of a real one).\n"
+        "# [frontend] is the optic as designed, shared by real and simulated benches; the [sim.*]\n"
+        "# sections describe the simulated bench (the digital twin of a real one).\n"
     )
     return head + to_toml(BenchConfig())

@@ -13,29 +13,30 @@ import numpy as np
 import torch
 
 from calibration import calfile
+from calibration.design import Design
 from calibration.model import predict_signal
 from sim.clock import RealClock, VirtualClock
+from sim.layout import TileLayout
 from sim.params import SimParams
 from sim.world import SimWorld
 
 
 class ReplayWorld(SimWorld):
+    """The simulated devices of a bench whose optic is `design`, recording what the calibration
+    measured on it (refused when the calibration is of another design, camera or display)."""
+
     def __init__(
         self,
         params: SimParams,
+        design: Design,
+        layout: TileLayout,
         calibration: Path | str,
         clock: RealClock | VirtualClock | None = None,
     ) -> None:
-        super().__init__(params, clock=clock)
-        fp = params.frontend
+        psfs = torch.from_numpy(design.psfs.astype(np.float32))
+        super().__init__(params, psfs, design.signed, layout, clock)
         inputs = calfile.fingerprint_inputs(
-            self.layout.frame_shape,
-            self.display_shape,
-            fp.kernels,
-            fp.kernel_size,
-            fp.signed,
-            fp.channels,
-            params.sensor.bit_depth,
+            design, self.layout.frame_shape, self.display_shape, params.sensor.bit_depth
         )
         self.calibration = calfile.load(calibration, expect_fingerprint=inputs)
         self._rng = np.random.default_rng(params.fabrication.seed)

@@ -269,7 +269,7 @@ def train_cmd(
     from hil.data.datasets import load_dataset
     from hil.models.onn import StudentSpec
     from hil.output.records import Run, write_json
-    from hil.training.loop import Settings, world
+    from hil.training.loop import Settings, ddp_rank_size
     from hil.training.student import FabricationAugment, train_student
     from hil.training.teacher import load_teacher
 
@@ -301,7 +301,7 @@ def train_cmd(
     if method in ("kd", "ntkd"):
         t_model, info, t_path = load_teacher(teacher, dataset)
         cache = t_path.with_name(f"{t_path.stem}.ntk-R{projections}-s{seed}.pt")
-    rank, _ = world()
+    rank, _ = ddp_rank_size()
     args = {
         "dataset": dataset,
         "method": method,

@@ -117,7 +117,7 @@ def estimate_cmd(
 
     With --metasurface-um, --spacing-um, --pixel-um and --sensor-px, each candidate also gets the
     largest symmetric grid of sub-optics that holds it, its tiles on the sensor and the bench
-    file's \[sim.frontend] section, or the constraint that makes it impossible.
+    file's \[frontend] section, or the constraint that makes it impossible.
 
     Writes OUT/estimate.md (the table), OUT/estimate.png (accuracy against kernel count),
     OUT/estimate.json (everything), and with a layout OUT/layouts.json and OUT/frontend-M.toml.

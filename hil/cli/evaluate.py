@@ -61,14 +61,8 @@ def evaluate_cmd(
     from hil.acquire.store import read
     from hil.bench.config import load_bench
     from hil.data.datasets import load_dataset, to_display
-    from hil.jobs.evaluate import (
-        check_maps,
-        evaluate_store,
-        load_onn,
-        predict,
-        save_confusion_png,
-        save_overlay_png,
-    )
+    from hil.jobs.evaluate import evaluate_store, predict, save_confusion_png, save_overlay_png
+    from hil.models.checkpoint import check_maps, load_onn
     from hil.output.records import Run
     from hil.training.student import place_masks
 

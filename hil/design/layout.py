@@ -20,7 +20,7 @@ Choices (the paper gives only the formula):
   pitch of ``(k + d)·M/p`` pixels, the used grid centred on the sensor. Tiles are rounded to whole
   pixels, the tile down (a box never reaches beyond its sub-optic's image) and the pitch to the
   nearest, so neighbouring boxes never overlap.
-- **Bench file**: ``[sim.frontend]`` gets the kernel count, the PSF side in sensor pixels (the
+- **Bench file**: ``[frontend]`` gets the kernel count, the PSF side in sensor pixels (the
   ONN's kernel size, not the sub-optic), signedness, channels and the gap. The simulated bench
   lays its tiles out itself (`TileLayout.grid`: most nearly square, each tile the display's size),
   so its grid can differ from the metasurface's (32 tiles: 6x6 there, 4x8 here).
@@ -34,10 +34,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from hil.bench.config import to_toml
+from hil.bench.config import FrontendConfig, to_toml
 from hil.errors import UserError
 from sim.layout import TileLayout
-from sim.params import FrontendParams
 
 __all__ = ["Layout", "design_layout", "layout_for_kernels"]
 
@@ -59,7 +58,7 @@ class Layout:
     gap_px: int  # dark gap between neighbouring tiles
     sensor_px: tuple[int, int]
     tile_boxes_px: list[tuple[int, int, int, int]]  # (y0, x0, h, w) per tile, in tile order
-    frontend: FrontendParams
+    frontend: FrontendConfig
     binding: list[str] = field(default_factory=list)  # what limits the layout, and the margins
 
     @property
@@ -68,8 +67,8 @@ class Layout:
         return self.rows * (self.cols // 2 if self.frontend.signed else self.cols)
 
     def frontend_toml(self) -> str:
-        """The bench file's ``[sim.frontend]`` section for this layout."""
-        return "[sim.frontend]\n" + to_toml(self.frontend)
+        """The bench file's ``[frontend]`` section for this layout."""
+        return "[frontend]\n" + to_toml(self.frontend)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -135,7 +134,7 @@ def design_layout(
     """The largest symmetric grid of ``kernel_um`` sub-optics on the metasurface, and its tiles.
 
     ``kernels``: realise only this many (the first tiles in row-major order); default every kernel
-    that fits. ``kernel_size_px`` is the PSF side in sensor pixels written to ``[sim.frontend]``
+    that fits. ``kernel_size_px`` is the PSF side in sensor pixels written to ``[frontend]``
     (the ONN's kernel size); it must fit inside one tile.
     """
     h, w = _pair("metasurface", metasurface_um, "µm")
@@ -227,7 +226,7 @@ def design_layout(
     if gap_px > 1024:
         raise UserError(f"tile gap {gap_px} px exceeds the bench file's 1024 px bound")
     try:
-        frontend = FrontendParams(
+        frontend = FrontendConfig(
             kernels=kernels,
             kernel_size=kernel_size_px,
             signed=signed,
@@ -235,7 +234,7 @@ def design_layout(
             tile_gap_px=gap_px,
         )
     except ValueError as e:  # pydantic bounds (e.g. more than 1024 kernels)
-        raise UserError(f"[sim.frontend] cannot hold this layout: {e}") from None
+        raise UserError(f"[frontend] cannot hold this layout: {e}") from None
     return Layout(
         rows=rows,
         cols=cols,

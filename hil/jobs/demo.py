@@ -24,8 +24,9 @@ from hil.acquire.store import read
 from hil.bench.config import BenchConfig
 from hil.data.datasets import Dataset, digits
 from hil.jobs.calibrate import run_calibrate
-from hil.jobs.evaluate import evaluate_store, load_onn
+from hil.jobs.evaluate import evaluate_store
 from hil.jobs.finetune import run_finetune, save_student
+from hil.models.checkpoint import load_onn
 from hil.models.onn import StudentSpec
 from hil.training.loop import Settings
 from hil.training.student import train_student
@@ -101,12 +102,10 @@ def fabricated_bench(config: BenchConfig, student: Path, plan: DemoPlan) -> Benc
     }
     return config.model_copy(
         update={
+            "frontend": config.frontend.model_copy(update={"design": str(student)}),
             "sim": sim.model_copy(
-                update={
-                    "frontend": sim.frontend.model_copy(update={"design": str(student)}),
-                    "fabrication": sim.fabrication.model_copy(update=errors),
-                }
-            )
+                update={"fabrication": sim.fabrication.model_copy(update=errors)}
+            ),
         }
     )
 

@@ -19,7 +19,7 @@ from hil.acquire.capture import stratified_subset
 from hil.acquire.identity import check_source
 from hil.data.datasets import load_dataset
 from hil.errors import UserError
-from hil.jobs.evaluate import check_maps, load_onn
+from hil.models.checkpoint import check_maps, load_onn
 from hil.models.onn import ONN
 from hil.ntkd.losses import build_loss
 from hil.training.loop import Settings, accuracy, fit, save_checkpoint

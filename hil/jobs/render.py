@@ -13,7 +13,8 @@ from hil.bench.assembly import Bench
 from hil.bench.config import BenchConfig
 from hil.data.placement import place_on_display, read_image
 from hil.output.figures import save_frame_png, save_map_sheet
-from sim.psf_frontend import signed_combine
+from sim.psf_frontend import PSFFrontend, signed_combine
+from sim.sensor import Sensor
 
 SNAP_TIMEOUT_S = 5.0
 
@@ -41,25 +42,34 @@ def raw_feature_maps(bench: Bench, frame: np.ndarray, dark: np.ndarray) -> np.nd
     Uncalibrated on purpose: design tile boxes and the nominal sensor response, so what differs
     from the design is what calibration will have to find.
     """
-    world = bench.world
-    sensor = world.sensor
+    design, sensor = bench.design, Sensor(bench.config.sim.sensor)
     scale = sensor.gain_e_per_dn / (sensor.params.flux_e_per_s * bench.camera.exposure_s)
-    tiles = world.layout.crop(torch.as_tensor((frame - dark) * scale, dtype=torch.float32))
-    return (signed_combine(tiles) if world.frontend.signed else tiles).numpy()
+    signal = torch.as_tensor((frame - dark) * scale, dtype=torch.float32)
+    tiles = torch.stack([signal[y : y + h, x : x + w] for y, x, h, w in design.tile_boxes])
+    return (signed_combine(tiles) if design.signed else tiles).numpy()
 
 
 def designed_feature_maps(bench: Bench, levels: np.ndarray) -> np.ndarray:
     """The design's noise-free feature maps of a display image: what the ONN was trained on."""
+    d = bench.design
+    optic = PSFFrontend(
+        d.kernels,
+        d.kernel_size,
+        d.channels,
+        d.signed,
+        psfs=torch.from_numpy(d.psfs.astype(np.float32)),
+        trainable=False,
+    )
     x = torch.as_tensor(levels, dtype=torch.float32)
     x = x[None, None] if x.ndim == 2 else x.permute(2, 0, 1)[None]
     with torch.no_grad():
-        return bench.world.designed(x)[0].numpy()
+        return optic(x)[0].numpy()
 
 
 def render_image(
     config: BenchConfig, image: Path, out: Path, tiles: Path | None, fill: float
 ) -> dict[str, Any]:
-    channels = config.sim.frontend.channels
+    channels = config.frontend.channels
     with Bench(config) as bench:
         levels = place_on_display(read_image(image, channels), bench.display.shape[:2], fill)
         dark = snap_dark(bench)

@@ -2,7 +2,7 @@
 
 Seeded batch order per epoch (so a resumed run sees the batches an uninterrupted one would), an
 atomic checkpoint after every epoch, metrics per epoch, and data parallelism when launched by
-`torchrun` (gloo on CPU: each rank takes every world-th sample of a batch, DDP averages grads).
+`torchrun` (gloo on CPU: each rank takes every size-th sample of a batch, DDP averages grads).
 The validation metric is a hook: accuracy for classification, mIoU for segmentation.
 """
 
@@ -38,8 +38,8 @@ class Settings:
     seed: int = 0
 
 
-def world() -> tuple[int, int]:
-    """(rank, world size): (0, 1) unless launched by torchrun."""
+def ddp_rank_size() -> tuple[int, int]:
+    """(rank, number of processes): (0, 1) unless launched by torchrun."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")
@@ -144,7 +144,7 @@ def fit(
     `resume` and an existing checkpoint, training continues after its last finished epoch. After
     every epoch `metric(model, val x, val y)` is recorded as `val_<metric_name>`.
     """
-    rank, size = world()
+    rank, size = ddp_rank_size()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
     history: list[dict[str, float]] = []

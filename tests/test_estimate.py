@@ -15,7 +15,8 @@ from sklearn.kernel_ridge import KernelRidge
 
 from calibration.pipeline import Plan
 from hil.bench.config import parse_bench
-from hil.data.datasets import Dataset, load_dataset, to_display
+from hil.data.datasets import Dataset, load_dataset
+from hil.data.placement import to_display
 from hil.design.estimate import (
     EXPOSURE_FILL,
     KernelRegression,
@@ -33,7 +34,7 @@ from hil.design.estimate import (
 from hil.design.layout import design_layout, layout_for_kernels
 from hil.errors import UserError
 from hil.models.onn import ONN, StudentSpec
-from hil.ntkd.kernels import student_ntk
+from hil.ntkd.exact import student_ntk
 from sim.params import FrontendParams, SensorParams
 from sim.sensor import Sensor
 

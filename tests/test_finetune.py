@@ -8,7 +8,8 @@ import torch
 from cli_run import run_hil
 
 from hil.acquire.store import CaptureStore, Row, read
-from hil.data.datasets import digits, to_display
+from hil.data.datasets import digits
+from hil.data.placement import to_display
 from hil.errors import UserError
 from hil.jobs.finetune import load_onn, rows_for_training, run_finetune, save_student
 from hil.models.onn import ONN, StudentSpec

@@ -26,7 +26,8 @@ from calibration import calfile
 from hil.acquire.store import CaptureStore, Row
 from hil.bench.assembly import Bench
 from hil.bench.config import BenchConfig
-from hil.data.datasets import load_dataset, to_display
+from hil.data.datasets import load_dataset
+from hil.data.placement import to_display
 from hil.jobs.calibrate import design_of
 
 SNAP_TIMEOUT_S = 5.0

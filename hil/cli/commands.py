@@ -270,7 +270,8 @@ def train_cmd(
     from hil.models.onn import StudentSpec
     from hil.output.records import Run, write_json
     from hil.training.loop import Settings, world
-    from hil.training.student import FabricationAugment, train_student
+    from hil.ntkd.augment import FabricationAugment
+    from hil.training.student import train_student
     from hil.training.teacher import load_teacher
 
     if method not in ("none", "ce", "kd", "ntkd"):

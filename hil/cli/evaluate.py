@@ -60,7 +60,8 @@ def evaluate_cmd(
     from hil.acquire.capture import run_capture
     from hil.acquire.store import read
     from hil.bench.config import load_bench
-    from hil.data.datasets import load_dataset, to_display
+    from hil.data.datasets import load_dataset
+    from hil.data.placement import to_display
     from hil.jobs.evaluate import (
         check_maps,
         evaluate_store,
@@ -70,7 +71,7 @@ def evaluate_cmd(
         save_overlay_png,
     )
     from hil.output.records import Run
-    from hil.training.student import place_masks
+    from hil.data.placement import place_masks
 
     config = load_bench(bench)
     model = load_onn(checkpoint)

@@ -19,7 +19,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from hil.data.placement import place_on_display
 from hil.errors import UserError
 
 SPLIT_SEED = 20251207  # fixed forever: a sample stays in its split across runs and versions
@@ -515,10 +514,3 @@ def load_dataset(name: str, root: Path | str | None = None) -> Dataset:
             raise UserError(f"dataset {name!r} reads its files from a folder: give --data-root")
         return LOADERS[name](Path(root))
     return LOADERS[name]()
-
-
-def to_display(images: np.ndarray, display_hw: tuple[int, int], fill: float = 0.75) -> np.ndarray:
-    """Images (N, C, h, w) as the display shows them: (N, C, H, W), scaled and centred."""
-    out = [place_on_display(img.transpose(1, 2, 0), display_hw, fill) for img in images]
-    out = np.asarray(out, np.float32)
-    return out[:, None] if out.ndim == 3 else out.transpose(0, 3, 1, 2)

@@ -25,7 +25,7 @@ Choices, and why:
 - **Targets** are one-hot, centred on the training class frequencies (the mean is added back), so
   λ shrinks predictions towards the class prior rather than towards zero.
 - **Kernel** over every parameter (PSFs, map gains, backend) at initialisation, by
-  `hil.ntkd.kernels.factored_ntk`. With an fc backend it is taken on `pooled_patches` through
+  `hil.ntkd.factored.factored_ntk`. With an fc backend it is taken on `pooled_patches` through
   `PooledONN`: the same function of the same parameters, so the same kernel, at a fraction of
   the cost (other backends take the full-resolution image in passes within ``memory_bytes``).
 - **Sensor noise** (`MapNoise`, default: the simulated bench's sensor): captured maps carry shot,
@@ -65,11 +65,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from hil.data.datasets import Dataset, load_dataset, to_display
+from hil.data.datasets import Dataset, load_dataset
+from hil.data.placement import to_display
 from hil.design.layout import _pair, _positive, design_layout, layout_for_kernels
 from hil.errors import UserError
 from hil.models.onn import ONN, StudentSpec, _pool_size
-from hil.ntkd.kernels import factored_ntk
+from hil.ntkd.factored import factored_ntk
 from sim.fftconv import conv2d_direct
 from sim.params import SensorParams
 

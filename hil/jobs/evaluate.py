@@ -21,7 +21,7 @@ from hil.errors import UserError
 from hil.models.onn import ONN, StudentSpec
 from hil.output.figures import save_figure
 from hil.training.loop import IGNORE, iou_counts, load_checkpoint, mean_iou, predictions
-from hil.training.student import place_masks
+from hil.data.placement import place_masks
 
 
 def load_onn(path: Path | str) -> ONN:

@@ -22,7 +22,7 @@ from hil.jobs.evaluate import check_maps, load_onn
 from hil.models.onn import ONN
 from hil.ntkd.losses import build_loss
 from hil.training.loop import Settings, accuracy, fit, save_checkpoint
-from hil.training.student import teacher_features
+from hil.ntkd.teacher_cache import teacher_features
 
 DEFAULT_SPLIT_FRACTION = 0.1
 

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from hil.acquire.store import read
-from hil.data.datasets import Dataset, to_display
+from hil.data.datasets import Dataset
+from hil.data.placement import to_display
 from hil.jobs.evaluate import save_confusion_png
 from hil.models.onn import ONN
 from hil.output.figures import plt, save_figure, save_map_sheet

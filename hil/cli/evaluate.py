@@ -61,7 +61,7 @@ def evaluate_cmd(
     from hil.acquire.store import read
     from hil.bench.config import load_bench
     from hil.data.datasets import load_dataset
-    from hil.data.placement import to_display
+    from hil.data.placement import place_masks, to_display
     from hil.jobs.evaluate import (
         check_maps,
         evaluate_store,
@@ -71,7 +71,6 @@ def evaluate_cmd(
         save_overlay_png,
     )
     from hil.output.records import Run
-    from hil.data.placement import place_masks
 
     config = load_bench(bench)
     model = load_onn(checkpoint)

@@ -17,11 +17,11 @@ import torch
 from matplotlib.figure import Figure
 
 from hil.acquire import store as capture_store
+from hil.data.placement import place_masks
 from hil.errors import UserError
 from hil.models.onn import ONN, StudentSpec
 from hil.output.figures import save_figure
 from hil.training.loop import IGNORE, iou_counts, load_checkpoint, mean_iou, predictions
-from hil.data.placement import place_masks
 
 
 def load_onn(path: Path | str) -> ONN:

@@ -20,9 +20,9 @@ from hil.data.datasets import load_dataset
 from hil.errors import UserError
 from hil.jobs.evaluate import check_maps, load_onn
 from hil.models.onn import ONN
-from hil.ntkd.losses import build_loss
-from hil.training.loop import Settings, accuracy, fit, save_checkpoint
+from hil.ntkd.losses import FINETUNE_METHODS, build_loss, check_method
 from hil.ntkd.teacher_cache import teacher_features
+from hil.training.loop import Settings, accuracy, fit, save_checkpoint
 
 DEFAULT_SPLIT_FRACTION = 0.1
 
@@ -148,8 +148,7 @@ def run_finetune(
     """Fine-tune the backend of `checkpoint` on a capture store; write the student to `out`."""
     from hil.training.teacher import load_teacher
 
-    if method not in ("ce", "kd", "ntkd"):
-        raise UserError(f"--method {method!r}: choose ce, kd or ntkd")
+    check_method(method, FINETUNE_METHODS)
     model = load_onn(checkpoint)
     found = capture_store.read(captures)
     check_maps(model, found.features.shape[1:], captures)

@@ -141,6 +141,7 @@ class NTKD:
 
 
 LOSSES: dict[str, Callable[..., object]] = {"ce": CE, "none": CE, "kd": KD, "ntkd": NTKD}
+FINETUNE_METHODS = ("ce", "kd", "ntkd")  # `hil finetune`'s names (`none` is train's for ce)
 NORMS = ("none", "diag", "frobenius")
 VARIANTS = ("mse", "cka")
 
@@ -160,14 +161,16 @@ def check_method(method: str, choices: Sequence[str] = tuple(LOSSES)) -> str:
 def loss_options(
     method: str,
     *,
+    choices: Sequence[str] = tuple(LOSSES),
     temperature: float = 4.0,
     beta: float = 1.0,
     norm: str = "diag",
     variant: str = "mse",
 ) -> dict[str, Any]:
     """The keyword arguments of `build_loss(method, ...)` from the command line's options: the
-    temperature for kd; the NTK weight, normalisation and variant for ntkd; none otherwise."""
-    check_method(method)
+    temperature for kd; the NTK weight, normalisation and variant for ntkd; none otherwise.
+    `choices`: the methods the command offers (`check_method`)."""
+    check_method(method, choices)
     if method == "kd":
         return {"temperature": temperature}
     if method != "ntkd":

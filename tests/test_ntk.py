@@ -472,7 +472,9 @@ def test_factored_kernel_falls_back_where_the_closed_forms_stop(monkeypatch):
     used = []
     vmap_path = hil.ntkd.factored._factored_ntk_vmap
     monkeypatch.setattr(
-        hil.ntkd.factored, "_factored_ntk_vmap", lambda *a, **k: used.append(1) or vmap_path(*a, **k)
+        hil.ntkd.factored,
+        "_factored_ntk_vmap",
+        lambda *a, **k: used.append(1) or vmap_path(*a, **k),
     )
     x8, x12 = images(4, seed=8, positive=True), images(4, seed=8, positive=True, size=12)
     backend = [n for n, _ in fourier.named_parameters() if "backend" in n]

@@ -28,6 +28,7 @@ from hil.bench.assembly import Bench
 from hil.bench.config import BenchConfig
 from hil.data.datasets import load_dataset
 from hil.data.placement import to_display
+from hil.data.sampling import stratified_fraction
 from hil.jobs.calibrate import design_of
 
 SNAP_TIMEOUT_S = 5.0
@@ -85,18 +86,6 @@ def pre_compensate(levels: np.ndarray, cal: calfile.Calibration) -> np.ndarray:
     return np.interp(levels, cal.display_response, cal.display_levels).astype(np.float32)
 
 
-def stratified_subset(labels: np.ndarray, idx: np.ndarray, fraction: float, seed: int):
-    if fraction >= 1:
-        return idx
-    rng = np.random.default_rng(seed)
-    keys = labels[idx] if labels.ndim == 1 else np.zeros(len(idx), int)
-    keep = []
-    for c in np.unique(keys):
-        members = rng.permutation(idx[keys == c])
-        keep.extend(members[: max(1, round(fraction * len(members)))].tolist())
-    return np.sort(np.asarray(keep, np.int64))
-
-
 def run_capture(
     config: BenchConfig,
     calibration: Path,
@@ -112,7 +101,7 @@ def run_capture(
 ) -> dict[str, Any]:
     bench = Bench(config)
     data = load_dataset(dataset, data_root)
-    plan = stratified_subset(data.labels, data.split(split), fraction, seed)
+    plan = stratified_fraction(data.labels, data.split(split), fraction, seed)
     shown = to_display(data.images[plan], bench.display.shape[:2])
     shown = shown[:, 0] if shown.shape[1] == 1 else shown.transpose(0, 2, 3, 1)
     with bench:

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from hil.acquire import store as capture_store
-from hil.acquire.capture import stratified_subset
 from hil.data.datasets import load_dataset
+from hil.data.sampling import stratified_fraction
 from hil.errors import UserError
 from hil.jobs.evaluate import check_maps, load_onn
 from hil.models.onn import ONN
@@ -47,7 +47,7 @@ def rows_for_training(
         raise UserError(f"--fraction {use}: must be in (0, 1]")
     rows = np.arange(len(captures.index))
     labels = captures.labels if captures.labels.ndim == 1 else np.zeros(len(rows), int)
-    train = stratified_subset(labels, rows, use, seed)
+    train = stratified_fraction(labels, rows, use, seed)
     return train, np.setdiff1d(rows, train), use
 
 

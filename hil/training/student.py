@@ -70,29 +70,14 @@ def train_student(  # noqa: PLR0913  the `hil train` options, each named at its 
     `val_miou`, history `val_miou`; `test_accuracy` is then the pixel accuracy). `augment` trains
     through random fabrication errors; validation and test see the designed optic.
     """
-    segmentation = data.task == "segmentation"
-    if segmentation != (spec.backend == "updecoder"):
-        need = "the updecoder backend" if segmentation else "a classification backend"
-        raise UserError(f"{data.name} is a {data.task} dataset: it needs {need}")
-    model = ONN(spec)
-    options = dict(loss_options or {})
-    train, val, test = (student_inputs(data, s, spec) for s in ("train", "val", "test"))
-    hw = (spec.image_size, spec.image_size)
-    if segmentation and method == "ntkd":
-        options.setdefault("region", display_region(data.images.shape[-2:], hw))
-    loss = build_loss(method, **options)
-    needs = getattr(loss, "needs", frozenset())
-    if needs and teacher is None:
-        raise ValueError(f"method {method!r} needs a teacher")
-    extras: Extras | None = None
-    if "teacher_logits" in needs:
-        extras = _logit_extras(teacher, train["raw"], hw if segmentation else None)
-    elif "teacher_features" in needs:
-        pool = loss.pool if segmentation else None
-        feats = teacher_features(
-            teacher, train["raw"], teacher_cache, projections, settings.seed, pool=pool
-        )
-        extras = _feature_extras(feats)
+    model, (train, val, test), loss = _setup(spec, data, method, loss_options)
+    hw = (spec.image_size, spec.image_size) if data.task == "segmentation" else None
+
+    def features(pool: int | None) -> torch.Tensor:
+        raw, seed = train["raw"], settings.seed
+        return teacher_features(teacher, raw, teacher_cache, projections, seed, pool=pool)
+
+    extras = _teacher_extras(loss, method, teacher, train["raw"], hw, features)
     net = model
     if augment is not None:
         net = FabricatedStudent(model, augment)
@@ -112,19 +97,54 @@ def train_student(  # noqa: PLR0913  the `hil train` options, each named at its 
         metric=metric,
         metric_name=name,
     )
-    record = {
-        "method": method,
-        "dataset": data.name,
-        "spec": spec.to_dict(),
-        f"test_{name}": metric(model, test["x"], test["y"]),
-        f"val_{name}": metric(model, val["x"], val["y"]),
-        "history": history,
+    scores = {
+        f"{s}_{name}": metric(model, d["x"], d["y"]) for s, d in (("test", test), ("val", val))
     }
+    record = {"method": method, "dataset": data.name, "spec": spec.to_dict(), **scores}
+    record["history"] = history
     if name != "accuracy":
         record["test_accuracy"] = accuracy(model, test["x"], test["y"])
     if augment is not None:
         record["augment"] = augment.to_dict()
     return model, record
+
+
+def _setup(
+    spec: StudentSpec, data: Dataset, method: str, loss_options: dict[str, Any] | None
+) -> tuple[ONN, list[dict[str, torch.Tensor]], Any]:
+    """The untrained student, its (train, val, test) inputs and the loss (for segmentation
+    NTKD, over the logits of the image's region on the display)."""
+    segmentation = data.task == "segmentation"
+    if segmentation != (spec.backend == "updecoder"):
+        need = "the updecoder backend" if segmentation else "a classification backend"
+        raise UserError(f"{data.name} is a {data.task} dataset: it needs {need}")
+    model = ONN(spec)
+    options = dict(loss_options or {})
+    splits = [student_inputs(data, s, spec) for s in ("train", "val", "test")]
+    hw = (spec.image_size, spec.image_size)
+    if segmentation and method == "ntkd":
+        options.setdefault("region", display_region(data.images.shape[-2:], hw))
+    return model, splits, build_loss(method, **options)
+
+
+def _teacher_extras(
+    loss: Any,
+    method: str,
+    teacher: torch.nn.Module | None,
+    raw: torch.Tensor,
+    display_hw: tuple[int, int] | None,
+    features: Callable[[int | None], torch.Tensor],
+) -> Extras | None:
+    """What the loss needs from the teacher per batch: KD's logits, NTKD's cached features
+    (`features(pool)`, pooled for logit maps), or nothing."""
+    needs = getattr(loss, "needs", frozenset())
+    if needs and teacher is None:
+        raise ValueError(f"method {method!r} needs a teacher")
+    if "teacher_logits" in needs:
+        return _logit_extras(teacher, raw, display_hw)
+    if "teacher_features" in needs:
+        return _feature_extras(features(loss.pool if display_hw is not None else None))
+    return None
 
 
 def _logit_extras(teacher: torch.nn.Module, raw: torch.Tensor, display_hw) -> Extras:

@@ -1,25 +1,24 @@
-"""The one stratified sampler: fixed by its seed, inside the indices, each class in proportion."""
+"""Sampling within a split: fixed by its seed, inside the indices, every class kept."""
 
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from hil.data.datasets import load_dataset
-from hil.data.sampling import fraction_size, stratified_fraction, stratified_subset
-from hil.errors import UserError
+from hil.data.sampling import balanced_subset, fraction_size, stratified_fraction
 
 
-def test_a_subset_is_fixed_inside_the_split_and_each_class_within_one_of_its_share():
+def test_a_balanced_subset_is_fixed_inside_the_split_and_as_equal_per_class_as_it_can_be():
     data = load_dataset("digits")
     train = data.split("train")
-    a, b = (stratified_subset(data.labels, train, 500, 0) for _ in range(2))
+    a, b = (balanced_subset(data.labels, train, 500, 0) for _ in range(2))
     assert np.array_equal(a, b) and len(a) == 500 and set(a) <= set(train)
     assert np.all(np.diff(a) > 0)  # sorted, no repeats
     counts = np.bincount(data.labels[a], minlength=10)
-    share = 500 * np.bincount(data.labels[train], minlength=10) / len(train)
-    assert np.all(np.abs(counts - share) < 1), (counts, share)
-    assert not np.array_equal(a, stratified_subset(data.labels, train, 500, 1))
+    assert counts.max() - counts.min() <= 1, counts
+    assert not np.array_equal(a, balanced_subset(data.labels, train, 500, 1))
+    labels = np.array([0] * 9 + [1])
+    assert 9 in balanced_subset(labels, np.arange(10), 3, 0)  # class 1's only sample
 
 
 def test_a_fraction_rounds_each_class_and_keeps_at_least_one():
@@ -35,9 +34,24 @@ def test_a_fraction_rounds_each_class_and_keeps_at_least_one():
     assert np.array_equal(stratified_fraction(digits.labels, test, 1.0, 3), test)
 
 
-def test_masks_are_shuffled_and_impossible_strata_are_one_line():
+def test_masks_are_one_stratum():
     masks = np.zeros((20, 4, 4), np.int64)
-    got = stratified_subset(masks, np.arange(20), 5, 0)
-    assert len(got) == 5 and len(set(got)) == 5
-    with pytest.raises(UserError, match="cannot draw a stratified 2 of 4 samples"):
-        stratified_subset(np.array([0, 0, 1, 2]), np.arange(4), 2, 0)
+    for got in (
+        balanced_subset(masks, np.arange(20), 5, 0),
+        stratified_fraction(masks, np.arange(20), 0.25, 0),
+    ):
+        assert len(got) == 5 and len(set(got)) == 5
+
+
+def test_the_fraction_draw_is_the_one_capture_has_always_made():
+    """Per class in label order, one seeded generator's permutation, the first ones: the
+    selection `hil capture --fraction` made before the sampler moved here (so the demo's 109
+    training captures are the same samples)."""
+    digits = load_dataset("digits")
+    idx = digits.split("train")
+    rng, keep = np.random.default_rng(0), []
+    for c in range(10):
+        members = rng.permutation(idx[digits.labels[idx] == c])
+        keep += members[: max(1, round(0.1 * len(members)))].tolist()
+    got = stratified_fraction(digits.labels, idx, 0.1, 0)
+    assert len(got) == 109 and np.array_equal(got, np.sort(keep))

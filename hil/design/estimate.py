@@ -35,12 +35,12 @@ Choices, and why:
   at most 0.4 points, within seed noise; at 1/100 of the light (70 e per unit) every count
   loses ~1.5 points. The table reports the SNR, so a design whose light cannot fill the well
   (the exposure at its limit) shows it.
-- **Training subset.** At most ``train_size`` samples of the training split, stratified and
-  fixed (`hil.data.sampling`): on digits the whole split, the data `hil train` learns from (on
-  800 of its 1078 samples the 16-kernel estimate fell 0.5-1.1 points below the 8-kernel one; on
-  all of them it does not), and on larger sets a subset that keeps four kernel counts within a
-  minute on 2 CPU cores. Validation and test splits are capped at ``eval_size`` each (digits:
-  whole).
+- **Training subset.** At most ``train_size`` samples of the training split, class-balanced and
+  fixed: on digits the whole split, the data `hil train` learns from (on 800 of its 1078
+  samples the 16-kernel estimate fell 0.5-1.1 points below the 8-kernel one; on all of them it
+  does not), and on larger sets a subset that keeps four kernel counts within a minute on 2 CPU
+  cores. Validation and test splits are capped at ``eval_size`` each (digits: whole).
+  Both are `hil.data.sampling.balanced_subset`.
 
 Flat on digits, and why that is right: on the default 32x32 display a pooled map is 8x8, the
 digits' own resolution, so 2 signed kernels already pass 128 numbers of a 64-pixel image and the
@@ -65,7 +65,7 @@ from torch import Tensor
 
 from hil.data.datasets import Dataset, load_dataset
 from hil.data.placement import to_display
-from hil.data.sampling import stratified_subset
+from hil.data.sampling import balanced_subset
 from hil.design.regression import (
     DEFAULT_NOISE,
     MEMORY_BYTES,
@@ -96,7 +96,7 @@ __all__ = [
     "save_curve_png",
 ]
 
-DEFAULT_TRAIN_SIZE = 1200  # all of digits' 1078; a stratified subset of larger sets
+DEFAULT_TRAIN_SIZE = 1200  # all of digits' 1078; a class-balanced subset of larger sets
 DEFAULT_SEEDS = 3
 DEFAULT_HIDDEN = 1024
 DEFAULT_EVAL_SIZE = 2000  # per split; bounds Θ(X_ev, X_tr) on MNIST/CIFAR-sized test sets
@@ -186,7 +186,7 @@ def _samples(data: Dataset, settings: EstimateSettings) -> _Samples:
         )
     sizes = (settings.train_size, settings.eval_size, settings.eval_size)
     idx_tr, idx_va, idx_te = (
-        stratified_subset(data.labels, data.split(s), n, SUBSET_SEED)
+        balanced_subset(data.labels, data.split(s), n, SUBSET_SEED)
         for s, n in zip(("train", "val", "test"), sizes, strict=True)
     )
     shown = to_display(data.images, (settings.image_size, settings.image_size))

@@ -34,7 +34,7 @@ class LayoutConstraints:
     kernel_um: float | None = None
 
     @classmethod
-    def from_options(  # noqa: PLR0913  one argument per `hil estimate` layout option
+    def from_options(
         cls,
         metasurface_um: tuple[float, float] | None = None,
         spacing_um: float | None = None,

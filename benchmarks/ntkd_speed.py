@@ -4,7 +4,7 @@
 
 KD needs the teacher's logits every step (a forward pass of the teacher on the raw images); NTKD
 needs the teacher's projected Jacobian features, which are fixed per sample and cached once per
-training set, so its step costs the student's exact kernel instead (`hil.ntkd.kernels.factored_ntk`:
+training set, so its step costs the student's exact kernel instead (`hil.ntkd.factored`:
 closed-form per-sample gradients over every trainable parameter, PSFs included, and the double
 backward through them). The student is the same in both rows (8 signed 7x7 kernels + fc2 on the
 32x32 display); the teacher's raw images are the bundled digits (8x8) and, at the paper's MNIST
@@ -21,11 +21,12 @@ from collections.abc import Callable
 
 import torch
 
-from hil.data.datasets import digits, to_display
+from hil.data.datasets import digits
+from hil.data.placement import to_display
 from hil.models.onn import ONN, StudentSpec
 from hil.models.teachers import resnet18
-from hil.ntkd.kernels import ProjectedTeacher
 from hil.ntkd.losses import KD, NTKD
+from hil.ntkd.projected import ProjectedTeacher
 
 
 def stepper(model, loss, batch, extras) -> Callable[[], None]:

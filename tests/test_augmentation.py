@@ -8,10 +8,11 @@ import torch
 
 from hil.data.datasets import digits
 from hil.models.onn import ONN, StudentSpec
-from hil.ntkd.kernels import factored_ntk
+from hil.ntkd.augment import FabricatedStudent, FabricationAugment, draw_optic
+from hil.ntkd.factored import factored_ntk
 from hil.ntkd.losses import build_loss
 from hil.training.loop import Settings
-from hil.training.student import FabricatedStudent, FabricationAugment, draw_optic, train_student
+from hil.training.student import train_student
 from sim.fabrication import perturb_psfs, warp_image
 from sim.params import FabricationParams
 from sim.psf_frontend import PSFFrontend

@@ -15,11 +15,11 @@ from identities import identity
 
 from calibration import calfile
 from calibration.pipeline import Plan, calibrate
-from hil.acquire.capture import stratified_subset
 from hil.acquire.store import CaptureStore, Row, committed, read
 from hil.bench.assembly import Bench
 from hil.bench.config import BenchConfig
 from hil.data.datasets import load_dataset
+from hil.data.sampling import stratified_fraction
 from hil.errors import UserError
 from sim.clock import VirtualClock
 
@@ -99,7 +99,7 @@ def test_an_interrupted_capture_resumes_to_exactly_the_uninterrupted_store(
     calibration, paced_bench, uninterrupted, tmp_path, sig
 ):
     data = load_dataset("digits")
-    planned = len(stratified_subset(data.labels, data.split("test"), 0.1, 3))
+    planned = len(stratified_fraction(data.labels, data.split("test"), 0.1, 3))
     cut = tmp_path / "cut.h5"
     proc = subprocess.Popen(
         capture_cmd(calibration, paced_bench, cut),

@@ -14,17 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hil.data.datasets import (
-    Dataset,
-    carvana,
-    cifar10,
-    digits,
-    load_dataset,
-    mnist,
-    read_idx,
-    read_safe_pickle,
-    shapes,
-)
+from hil.data.datasets import Dataset, carvana, cifar10, digits, load_dataset, mnist, shapes
+from hil.data.formats import read_idx
+from hil.data.safe_pickle import read_safe_pickle
 from hil.errors import UserError
 
 rng = np.random.default_rng(7)
@@ -342,6 +334,6 @@ def test_a_pickle_cannot_set_attributes_on_the_allowed_globals(tmp_path, target)
     (tmp_path / "evil").write_bytes(evil)
     with pytest.raises(UserError, match="evil: "):
         read_safe_pickle(tmp_path / "evil")
-    from hil.data import datasets
+    from hil.data import safe_pickle
 
-    assert not any(hasattr(v, "x") for v in datasets.PICKLE_ALLOWED.values())
+    assert not any(hasattr(v, "x") for v in safe_pickle.PICKLE_ALLOWED.values())

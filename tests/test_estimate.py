@@ -3,6 +3,7 @@ the kernel layout against the published grids and its own constraints."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import tomllib
@@ -15,25 +16,24 @@ from sklearn.kernel_ridge import KernelRidge
 
 from calibration.pipeline import Plan
 from hil.bench.config import FrontendConfig, parse_bench
-from hil.data.datasets import Dataset, load_dataset, to_display
-from hil.design.estimate import (
+from hil.data.datasets import Dataset, load_dataset
+from hil.data.placement import to_display
+from hil.design.estimate import EstimateSettings, estimate, format_table
+from hil.design.layout import design_layout, layout_for_kernels
+from hil.design.regression import (
     EXPOSURE_FILL,
     KernelRegression,
     MapNoise,
     PooledONN,
-    _bin_px,
-    _noisy_inputs,
-    estimate,
-    format_table,
+    bin_px,
+    noisy_inputs,
     ntk_blocks,
     pooled_patches,
-    run_estimate,
-    train_subset,
 )
-from hil.design.layout import design_layout, layout_for_kernels
 from hil.errors import UserError
+from hil.jobs.estimate import LayoutConstraints, run_estimate
 from hil.models.onn import ONN, StudentSpec
-from hil.ntkd.kernels import student_ntk
+from hil.ntkd.exact import student_ntk
 from sim.params import SensorParams
 from sim.sensor import Sensor
 
@@ -49,7 +49,7 @@ def test_estimate_digits_default_display_is_flat_and_near_training():
     flat within noise, and so is the estimate with sensor noise (`hil estimate` defaults, whole
     training split, 5 initialisations: 98.56/98.78/98.72/98.78%). Here 400 samples, 2 inits:
     measured 97.2% for 2 and 8 kernels."""
-    result = estimate("digits", (2, 8), 7, train_size=400, seeds=2)
+    result = estimate("digits", EstimateSettings(kernels=(2, 8), train_size=400, seeds=2))
     acc = {r["kernels"]: r["accuracy"] for r in result["rows"]}
     assert abs(acc[8] - TRAINED_NTKD_8) <= 0.05, acc
     assert abs(acc[8] - acc[2]) <= 0.01, acc
@@ -65,7 +65,9 @@ def test_estimate_rises_where_the_kernel_count_binds():
     training gets 88.8/90.7/91.1/92.8% for 2/4/8/16 kernels (3 seeds), and the estimate rises with
     it (defaults, 5 initialisations: 93.3/94.8/95.5/95.9%). Here 300 samples, 2 inits: measured
     86.9% for 2 kernels, 90.4% for 16."""
-    result = estimate("digits", (2, 16), 7, train_size=300, seeds=2, image_size=16)
+    result = estimate(
+        "digits", EstimateSettings(kernels=(2, 16), train_size=300, seeds=2, image_size=16)
+    )
     low, high = (r["accuracy"] for r in result["rows"])
     assert high >= low + 0.015, (low, high)
 
@@ -88,7 +90,7 @@ def test_map_noise_is_the_simulated_sensors_at_the_calibrated_exposure():
     maps = dn * sensor.gain_e_per_dn / noise.e_per_unit  # design units, up to an offset
     pooled = torch.nn.functional.avg_pool2d(maps[:, 0:1] - maps[:, 1:2], 4).flatten(1)
     pooled_light = torch.nn.functional.avg_pool2d(light.double(), 4).flatten(1)[None]
-    want = noise.std(pooled_light, _bin_px(16, 4), signed=True)[0, 0]
+    want = noise.std(pooled_light, bin_px(16, 4), signed=True)[0, 0]
     np.testing.assert_allclose(pooled.std(0).numpy(), want.numpy(), rtol=0.1)
     assert abs(float((pooled.std(0) / want).mean()) - 1) < 0.03
 
@@ -98,7 +100,7 @@ def test_bin_px_is_the_inverse_noise_gain_of_adaptive_pooling():
     for size, pool in ((32, 8), (18, 4), (7, 3)):
         impulses = torch.eye(size * size, dtype=torch.float64).reshape(-1, 1, size, size)
         weights = torch.nn.functional.adaptive_avg_pool2d(impulses, pool).flatten(1)
-        torch.testing.assert_close(1 / weights.pow(2).sum(0), _bin_px(size, pool))
+        torch.testing.assert_close(1 / weights.pow(2).sum(0), bin_px(size, pool))
 
 
 # ------------------------------------------------------------------ closed form (numeric oracle)
@@ -181,9 +183,10 @@ def test_estimate_accuracy_is_the_closed_form_on_the_exact_kernel(noise):
     directly with the exact kernel of the same initialised ONN on the raw images; with noise, of
     the ONN whose full-resolution maps carry the draw (constant over each pooling bin)."""
     data, rel = _tiny_dataset(), 1e-3
-    result = estimate(
-        data, (2,), 7, None, [5], hidden=32, image_size=16, lambdas=[rel], noise=noise
+    settings = EstimateSettings(
+        kernels=(2,), train_size=None, seeds=[5], hidden=32, image_size=16, lambdas=[rel]
     )
+    result = estimate(data, dataclasses.replace(settings, noise=noise))
     tr, va, te = (data.split(s) for s in ("train", "val", "test"))
     order = np.concatenate([tr, va, te])
     x = torch.as_tensor(to_display(data.images[order], (16, 16)))
@@ -193,7 +196,7 @@ def test_estimate_accuracy_is_the_closed_form_on_the_exact_kernel(noise):
     if noise is None:
         k = student_ntk(model, x).detach().double()
     else:
-        inputs, snr = _noisy_inputs(model, pooled_patches(x, 7, 4), noise, _bin_px(16, 4), 5)
+        inputs, snr = noisy_inputs(model, pooled_patches(x, 7, 4), noise, bin_px(16, 4), 5)
         draw = inputs[..., 49:].transpose(1, 2).unflatten(2, (4, 4))
         full = draw.repeat_interleave(4, 2).repeat_interleave(4, 3)
         k = student_ntk(_MapsWithNoise(model).eval(), torch.cat([x, full], 1)).detach().double()
@@ -206,15 +209,6 @@ def test_estimate_accuracy_is_the_closed_form_on_the_exact_kernel(noise):
     for split, key in ((te, "accuracy"), (va, "val_accuracy")):
         pred = (mean + k[split][:, tr] @ alpha).argmax(1).numpy()
         assert result["rows"][0][key] == pytest.approx(np.mean(pred == labels[split]))
-
-
-def test_train_subset_is_balanced_fixed_and_inside_the_split():
-    data = load_dataset("digits")
-    train = data.split("train")
-    a, b = train_subset(data.labels, train, 500), train_subset(data.labels, train, 500)
-    assert np.array_equal(a, b) and len(a) == 500 and set(a) <= set(train)
-    counts = np.bincount(data.labels[a], minlength=10)
-    assert counts.max() - counts.min() <= 1, counts
 
 
 # ------------------------------------------------------------------------------ layout
@@ -315,15 +309,11 @@ def test_run_estimate_writes_curve_and_layouts(tmp_path):
     """Small pixels-to-sub-optic ratio: 2 kernels get 19 px tiles, 16 kernels 5 px (< 7 px)."""
     result = run_estimate(
         "digits",
-        [16, 2],
-        7,
+        EstimateSettings(kernels=[16, 2], train_size=100, seeds=1),
         tmp_path / "est",
-        metasurface_um=(400, 400),
-        spacing_um=20,
-        pixel_um=10,
-        sensor_px=(256, 256),
-        train_size=100,
-        seeds=1,
+        LayoutConstraints.from_options(
+            metasurface_um=(400, 400), spacing_um=20, pixel_um=10, sensor_px=(256, 256)
+        ),
     )
     rows = {r["kernels"]: r for r in result["rows"]}
     assert list(rows) == [2, 16]
@@ -345,17 +335,11 @@ def test_run_estimate_writes_curve_and_layouts(tmp_path):
 
 def test_run_estimate_asks_for_the_missing_constraint(tmp_path):
     with pytest.raises(UserError, match="--spacing-um"):
-        run_estimate(
-            "digits",
-            [2],
-            7,
-            tmp_path,
-            metasurface_um=(1000, 1000),
-            pixel_um=5,
-            sensor_px=(512, 512),
+        LayoutConstraints.from_options(
+            metasurface_um=(1000, 1000), pixel_um=5, sensor_px=(512, 512)
         )
     with pytest.raises(UserError, match="kernel counts must be >= 1"):
-        run_estimate("digits", [0, 2], 7, tmp_path)
+        run_estimate("digits", EstimateSettings(kernels=[0, 2]), tmp_path)
 
 
 # ------------------------------------------------------------------------------ hil estimate
@@ -373,7 +357,7 @@ def test_cli_json_is_the_estimate_and_lays_out_the_published_grid(tmp_path, monk
     code, out, err = run_hil(monkeypatch, capsys, *args, "--json")
     assert code == 0, err
     got = json.loads(out)
-    want = estimate("digits", (2, 8), 7, train_size=100, seeds=1)
+    want = estimate("digits", EstimateSettings(kernels=(2, 8), train_size=100, seeds=1))
     assert [r["kernels"] for r in got["rows"]] == [2, 8]
     for g, w in zip(got["rows"], want["rows"], strict=True):
         for key in ("accuracy", "val_accuracy", "lambda", "lambda_at_edge", "per_seed"):

@@ -180,7 +180,7 @@ def test_a_missing_or_foreign_checkpoint_is_one_line(calibration, tmp_path, monk
 def test_evaluate_a_segmentation_student_reports_miou_and_overlays(
     calibration, tmp_path, monkeypatch, capsys
 ):
-    from hil.training.student import place_masks
+    from hil.data.placement import place_masks
 
     model = ONN(StudentSpec(backend="updecoder", classes=2, seed=2))
     checkpoint = tmp_path / "seg.pt"

@@ -10,7 +10,8 @@ from identities import identity
 
 from hil.acquire.identity import as_shown, pattern_hash
 from hil.acquire.store import CaptureStore, Row, read
-from hil.data.datasets import digits, to_display
+from hil.data.datasets import digits
+from hil.data.placement import to_display
 from hil.errors import UserError
 from hil.jobs.finetune import load_onn, rows_for_training, run_finetune, save_student
 from hil.models.onn import ONN, StudentSpec

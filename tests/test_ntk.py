@@ -1,4 +1,4 @@
-"""Numeric oracles for hil.ntkd.kernels: exact kernels against per-sample autograd loops, the
+"""Numeric oracles for the kernels of hil.ntkd: exact kernels against per-sample autograd loops, the
 projected teacher kernel against its own closed-form error, and the loss pieces against closed
 forms."""
 
@@ -12,17 +12,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from hil.ntkd.kernels import (
-    ProjectedTeacher,
-    cka,
-    factored_ntk,
-    kernel_from_features,
-    normalise,
-    ntk_alignment_loss,
-    ntk_mse,
-    ntk_of,
-    student_ntk,
-)
+from hil.ntkd.alignment import cka, normalise, ntk_alignment_loss, ntk_mse
+from hil.ntkd.exact import ntk_of, student_ntk
+from hil.ntkd.factored import factored_ntk
+from hil.ntkd.projected import ProjectedTeacher, kernel_from_features
 
 F64 = torch.float64
 
@@ -366,12 +359,12 @@ def onn(**spec) -> nn.Module:
 
 def no_fallback(monkeypatch) -> None:
     """Make the per-sample vmap path fail, so a passing test ran the batched closed forms."""
-    import hil.ntkd.kernels
+    import hil.ntkd.factored
 
     def fail(*args, **kwargs):
         raise AssertionError("fell back to the vmap path")
 
-    monkeypatch.setattr(hil.ntkd.kernels, "_factored_ntk_vmap", fail)
+    monkeypatch.setattr(hil.ntkd.factored, "_factored_ntk_vmap", fail)
 
 
 SUBSETS = {
@@ -472,14 +465,16 @@ def test_batched_kernel_without_gradients_and_with_a_frozen_frontend(monkeypatch
 def test_factored_kernel_falls_back_where_the_closed_forms_stop(monkeypatch):
     """4f masks and convolutional layers go through the vmap path; a 4f student's backend
     kernel (compensation) still takes the closed forms, with the 4f frontend run as it is."""
-    import hil.ntkd.kernels
+    import hil.ntkd.factored
 
     fourier = onn(frontend="4f", kernels=2, image_size=8)
     conv = onn(backend="conv")
     used = []
-    vmap_path = hil.ntkd.kernels._factored_ntk_vmap
+    vmap_path = hil.ntkd.factored._factored_ntk_vmap
     monkeypatch.setattr(
-        hil.ntkd.kernels, "_factored_ntk_vmap", lambda *a, **k: used.append(1) or vmap_path(*a, **k)
+        hil.ntkd.factored,
+        "_factored_ntk_vmap",
+        lambda *a, **k: used.append(1) or vmap_path(*a, **k),
     )
     x8, x12 = images(4, seed=8, positive=True), images(4, seed=8, positive=True, size=12)
     backend = [n for n, _ in fourier.named_parameters() if "backend" in n]

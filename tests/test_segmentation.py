@@ -9,17 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from hil.data.datasets import shapes, to_display
+from hil.data.datasets import shapes
+from hil.data.placement import display_region, place_maps, place_masks, to_display
 from hil.models.onn import ONN, StudentSpec
 from hil.ntkd.losses import KD, pool_logits, pooled_ntk
 from hil.training.loop import IGNORE, Settings, accuracy, iou_counts, mean_iou, miou
-from hil.training.student import (
-    display_region,
-    place_maps,
-    place_masks,
-    student_inputs,
-    train_student,
-)
+from hil.training.student import student_inputs, train_student
 from hil.training.teacher import train_teacher
 
 F64 = torch.float64

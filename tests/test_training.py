@@ -121,7 +121,7 @@ def test_a_missing_teacher_says_how_to_train_one(tmp_path):
 
 @pytest.mark.parametrize(("method", "augment"), [("kd", False), ("ntkd", False), ("ntkd", True)])
 def test_distillation_runs_with_a_small_teacher(tmp_path, method, augment):
-    from hil.training.student import FabricationAugment
+    from hil.ntkd.augment import FabricationAugment
     from hil.training.teacher import train_teacher
 
     data = digits()
@@ -147,8 +147,8 @@ def test_distillation_runs_with_a_small_teacher(tmp_path, method, augment):
 def test_cached_teacher_features_belong_to_one_teacher(tmp_path):
     """A retrained teacher under the same cache name gets its own features, not stale ones."""
     from hil.models.teachers import build_teacher
-    from hil.ntkd.kernels import ProjectedTeacher
-    from hil.training.student import teacher_features
+    from hil.ntkd.projected import ProjectedTeacher
+    from hil.ntkd.teacher_cache import teacher_features
 
     raw = torch.rand(6, 1, 8, 8)
     cache = tmp_path / "features.pt"

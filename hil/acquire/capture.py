@@ -27,6 +27,7 @@ from hil.acquire.store import CaptureStore, Row
 from hil.bench.assembly import Bench
 from hil.bench.config import BenchConfig
 from hil.data.datasets import load_dataset
+from hil.data.sampling import stratified_fraction
 
 SNAP_TIMEOUT_S = 5.0
 COMMIT_EVERY_S = 0.2  # a crash loses at most this much capture time (retaken on the rerun)
@@ -83,18 +84,6 @@ def pre_compensate(levels: np.ndarray, cal: calfile.Calibration) -> np.ndarray:
     return np.interp(levels, cal.display_response, cal.display_levels).astype(np.float32)
 
 
-def stratified_subset(labels: np.ndarray, idx: np.ndarray, fraction: float, seed: int):
-    if fraction >= 1:
-        return idx
-    rng = np.random.default_rng(seed)
-    keys = labels[idx] if labels.ndim == 1 else np.zeros(len(idx), int)
-    keep = []
-    for c in np.unique(keys):
-        members = rng.permutation(idx[keys == c])
-        keep.extend(members[: max(1, round(fraction * len(members)))].tolist())
-    return np.sort(np.asarray(keep, np.int64))
-
-
 def run_capture(
     config: BenchConfig,
     calibration: Path,
@@ -110,7 +99,7 @@ def run_capture(
 ) -> dict[str, Any]:
     bench = Bench(config)
     data = load_dataset(dataset, data_root)
-    plan = stratified_subset(data.labels, data.split(split), fraction, seed)
+    plan = stratified_fraction(data.labels, data.split(split), fraction, seed)
     shown = as_shown(data.images[plan], bench.display.shape[:2])
     with bench:
         design = bench.design

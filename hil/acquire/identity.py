@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from hil.data.datasets import to_display
+from hil.data.placement import to_display
 from hil.errors import UserError
 
 IDENTITY_VERSION = 1

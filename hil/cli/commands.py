@@ -268,13 +268,14 @@ def train_cmd(
     from hil.bench.config import load_bench
     from hil.data.datasets import load_dataset
     from hil.models.onn import StudentSpec
+    from hil.ntkd.augment import FabricationAugment
+    from hil.ntkd.losses import loss_options
     from hil.output.records import Run, write_json
     from hil.training.loop import Settings, ddp_rank_size
-    from hil.training.student import FabricationAugment, train_student
+    from hil.training.student import train_student
     from hil.training.teacher import load_teacher
 
-    if method not in ("none", "ce", "kd", "ntkd"):
-        raise UserError(f"--method {method!r}: choose none, kd or ntkd")
+    options = loss_options(method, temperature=temperature, beta=beta, norm=norm, variant=variant)
     data = load_dataset(dataset, data_root)
     if data.task == "segmentation" and backend != "updecoder":
         err.print(f"{dataset} is a segmentation dataset: using --backend updecoder")
@@ -293,10 +294,6 @@ def train_cmd(
         classes=data.classes,
         seed=seed,
     )
-    options = {
-        "kd": {"temperature": temperature},
-        "ntkd": {"beta": beta, "norm": norm, "variant": variant},
-    }.get(method, {})
     t_model = cache = None
     if method in ("kd", "ntkd"):
         t_model, info, t_path = load_teacher(teacher, dataset)

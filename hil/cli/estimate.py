@@ -125,7 +125,9 @@ def estimate_cmd(
     from rich.markup import escape
 
     from hil.bench.config import load_bench
-    from hil.design.estimate import MapNoise, run_estimate
+    from hil.design.estimate import EstimateSettings
+    from hil.design.regression import MapNoise
+    from hil.jobs.estimate import LayoutConstraints, run_estimate
     from hil.output.records import Run
 
     counts = _numbers("--kernels", kernels, int, None, "2,4,8,16")
@@ -163,22 +165,26 @@ def estimate_cmd(
     with Run("estimate", runs_dir, None, args) as run:
         result = run_estimate(
             dataset,
-            counts,
-            kernel_size,
+            EstimateSettings(
+                kernels=counts,
+                kernel_size=kernel_size,
+                signed=signed,
+                train_size=args["train_size"],
+                seeds=seeds,
+                noise=map_noise,
+                image_size=sim.display.height,
+            ),
             out_dir,
-            metasurface_um=tuple(ms) if ms else None,
-            spacing_um=spacing_um,
-            magnification=magnification,
-            pixel_um=pixel_um,
-            sensor_px=tuple(sensor) if sensor else None,
-            kernel_um=kernel_um,
-            signed=signed,
-            train_size=args["train_size"],
-            seeds=seeds,
+            LayoutConstraints.from_options(
+                metasurface_um=tuple(ms) if ms else None,
+                spacing_um=spacing_um,
+                magnification=magnification,
+                pixel_um=pixel_um,
+                sensor_px=tuple(sensor) if sensor else None,
+                kernel_um=kernel_um,
+            ),
             progress=progress,
             data_root=data_root,
-            noise=map_noise,
-            image_size=sim.display.height,
         )
         result = run.finish(result)
     if as_json:

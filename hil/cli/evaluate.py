@@ -60,11 +60,11 @@ def evaluate_cmd(
     from hil.acquire.capture import run_capture
     from hil.acquire.store import read
     from hil.bench.config import load_bench
-    from hil.data.datasets import load_dataset, to_display
+    from hil.data.datasets import load_dataset
+    from hil.data.placement import place_masks, to_display
     from hil.jobs.evaluate import evaluate_store, predict, save_confusion_png, save_overlay_png
     from hil.models.checkpoint import check_maps, load_onn
     from hil.output.records import Run
-    from hil.training.student import place_masks
 
     config = load_bench(bench)
     model = load_onn(checkpoint)

@@ -67,13 +67,13 @@ def finetune_cmd(
             --method ntkd --test-captures test.h5 --out onn-ntkd.pt
     """
     from hil.jobs.finetune import run_finetune
+    from hil.ntkd.losses import FINETUNE_METHODS, loss_options
     from hil.output.records import Run, write_json
     from hil.training.loop import Settings
 
-    options = {
-        "kd": {"temperature": temperature},
-        "ntkd": {"beta": beta, "norm": norm},
-    }.get(method, {})
+    options = loss_options(
+        method, choices=FINETUNE_METHODS, temperature=temperature, beta=beta, norm=norm
+    )
     args = {
         "captures": str(captures),
         "checkpoint": str(checkpoint),

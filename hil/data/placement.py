@@ -1,59 +1,83 @@
-"""Putting images on the display: read a picture, fit it into the display area, centred."""
+"""Putting images on the display: the one home of where an image lands and at what size.
+
+An image is scaled to FILL of the display's shorter side (whole-pixel factors when enlarged, so a
+display pixel is a square of light) and centred on black. Training, rendering, capture, the
+estimate and evaluation all place images here, and masks and teacher logits are placed with the
+same arithmetic (`display_region`), so they land on the pixels the image does.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import cv2
 import numpy as np
+import torch
+import torch.nn.functional as F
 
-from hil.errors import UserError
+from hil.training.loop import IGNORE
 
+__all__ = ["FILL", "display_region", "place_maps", "place_masks", "place_on_display", "to_display"]
 
-def read_image(path: Path | str, channels: int = 1) -> np.ndarray:
-    """An image file (PNG, JPEG, TIFF, ... or .npy) as float32 in [0, 1], (H, W) or (H, W, 3)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: image not found")
-    if path.suffix.lower() == ".npy":
-        try:
-            img = np.load(path, allow_pickle=False)
-        except ValueError as e:
-            raise UserError(f"{path}: not a readable .npy array: {e}") from None
-    else:
-        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if img is None:
-            raise UserError(f"{path}: not an image OpenCV can read")
-        if img.ndim == 3:
-            img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB if img.shape[2] == 4 else cv2.COLOR_BGR2RGB)
-    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] != 3):
-        raise UserError(f"{path}: expected a (H, W) or (H, W, 3) image, got {img.shape}")
-    if np.issubdtype(img.dtype, np.integer):
-        img = img.astype(np.float32) / np.iinfo(img.dtype).max
-    img = np.asarray(img, np.float32)
-    if not np.isfinite(img).all() or img.min() < 0 or img.max() > 1:
-        raise UserError(f"{path}: float images must hold values in [0, 1]")
-    if channels == 1 and img.ndim == 3:
-        img = img @ np.array([0.299, 0.587, 0.114], np.float32)  # Rec. 601 luma
-    elif channels == 3 and img.ndim == 2:
-        img = np.repeat(img[..., None], 3, axis=2)
-    return img
+FILL = 0.75  # of the display's shorter side: what `hil train`, `hil capture` and `hil render` use
+
+Region = tuple[int, int, int, int]  # (top, left, height, width) of the image on the display
 
 
-def place_on_display(image: np.ndarray, display_hw: tuple[int, int], fill: float = 0.75):
+def place_on_display(image: np.ndarray, display_hw: tuple[int, int], fill: float = FILL):
     """The image scaled to `fill` of the display's shorter side, centred on black.
 
     Upscaling repeats pixels (a display pixel is a square of light); downscaling averages areas.
     """
-    h, w = image.shape[:2]
-    dh, dw = display_hw
+    scale, (y, x, nh, nw) = _fit(image.shape[:2], display_hw, fill)
+    interp = cv2.INTER_NEAREST if scale >= 1 else cv2.INTER_AREA
+    small = cv2.resize(image, (nw, nh), interpolation=interp)
+    out = np.zeros((*display_hw, *image.shape[2:]), np.float32)
+    out[y : y + nh, x : x + nw] = small.reshape(nh, nw, *image.shape[2:])
+    return out
+
+
+def to_display(images: np.ndarray, display_hw: tuple[int, int], fill: float = FILL) -> np.ndarray:
+    """Images (N, C, h, w) as the display shows them: (N, C, H, W), scaled and centred."""
+    out = [place_on_display(img.transpose(1, 2, 0), display_hw, fill) for img in images]
+    out = np.asarray(out, np.float32)
+    return out[:, None] if out.ndim == 3 else out.transpose(0, 3, 1, 2)
+
+
+def display_region(
+    image_hw: tuple[int, int], display_hw: tuple[int, int], fill: float = FILL
+) -> Region:
+    """(top, left, height, width) of an image on the display: where `place_on_display` puts it,
+    so masks and teacher logits land on the pixels the image does."""
+    return _fit(image_hw, display_hw, fill)[1]
+
+
+def _fit(image_hw, display_hw, fill: float) -> tuple[float, Region]:
+    """(scale, region): the scale is whole when enlarging, the region centred."""
+    (h, w), (dh, dw) = image_hw, display_hw
     scale = fill * min(dh / h, dw / w)
     if scale >= 1:
         scale = int(scale)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    interp = cv2.INTER_NEAREST if scale >= 1 else cv2.INTER_AREA
-    small = cv2.resize(image, (nw, nh), interpolation=interp)
-    out = np.zeros((dh, dw, *image.shape[2:]), np.float32)
-    y, x = (dh - nh) // 2, (dw - nw) // 2
-    out[y : y + nh, x : x + nw] = small.reshape(nh, nw, *image.shape[2:])
+    return scale, ((dh - nh) // 2, (dw - nw) // 2, nh, nw)
+
+
+def place_masks(masks: np.ndarray, display_hw: tuple[int, int], fill: float = FILL) -> np.ndarray:
+    """Masks (N, h, w) → (N, H, W) as the display places their images (nearest neighbour), the
+    display around them IGNORE: there the student sees black, not the scene."""
+    top, left, nh, nw = display_region(masks.shape[-2:], display_hw, fill)
+    if masks.size and (masks.min() < 0 or masks.max() >= 2**16):
+        raise ValueError("mask labels must lie in 0..65535")
+    out = np.full((len(masks), *display_hw), IGNORE, np.int64)
+    for i, m in enumerate(masks):
+        small = cv2.resize(m.astype(np.uint16), (nw, nh), interpolation=cv2.INTER_NEAREST)
+        out[i, top : top + nh, left : left + nw] = small
+    return out
+
+
+def place_maps(maps: torch.Tensor, display_hw: tuple[int, int], fill: float = FILL) -> torch.Tensor:
+    """Maps (N, C, h, w), e.g. teacher logits, → (N, C, H, W) where the display puts the image:
+    repeated pixels when enlarged, area means when shrunk (as for the image), zeros around."""
+    top, left, nh, nw = display_region(maps.shape[-2:], display_hw, fill)
+    mode = "nearest" if nh >= maps.shape[-2] else "area"
+    out = maps.new_zeros((*maps.shape[:-2], *display_hw))
+    out[..., top : top + nh, left : left + nw] = F.interpolate(maps, size=(nh, nw), mode=mode)
     return out

@@ -25,7 +25,7 @@ Choices, and why:
 - **Targets** are one-hot, centred on the training class frequencies (the mean is added back), so
   λ shrinks predictions towards the class prior rather than towards zero.
 - **Kernel** over every parameter (PSFs, map gains, backend) at initialisation, by
-  `hil.ntkd.kernels.factored_ntk`. With an fc backend it is taken on `pooled_patches` through
+  `hil.ntkd.factored.factored_ntk`. With an fc backend it is taken on `pooled_patches` through
   `PooledONN`: the same function of the same parameters, so the same kernel, at a fraction of
   the cost (other backends take the full-resolution image in passes within ``memory_bytes``).
 - **Sensor noise** (`MapNoise`, default: the simulated bench's sensor): captured maps carry shot,
@@ -40,6 +40,7 @@ Choices, and why:
   samples the 16-kernel estimate fell 0.5-1.1 points below the 8-kernel one; on all of them it
   does not), and on larger sets a subset that keeps four kernel counts within a minute on 2 CPU
   cores. Validation and test splits are capped at ``eval_size`` each (digits: whole).
+  Both are `hil.data.sampling.balanced_subset`.
 
 Flat on digits, and why that is right: on the default 32x32 display a pooled map is 8x8, the
 digits' own resolution, so 2 signed kernels already pass 128 numbers of a 64-pixel image and the
@@ -52,46 +53,47 @@ Where the count binds, as on a 16x16 display (pooled maps 4x4), the estimate ris
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from hil.data.datasets import Dataset, load_dataset, to_display
-from hil.design.layout import _pair, _positive, design_layout, layout_for_kernels
+from hil.data.datasets import Dataset, load_dataset
+from hil.data.placement import to_display
+from hil.data.sampling import balanced_subset
+from hil.design.regression import (
+    DEFAULT_NOISE,
+    MEMORY_BYTES,
+    POOLED_BLOCK,
+    KernelRegression,
+    MapNoise,
+    PooledONN,
+    bin_px,
+    noisy_inputs,
+    ntk_blocks,
+    pooled_patches,
+    samples_per_pass,
+)
 from hil.errors import UserError
-from hil.models.onn import ONN, StudentSpec, _pool_size
-from hil.ntkd.kernels import factored_ntk
-from sim.fftconv import conv2d_direct
-from sim.params import SensorParams
+from hil.models.onn import ONN, StudentSpec, pool_size
 
 __all__ = [
     "DEFAULT_EVAL_SIZE",
     "DEFAULT_HIDDEN",
-    "DEFAULT_NOISE",
     "DEFAULT_SEEDS",
     "DEFAULT_TRAIN_SIZE",
-    "EXPOSURE_FILL",
     "LAMBDA_GRID",
-    "KernelRegression",
-    "MapNoise",
-    "PooledONN",
+    "EstimateSettings",
     "estimate",
     "format_table",
-    "ntk_blocks",
-    "pooled_patches",
-    "run_estimate",
-    "samples_per_pass",
+    "kernel_list",
+    "load",
     "save_curve_png",
-    "train_subset",
 ]
 
 DEFAULT_TRAIN_SIZE = 1200  # all of digits' 1078; a class-balanced subset of larger sets
@@ -99,202 +101,43 @@ DEFAULT_SEEDS = 3
 DEFAULT_HIDDEN = 1024
 DEFAULT_EVAL_SIZE = 2000  # per split; bounds Θ(X_ev, X_tr) on MNIST/CIFAR-sized test sets
 LAMBDA_GRID = tuple(float(v) for v in np.logspace(-6, 1, 15))  # × mean diag Θ(X_tr, X_tr)
-MEMORY_BYTES = 3 * 2**30  # per Jacobian pass, see samples_per_pass
 SUBSET_SEED = 0
-EXPOSURE_FILL = 0.7  # white field at 70% of full scale: calibration.pipeline.Plan.target_fill
-NOISE_SEED = 7919  # draws of map noise: seed s of an initialisation uses NOISE_SEED + s
-POOLED_BLOCK = 4096  # samples per Jacobian pass on pooled patches (~60 kB each at 16 kernels)
-
-
-class KernelRegression:
-    """Kernel ridge regression for a whole λ grid from one eigendecomposition of Θ(X_tr, X_tr).
-
-    ``alpha(λ) = U diag(1/(e + λ)) Uᵀ (Y - ȳ)``; predictions ``ȳ + Θ(X, X_tr) alpha``.
-    """
-
-    def __init__(self, k_train: Tensor, y_train: Tensor, centre: bool = True) -> None:
-        k = k_train.double()
-        y = y_train.double()
-        k = (k + k.T) / 2  # float32 Jacobian products are symmetric only to rounding
-        self.mean = y.mean(0, keepdim=True) if centre else torch.zeros_like(y[:1])
-        self.scale = float(k.diagonal().mean())
-        # One thread: the tridiagonal reduction is ~N dependent BLAS-2 steps, so a second thread
-        # gains little, and on shared cores each step's barrier can wait out a time slice
-        # (1078 samples, 2 busy cores: 0.16-0.3 s on one thread, 0.6-4 s on two).
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            self.eigvals, self.eigvecs = torch.linalg.eigh(k)
-        finally:
-            torch.set_num_threads(threads)
-        self.proj = self.eigvecs.T @ (y - self.mean)
-
-    def alpha(self, lam: float) -> Tensor:
-        return self.eigvecs @ (self.proj / (self.eigvals + lam)[:, None])
-
-    def predict(self, k_eval: Tensor, lam: float) -> Tensor:
-        """Predictions for rows of ``k_eval`` = Θ(X, X_tr), with absolute ridge ``lam``."""
-        return self.mean + k_eval.double() @ self.alpha(lam)
-
-
-def samples_per_pass(spec: StudentSpec, memory_bytes: int = MEMORY_BYTES) -> int:
-    """How many samples one Jacobian pass may hold within ``memory_bytes``.
-
-    vmap over jacrev keeps, per sample, about 1.6 x (classes x PSFs x channels x H x W) float32
-    cotangents of the frontend (measured: 2.1 MB per sample at 16 signed kernels on 32x32, 10
-    classes), counted here as 2 x for headroom; the kernel and the parameter Jacobians are small
-    beside it.
-    """
-    psfs = spec.kernels * (2 if spec.signed else 1)
-    per = 2 * 4 * spec.classes * psfs * spec.channels * spec.image_size**2
-    return max(16, int(memory_bytes // per))
-
-
-def pooled_patches(images: Tensor, kernel_size: int, pool: int, block: int = 256) -> Tensor:
-    """(N, pool², C·k²): every sample's pooled map under each single-pixel kernel.
-
-    The frontend is linear in its kernel and the fc backends average-pool its maps before
-    anything else (`MapAffine` commutes with the pooling), so a pooled map is exactly this times
-    the flattened kernel. The NTK is then taken on a pool² x C·k² input instead of the
-    full-resolution image: the same kernel (to float rounding), and the Jacobian of the
-    frontend no longer carries a classes x PSFs x H x W cotangent per sample.
-    """
-    c, k = images.shape[1], int(kernel_size)
-    eye = torch.eye(c * k * k, dtype=images.dtype).reshape(c * k * k, c, k, k)
-    out = []
-    for i in range(0, len(images), block):
-        maps = conv2d_direct(images[i : i + block], eye, "same")  # the frontend's convolution
-        out.append(nn.functional.adaptive_avg_pool2d(maps, pool).flatten(2).transpose(1, 2))
-    return torch.cat(out)
-
-
-def _bin_px(size: int, pool: int) -> Tensor:
-    """Pixels in each of the pool x pool bins of `AdaptiveAvgPool2d` on a size x size map."""
-    edges = [(math.floor(i * size / pool), math.ceil((i + 1) * size / pool)) for i in range(pool)]
-    side = torch.tensor([b - a for a, b in edges], dtype=torch.float64)
-    return (side[:, None] * side[None, :]).flatten()
-
-
-class PooledONN(nn.Module):
-    """The PSF ONN with an fc backend as a function of `pooled_patches` and pooled map noise.
-
-    Input (N, pool², C·k² + m): the patches, then one additive noise value per pooled map value
-    (zeros without noise), so each sample carries its own draw into the per-sample Jacobians.
-    Same parameter objects and names as the ONN, so its NTK is the ONN's.
-    """
-
-    def __init__(self, onn: ONN) -> None:
-        super().__init__()
-        self.frontend, self.backend = onn.frontend, onn.backend
-        self.pool = _pool_size(onn.spec.image_size)
-
-    def forward(self, x: Tensor) -> Tensor:
-        kernel = self.frontend.kernel.flatten(1)  # (m, C·k²)
-        z = x[..., : kernel.shape[1]] @ kernel.T + x[..., kernel.shape[1] :]
-        return self.backend(z.transpose(-1, -2).unflatten(-1, (self.pool, self.pool)))
 
 
 @dataclass(frozen=True)
-class MapNoise:
-    """Sensor noise in captured feature maps, in the design's units (unit = a white display
-    through the brightest designed PSF, as `hil capture` returns them).
+class EstimateSettings:
+    """What `estimate` computes: the candidates (kernel counts on an ONN of this shape), the
+    samples and initialisations it regresses with, and the λ grid.
 
-    Calibration sets the exposure so that the white field fills ``EXPOSURE_FILL`` of the usable
-    range (`calibration.photometry.find_exposure`): one design unit is then ``e_per_unit`` =
-    fill x full well electrons, whatever the light source, sub-optic size or kernel count, until
-    the exposure hits its limit. A pixel of irradiance I has variance (E·I + floor)/E² (shot noise,
-    and dark shot + read noise + ADC rounding); a signed map subtracts two tiles, so the variances
-    add; pooling a bin of n independent pixels divides by n. Each captured sample gets one draw.
+    ``train_size``: training samples (None: the whole training split); ``eval_size`` caps the
+    validation and the test split each (digits: 359 and 360, both whole). ``seeds``: a number of
+    initialisations (0..n-1) or the seeds themselves. ``noise``: the captured maps' sensor noise
+    (None: noiseless maps, the paper's estimate). ``image_size``: the side of the display the
+    images are shown on.
     """
 
-    e_per_unit: float
-    floor_e2: float
+    kernels: Sequence[int] = (2, 4, 8, 16)
+    kernel_size: int = 7
+    train_size: int | None = DEFAULT_TRAIN_SIZE
+    seeds: int | Sequence[int] = DEFAULT_SEEDS
+    hidden: int = DEFAULT_HIDDEN
+    image_size: int = 32
+    backend: str = "fc2"
+    signed: bool = True
+    lambdas: Sequence[float] = field(default=LAMBDA_GRID)
+    centre: bool = True
+    memory_bytes: int = MEMORY_BYTES
+    eval_size: int | None = DEFAULT_EVAL_SIZE
+    noise: MapNoise | None = DEFAULT_NOISE
 
-    @classmethod
-    def from_sensor(cls, sensor: SensorParams, fill: float = EXPOSURE_FILL) -> MapNoise:
-        e_per_dn = sensor.full_well_e / (2**sensor.bit_depth - 1 - sensor.black_level_dn)
-        floor = sensor.dark_e + sensor.read_noise_e**2 + e_per_dn**2 / 12
-        return cls(fill * sensor.full_well_e, floor)
-
-    def std(self, light: Tensor, bin_px: Tensor, signed: bool) -> Tensor:
-        """Std of pooled maps (N, m, Q) from pooled tile irradiance ``light`` (N, P, Q)."""
-        e = self.e_per_unit
-        var = (e * light.double().clamp_min(0) + self.floor_e2) / (e * e * bin_px)
-        return (var[:, 0::2] + var[:, 1::2] if signed else var).sqrt()
-
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
-
-
-DEFAULT_NOISE = MapNoise.from_sensor(SensorParams())
+    @property
+    def pooled(self) -> bool:
+        """fc backends pool the maps first: the kernel is taken on `pooled_patches`."""
+        return self.backend in ("fc2", "fc3")
 
 
-def _noisy_inputs(
-    model: ONN, patches: Tensor, noise: MapNoise | None, bin_px: Tensor, seed: int
-) -> tuple[Tensor, float]:
-    """`PooledONN` inputs for ``patches`` with one noise draw per sample, and the maps' SNR
-    (RMS of the clean pooled maps over the RMS noise); inf without noise."""
-    m = model.spec.kernels
-    if noise is None:
-        return torch.cat([patches, patches.new_zeros(*patches.shape[:2], m)], -1), math.inf
-    with torch.no_grad():
-        psfs = model.frontend.psfs.flatten(1)  # (P, C·k²)
-        std = noise.std(torch.einsum("nqj,pj->npq", patches, psfs), bin_px, model.spec.signed)
-        gen = torch.Generator().manual_seed(NOISE_SEED + seed)
-        draw = (std * torch.randn(std.shape, generator=gen, dtype=std.dtype)).to(patches.dtype)
-        clean = torch.einsum("nqj,mj->nmq", patches, model.frontend.kernel.flatten(1))
-    snr = float(clean.double().pow(2).mean().sqrt() / std.pow(2).mean().sqrt())
-    return torch.cat([patches, draw.transpose(1, 2)], -1), snr
-
-
-def ntk_blocks(
-    model: torch.nn.Module, x_train: Tensor, x_eval: Tensor, block: int = 2048
-) -> tuple[Tensor, Tensor]:
-    """(Θ(X_tr, X_tr), Θ(X_ev, X_tr)) in float64, Jacobian passes of at most ``block`` samples.
-
-    When everything fits one pass, one call takes each sample's Jacobian once (the unused eval x
-    eval part is a cheap contraction). Otherwise rows and columns go in chunks of ``block``:
-    `factored_ntk` takes the two sides' Jacobians one after the other, so a call's peak is one
-    chunk's pass, at the price of recomputing the training Jacobians once per row chunk.
-    """
-    model.eval()
-    n_tr, step = len(x_train), max(1, int(block))
-    with torch.no_grad():  # jacrev inside still differentiates; no graph to the parameters
-        if n_tr + len(x_eval) <= step:
-            k = factored_ntk(model, torch.cat([x_train, x_eval])).double()
-            return k[:n_tr, :n_tr], k[n_tr:, :n_tr]
-
-        def cross(rows: Tensor, same: bool) -> Tensor:
-            if same and len(rows) <= step:
-                return factored_ntk(model, rows).double()
-            out = torch.empty(len(rows), n_tr, dtype=torch.float64)
-            for i in range(0, len(rows), step):
-                for j in range(0, n_tr, step):
-                    out[i : i + step, j : j + step] = factored_ntk(
-                        model, rows[i : i + step], x2=x_train[j : j + step]
-                    ).double()
-            return out
-
-        return cross(x_train, True), cross(x_eval, False)
-
-
-def train_subset(labels: np.ndarray, indices: np.ndarray, size: int | None) -> np.ndarray:
-    """A fixed, class-balanced subset of ``indices`` (all of them when ``size`` is None or more).
-
-    Fixed (seeded) so estimates for different kernel counts and runs see the same samples;
-    balanced so a small subset still has every class.
-    """
-    if size is None or size >= len(indices):
-        return np.asarray(indices)
-    order = np.random.default_rng(SUBSET_SEED).permutation(indices)
-    rank = np.zeros(len(order), np.int64)  # position of each sample within its class
-    for c in np.unique(labels[order]):
-        where = labels[order] == c
-        rank[where] = np.arange(where.sum())
-    return np.sort(order[np.argsort(rank, kind="stable")[:size]])
-
-
-def _load(name: str, root: Path | str | None) -> Dataset:
+def load(name: str, root: Path | str | None) -> Dataset:
+    """The dataset `name`, from `root` when given."""
     return load_dataset(name) if root is None else load_dataset(name, root)
 
 
@@ -309,149 +152,179 @@ def _seed_list(seeds: int | Iterable[int]) -> list[int]:
     return out
 
 
-def _kernel_list(kernels: Iterable[int]) -> list[int]:
+def kernel_list(kernels: Iterable[int]) -> list[int]:
+    """The candidate kernel counts, sorted and unique; each must be >= 1."""
     out = sorted({int(m) for m in kernels})
     if not out or out[0] < 1:
         raise UserError(f"kernel counts must be >= 1 (got {list(kernels)})")
     return out
 
 
-def estimate(
-    dataset: str | Dataset = "digits",
-    kernels: Sequence[int] = (2, 4, 8, 16),
-    kernel_size: int = 7,
-    train_size: int | None = DEFAULT_TRAIN_SIZE,
-    seeds: int | Iterable[int] = DEFAULT_SEEDS,
-    progress: Callable[[dict[str, Any]], None] | None = None,
-    *,
-    hidden: int = DEFAULT_HIDDEN,
-    image_size: int = 32,
-    backend: str = "fc2",
-    signed: bool = True,
-    lambdas: Sequence[float] = LAMBDA_GRID,
-    centre: bool = True,
-    memory_bytes: int = MEMORY_BYTES,
-    eval_size: int | None = DEFAULT_EVAL_SIZE,
-    data_root: Path | str | None = None,
-    noise: MapNoise | None = DEFAULT_NOISE,
-) -> dict[str, Any]:
-    """Estimated test accuracy of the PSF ONN for each kernel count, by NTK regression.
+@dataclass(frozen=True)
+class _Samples:
+    """The regression's samples: display images, labels and, for fc backends, pooled patches."""
 
-    ``train_size``: training samples (None: the whole training split); ``eval_size`` caps the
-    validation and the test split each (digits: 359 and 360, both whole). ``seeds``: a number of
-    initialisations (0..n-1) or the seeds themselves. ``noise``: the captured maps' sensor noise
-    (None: noiseless maps, the paper's estimate). ``progress(row)`` is called after each
-    kernel count with its finished row. Returns a JSON-ready dict; ``rows`` holds, per kernel
-    count, ``accuracy`` (mean test accuracy over initialisations) and ``accuracy_std``,
-    ``val_accuracy``, ``lambda`` (relative to the mean diagonal of Θ(X_tr, X_tr)),
-    ``lambda_abs`` (its mean absolute value), ``lambda_at_edge``, ``map_snr`` (RMS of the pooled
-    maps over that of their noise; None without noise) and ``seconds``.
-    """
-    t_start = time.perf_counter()
-    data = dataset if isinstance(dataset, Dataset) else _load(dataset, data_root)
+    x_tr: Tensor
+    x_ev: Tensor  # validation, then test
+    y_tr: Tensor  # one-hot
+    y_va: Tensor
+    y_te: Tensor
+    sizes: tuple[int, int, int]  # train, val, test
+    patches: Tensor | None
+    bins: Tensor | None
+
+
+def _samples(data: Dataset, settings: EstimateSettings) -> _Samples:
+    """Validate the settings against ``data`` and draw the fixed subsets of each split."""
     if data.task != "classification":
         raise UserError(f"{data.name}: the NTK estimate needs a classification dataset")
-    counts, seed_list = _kernel_list(kernels), _seed_list(seeds)
-    if train_size is not None and train_size < data.classes:
-        raise UserError(f"train size {train_size} is below the {data.classes} classes")
-    grid = sorted(float(v) for v in lambdas)
-    if not grid or grid[0] <= 0:
-        raise UserError("the λ grid needs positive values")
-    pooled = backend in ("fc2", "fc3")
-    if noise is not None and not pooled:
+    if settings.train_size is not None and settings.train_size < data.classes:
+        raise UserError(f"train size {settings.train_size} is below the {data.classes} classes")
+    if settings.noise is not None and not settings.pooled:
         raise UserError(
-            f"sensor noise is modelled on pooled maps: backend fc2 or fc3, not {backend}"
+            f"sensor noise is modelled on pooled maps: backend fc2 or fc3, not {settings.backend}"
         )
-    idx_tr = train_subset(data.labels, data.split("train"), train_size)
-    idx_va = train_subset(data.labels, data.split("val"), eval_size)
-    idx_te = train_subset(data.labels, data.split("test"), eval_size)
-    shown = to_display(data.images, (image_size, image_size))
+    sizes = (settings.train_size, settings.eval_size, settings.eval_size)
+    idx_tr, idx_va, idx_te = (
+        balanced_subset(data.labels, data.split(s), n, SUBSET_SEED)
+        for s, n in zip(("train", "val", "test"), sizes, strict=True)
+    )
+    shown = to_display(data.images, (settings.image_size, settings.image_size))
     x_tr = torch.as_tensor(shown[idx_tr])
     x_ev = torch.as_tensor(shown[np.concatenate([idx_va, idx_te])])
     y = torch.as_tensor(data.labels)
-    y_tr = torch.nn.functional.one_hot(y[idx_tr], data.classes)
-    y_va, y_te, n_va = y[idx_va], y[idx_te], len(idx_va)
-    onehot_va = torch.nn.functional.one_hot(y_va, data.classes).double()
-    if pooled:  # one (pool², C·k²) input per sample serves every kernel count and seed
-        pool = _pool_size(image_size)
-        patches = pooled_patches(torch.cat([x_tr, x_ev]), kernel_size, pool)
-        bin_px = _bin_px(image_size, pool)
+    patches = bins = None
+    if settings.pooled:  # one (pool², C·k²) input per sample serves every kernel count and seed
+        pool = pool_size(settings.image_size)
+        patches = pooled_patches(torch.cat([x_tr, x_ev]), settings.kernel_size, pool)
+        bins = bin_px(settings.image_size, pool)
+    return _Samples(
+        x_tr,
+        x_ev,
+        torch.nn.functional.one_hot(y[idx_tr], data.classes),
+        y[idx_va],
+        y[idx_te],
+        (len(idx_tr), len(idx_va), len(idx_te)),
+        patches,
+        bins,
+    )
 
+
+def _scores(
+    model: ONN, samples: _Samples, settings: EstimateSettings, grid: list[float], seed: int
+) -> tuple[np.ndarray, float, float]:
+    """(validation accuracy, validation squared error, test accuracy) per λ as a (3, λ) array,
+    the kernel's mean diagonal, and the maps' SNR (inf without noise) of one initialisation."""
+    snr = float("inf")
+    if settings.pooled:
+        inputs, snr = noisy_inputs(model, samples.patches, settings.noise, samples.bins, seed)
+        n_tr = len(samples.x_tr)
+        net, x_a, x_b, block = PooledONN(model), inputs[:n_tr], inputs[n_tr:], POOLED_BLOCK
+    else:
+        block = samples_per_pass(model.spec, settings.memory_bytes)
+        net, x_a, x_b = model, samples.x_tr, samples.x_ev
+    k_tt, k_et = ntk_blocks(net, x_a, x_b, block)
+    reg = KernelRegression(k_tt, samples.y_tr, settings.centre)
+    n_va = samples.sizes[1]
+    onehot_va = torch.nn.functional.one_hot(samples.y_va, samples.y_tr.shape[1]).double()
+    out = np.zeros((3, len(grid)))
+    for j, rel in enumerate(grid):
+        pred = reg.predict(k_et, rel * reg.scale)
+        p_va, p_te = pred[:n_va], pred[n_va:]
+        out[0, j] = float((p_va.argmax(1) == samples.y_va).double().mean())
+        out[1, j] = float((p_va - onehot_va).pow(2).sum(1).mean())
+        out[2, j] = float((p_te.argmax(1) == samples.y_te).double().mean())
+    return out, reg.scale, snr
+
+
+def _row(
+    m: int, data: Dataset, samples: _Samples, settings: EstimateSettings, grid: list[float]
+) -> dict[str, Any]:
+    """The estimate for ``m`` kernels: every initialisation at the λ best on validation."""
+    t0 = time.perf_counter()
+    seeds = _seed_list(settings.seeds)
+    val, mse, test = (np.zeros((len(seeds), len(grid))) for _ in range(3))
+    scales, snrs = [], []
+    for i, s in enumerate(seeds):
+        spec = StudentSpec(
+            kernels=m,
+            kernel_size=settings.kernel_size,
+            signed=settings.signed,
+            channels=int(data.images.shape[1]),
+            image_size=settings.image_size,
+            backend=settings.backend,
+            classes=data.classes,
+            hidden=settings.hidden,
+            seed=s,
+        )
+        with torch.random.fork_rng(devices=[]):  # ONN() reseeds the global generator
+            model = ONN(spec)
+        (val[i], mse[i], test[i]), scale, snr = _scores(model, samples, settings, grid, s)
+        scales.append(scale)
+        if settings.pooled and settings.noise is not None:
+            snrs.append(snr)
+    mean_val, mean_mse = val.mean(0), mse.mean(0)
+    best = max(range(len(grid)), key=lambda j: (mean_val[j], -mean_mse[j]))
+    per_seed = [
+        {"seed": s, "test_accuracy": float(test[i, best]), "val_accuracy": float(val[i, best])}
+        for i, s in enumerate(seeds)
+    ]
+    return {
+        "kernels": m,
+        "accuracy": float(test[:, best].mean()),
+        "accuracy_std": float(test[:, best].std(ddof=1)) if len(seeds) > 1 else 0.0,
+        "val_accuracy": float(mean_val[best]),
+        "lambda": grid[best],
+        "lambda_abs": grid[best] * float(np.mean(scales)),
+        "lambda_at_edge": best in (0, len(grid) - 1),
+        "map_snr": float(np.mean(snrs)) if snrs else None,
+        "seconds": time.perf_counter() - t0,
+        "per_seed": per_seed,
+    }
+
+
+def estimate(
+    dataset: str | Dataset = "digits",
+    settings: EstimateSettings = EstimateSettings(),  # noqa: B008  frozen, so one shared default
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    *,
+    data_root: Path | str | None = None,
+) -> dict[str, Any]:
+    """Estimated test accuracy of the PSF ONN for each kernel count, by NTK regression.
+
+    ``progress(row)`` is called after each kernel count with its finished row. Returns a
+    JSON-ready dict; ``rows`` holds, per kernel count, ``accuracy`` (mean test accuracy over
+    initialisations) and ``accuracy_std``, ``val_accuracy``, ``lambda`` (relative to the mean
+    diagonal of Θ(X_tr, X_tr)), ``lambda_abs`` (its mean absolute value), ``lambda_at_edge``,
+    ``map_snr`` (RMS of the pooled maps over that of their noise; None without noise) and
+    ``seconds``.
+    """
+    t_start = time.perf_counter()
+    data = dataset if isinstance(dataset, Dataset) else load(dataset, data_root)
+    counts, seed_list = kernel_list(settings.kernels), _seed_list(settings.seeds)
+    grid = sorted(float(v) for v in settings.lambdas)
+    if not grid or grid[0] <= 0:
+        raise UserError("the λ grid needs positive values")
+    samples = _samples(data, settings)
     rows = []
     for m in counts:
-        t0 = time.perf_counter()
-        val = np.zeros((len(seed_list), len(grid)))
-        mse = np.zeros_like(val)
-        test = np.zeros_like(val)
-        scales, snrs = [], []
-        for i, s in enumerate(seed_list):
-            spec = StudentSpec(
-                kernels=m,
-                kernel_size=kernel_size,
-                signed=signed,
-                channels=int(data.images.shape[1]),
-                image_size=image_size,
-                backend=backend,
-                classes=data.classes,
-                hidden=hidden,
-                seed=s,
-            )
-            with torch.random.fork_rng(devices=[]):  # ONN() reseeds the global generator
-                model = ONN(spec)
-            if pooled:
-                inputs, snr = _noisy_inputs(model, patches, noise, bin_px, s)
-                net, block = PooledONN(model), POOLED_BLOCK
-                x_a, x_b = inputs[: len(x_tr)], inputs[len(x_tr) :]
-                if noise is not None:
-                    snrs.append(snr)
-            else:
-                net, x_a, x_b, block = model, x_tr, x_ev, samples_per_pass(spec, memory_bytes)
-            k_tt, k_et = ntk_blocks(net, x_a, x_b, block)
-            reg = KernelRegression(k_tt, y_tr, centre)
-            scales.append(reg.scale)
-            for j, rel in enumerate(grid):
-                pred = reg.predict(k_et, rel * reg.scale)
-                p_va, p_te = pred[:n_va], pred[n_va:]
-                val[i, j] = float((p_va.argmax(1) == y_va).double().mean())
-                mse[i, j] = float((p_va - onehot_va).pow(2).sum(1).mean())
-                test[i, j] = float((p_te.argmax(1) == y_te).double().mean())
-        mean_val, mean_mse = val.mean(0), mse.mean(0)
-        best = max(range(len(grid)), key=lambda j: (mean_val[j], -mean_mse[j]))
-        row = {
-            "kernels": m,
-            "accuracy": float(test[:, best].mean()),
-            "accuracy_std": float(test[:, best].std(ddof=1)) if len(seed_list) > 1 else 0.0,
-            "val_accuracy": float(mean_val[best]),
-            "lambda": grid[best],
-            "lambda_abs": grid[best] * float(np.mean(scales)),
-            "lambda_at_edge": best in (0, len(grid) - 1),
-            "map_snr": float(np.mean(snrs)) if snrs else None,
-            "seconds": time.perf_counter() - t0,
-            "per_seed": [
-                {
-                    "seed": s,
-                    "test_accuracy": float(test[i, best]),
-                    "val_accuracy": float(val[i, best]),
-                }
-                for i, s in enumerate(seed_list)
-            ],
-        }
-        rows.append(row)
+        rows.append(_row(m, data, samples, settings, grid))
         if progress is not None:
-            progress(row)
+            progress(rows[-1])
+    noise = settings.noise
     return {
         "dataset": data.name,
         "classes": data.classes,
-        "kernel_size": kernel_size,
-        "signed": signed,
-        "image_size": image_size,
-        "backend": backend,
-        "hidden": hidden,
+        "kernel_size": settings.kernel_size,
+        "signed": settings.signed,
+        "image_size": settings.image_size,
+        "backend": settings.backend,
+        "hidden": settings.hidden,
         "seeds": seed_list,
-        "train_size": len(idx_tr),
-        "val_size": len(idx_va),
-        "test_size": len(idx_te),
-        "centred": centre,
+        "train_size": samples.sizes[0],
+        "val_size": samples.sizes[1],
+        "test_size": samples.sizes[2],
+        "centred": settings.centre,
         "noise": noise.to_dict() if noise is not None else None,
         "lambda_grid": grid,
         "threads": torch.get_num_threads(),
@@ -536,134 +409,3 @@ def save_curve_png(result: dict[str, Any], path: Path | str) -> Path:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
-
-
-def _layout_entry(m: int, physical: dict[str, Any], kernel_um: float | None) -> dict[str, Any]:
-    try:
-        if kernel_um is None:
-            layout = layout_for_kernels(m, **physical)
-        else:
-            ms, d = physical.pop("metasurface_um"), physical.pop("spacing_um")
-            layout = design_layout(ms, kernel_um, d, kernels=m, **physical)
-    except UserError as e:
-        return {"fits": False, "reason": str(e)}
-    return {"fits": True, **layout.to_dict()}
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    _write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
-
-
-def run_estimate(
-    dataset: str = "digits",
-    kernels: Sequence[int] = (2, 4, 8, 16),
-    kernel_size: int = 7,
-    out: Path | str = Path("estimate-output"),
-    *,
-    metasurface_um: tuple[float, float] | None = None,
-    spacing_um: float | None = None,
-    magnification: float = 1.0,
-    pixel_um: float | None = None,
-    sensor_px: tuple[int, int] | None = None,
-    kernel_um: float | None = None,
-    signed: bool = True,
-    train_size: int | None = DEFAULT_TRAIN_SIZE,
-    seeds: int | Iterable[int] = DEFAULT_SEEDS,
-    progress: Callable[[dict[str, Any]], None] | None = None,
-    data_root: Path | str | None = None,
-    noise: MapNoise | None = DEFAULT_NOISE,
-    image_size: int = 32,
-) -> dict[str, Any]:
-    """`hil estimate`: the estimate per kernel count, each candidate's layout, and the curve.
-
-    With the physical constraints (``metasurface_um``, ``spacing_um``, ``pixel_um``,
-    ``sensor_px``; ``magnification`` defaults to 1) each row gets ``layout``: ``fits`` and either
-    the layout (`Layout.to_dict`: grid, tile boxes, ``frontend_toml``) or the ``reason`` it does
-    not fit. The sub-optic side is ``kernel_um`` when given, else the largest that holds the
-    candidate (`layout_for_kernels`). Bad input, or constraints no candidate fits (the smallest
-    one's binding constraint is named), raise `UserError` before any computation.
-    Writes into ``out`` ``estimate.md`` (the table), ``estimate.png``, ``estimate.json`` and, with
-    a layout, ``layouts.json`` and ``frontend-M.toml`` per candidate that fits; the result has
-    ``table`` (text) and ``files``. ``data_root``: where datasets that read files (mnist,
-    cifar10) find them; ``image_size``: the side of the display the images are shown on.
-    ``noise``: as in `estimate`.
-    """
-    counts = _kernel_list(kernels)
-    given = {
-        "--metasurface-um": metasurface_um,
-        "--spacing-um": spacing_um,
-        "--pixel-um": pixel_um,
-        "--sensor-px": sensor_px,
-    }
-    physical: dict[str, Any] | None = None
-    if any(v is not None for v in given.values()) or kernel_um is not None:
-        missing = [k for k, v in given.items() if v is None]
-        if missing:
-            raise UserError(f"the layout needs {', '.join(missing)} as well")
-        ms = _pair("metasurface", metasurface_um, "µm")
-        sensor = _pair("sensor", sensor_px, "px")
-        if any(v != int(v) for v in sensor):
-            raise UserError(f"sensor size must be whole pixels (got {sensor_px!r})")
-        physical = {
-            "metasurface_um": ms,
-            "spacing_um": _positive("spacing", spacing_um, allow_zero=True),
-            "magnification": _positive("magnification", magnification, unit=""),
-            "pixel_um": _positive("pixel pitch", pixel_um),
-            "sensor_px": (int(sensor[0]), int(sensor[1])),
-            "signed": signed,
-            "kernel_size_px": kernel_size,
-        }
-        if kernel_um is not None:
-            _positive("kernel side", kernel_um)
-    data = _load(dataset, data_root)
-    layouts: dict[int, dict[str, Any]] = {}
-    if physical is not None:
-        physical["channels"] = int(data.images.shape[1])
-        layouts = {m: _layout_entry(m, dict(physical), kernel_um) for m in counts}
-        if not any(lay["fits"] for lay in layouts.values()):
-            first = counts[0]
-            raise UserError(
-                f"no candidate fits ({', '.join(map(str, counts))} kernels); "
-                f"{first} kernels: {layouts[first]['reason']}"
-            )
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    result = estimate(
-        data,
-        counts,
-        kernel_size,
-        train_size=train_size,
-        seeds=seeds,
-        progress=progress,
-        signed=signed,
-        noise=noise,
-        image_size=image_size,
-    )
-    if physical is not None:
-        result["constraints"] = {
-            k: v for k, v in physical.items() if k not in ("signed", "channels")
-        } | {"kernel_um": kernel_um}
-        for row in result["rows"]:
-            row["layout"] = layouts[row["kernels"]]
-    result["table"] = format_table(result)
-    files = {k: out / n for k, n in (("table", "estimate.md"), ("curve", "estimate.png"))}
-    _write_text(files["table"], result["table"] + "\n")
-    save_curve_png(result, files["curve"])
-    if physical is not None:
-        files["layouts"] = out / "layouts.json"
-        _write_json(files["layouts"], {str(r["kernels"]): r["layout"] for r in result["rows"]})
-        for row in result["rows"]:
-            if row["layout"]["fits"]:
-                key, name = f"frontend_{row['kernels']}", f"frontend-{row['kernels']}.toml"
-                files[key] = out / name
-                _write_text(files[key], row["layout"]["frontend_toml"])
-    files["result"] = out / "estimate.json"
-    result["files"] = {k: str(v) for k, v in files.items()}
-    _write_json(files["result"], result)
-    return result

@@ -89,7 +89,7 @@ class Layout:
         }
 
 
-def _positive(name: str, value: float, unit: str = "µm", allow_zero: bool = False) -> float:
+def positive(name: str, value: float, unit: str = "µm", allow_zero: bool = False) -> float:
     value = float(value)
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
@@ -97,14 +97,14 @@ def _positive(name: str, value: float, unit: str = "µm", allow_zero: bool = Fal
     return value
 
 
-def _pair(name: str, value, unit: str) -> tuple[float, float]:
+def pair(name: str, value, unit: str) -> tuple[float, float]:
     try:
         h, w = value
     except (TypeError, ValueError):
         raise UserError(f"{name} must be two numbers, height and width (got {value!r})") from None
     return (
-        _positive(f"{name} height", h, unit),
-        _positive(f"{name} width", w, unit),
+        positive(f"{name} height", h, unit),
+        positive(f"{name} width", w, unit),
     )
 
 
@@ -118,7 +118,132 @@ def _slack(extent: float, n: int, k: float, d: float) -> tuple[float, float]:
     return round(extent - used, 6) + 0.0, round(used + d + k - extent, 6) + 0.0
 
 
-def design_layout(
+def _sides(kernel_um: float, spacing_um: float) -> tuple[float, float]:
+    return positive("kernel side", kernel_um), positive("spacing", spacing_um, allow_zero=True)
+
+
+def _channels_and_kernel(channels: int, kernel_size_px: int) -> int:
+    """The kernel size in whole pixels, once channels and kernel size are checked."""
+    if channels not in (1, 3):
+        raise UserError(f"channels must be 1 or 3 (got {channels})")
+    if int(kernel_size_px) < 1:
+        raise UserError(f"kernel size must be >= 1 px (got {kernel_size_px})")
+    return int(kernel_size_px)
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """The formula's grid: rows x cols sub-optics of side k, d apart, on an h x w metasurface."""
+
+    h: float
+    w: float
+    k: float
+    d: float
+    rows: int
+    cols: int
+    signed: bool
+
+    @property
+    def per_row(self) -> int:
+        return self.cols // 2 if self.signed else self.cols
+
+    @property
+    def capacity(self) -> int:
+        return self.rows * self.per_row
+
+
+def _grid(h: float, w: float, k: float, d: float, signed: bool) -> _Grid:
+    """The largest symmetric grid, or the constraint that leaves no kernel."""
+    for name, extent in (("height", h), ("width", w)):
+        if extent < k:
+            raise UserError(
+                f"metasurface {name} {extent:g} µm < one kernel {k:g} µm: nothing fits; "
+                f"shrink the kernel by {k - extent:g} µm or enlarge the metasurface"
+            )
+    grid = _Grid(h, w, k, d, _fit(h, k, d), _fit(w, k, d), signed)
+    if grid.capacity == 0:  # signed with a single column
+        need = 2 * k + d
+        raise UserError(
+            f"a signed kernel needs a ± pair of sub-optics side by side ({need:g} µm = 2 x "
+            f"{k:g} + {d:g} µm), the metasurface width is {w:g} µm: the width binds "
+            f"(short by {need - w:g} µm); zero kernels after pairing"
+        )
+    return grid
+
+
+def _margins(g: _Grid) -> list[str]:
+    """What limits the grid along each side, and by how much."""
+    binding: list[str] = []
+    for name, extent, n in (("height", g.h, g.rows), ("width", g.w, g.cols)):
+        spare, more = _slack(extent, n, g.k, g.d)
+        binding.append(
+            f"{name}: {n} x {g.k + g.d:g} µm pitch uses {extent - spare:g} of {extent:g} µm "
+            f"({spare:g} µm spare; one more {'row' if name == 'height' else 'column'} needs "
+            f"{more:g} µm more)"
+        )
+    if g.signed and g.cols % 2:
+        binding.append(f"signed pairs: {g.cols} columns is odd, the last column stays empty")
+    return binding
+
+
+def _kernel_count(g: _Grid, kernels: int | None, binding: list[str]) -> int:
+    """The kernels realised: all that fit by default, else ``kernels`` if the grid holds them."""
+    if kernels is None:
+        return g.capacity
+    kernels = int(kernels)
+    if kernels < 1:
+        raise UserError(f"kernels must be >= 1 (got {kernels})")
+    if kernels > g.capacity:
+        per = "signed kernels, 2 sub-optics each" if g.signed else "kernels"
+        raise UserError(
+            f"{kernels} kernels do not fit: a {g.rows} x {g.cols} grid of {g.k:g} µm sub-optics "
+            f"(spacing {g.d:g} µm) on {g.h:g} x {g.w:g} µm holds {g.capacity} {per}; "
+            f"the metasurface binds (short by {kernels - g.capacity} "
+            f"kernel{'s' if kernels - g.capacity > 1 else ''})"
+        )
+    if kernels < g.capacity:
+        binding.append(f"{g.capacity - kernels} of {g.capacity} kernel slots left unused")
+    return kernels
+
+
+def _sensor_tiles(
+    g: _Grid, tiles: int, mag: float, pixel: float, sensor_hw: tuple[int, int], kernel_px: int
+) -> tuple[int, int, list[tuple[int, int, int, int]], str]:
+    """(tile px, gap px, boxes, the sensor's margin): each sub-optic's image lands under it,
+    scaled by the magnification ``mag`` in pixels of pitch ``pixel``, the used grid centred."""
+    (sh, sw), k, scale = sensor_hw, g.k, mag / pixel
+    tile_px = math.floor(k * scale + _EPS)
+    if tile_px < kernel_px:
+        need_mag = kernel_px * pixel / k
+        need_pix = k * mag / kernel_px
+        raise UserError(
+            f"one sub-optic images to {k * scale:.3g} px on the sensor ({k:g} µm x {mag:g} / "
+            f"{pixel:g} µm), smaller than the {kernel_px} px kernel: the pixel pitch binds "
+            f"(needs magnification >= {need_mag:.3g} or pixels <= {need_pix:.3g} µm)"
+        )
+    gap_px = max(0, round((k + g.d) * scale) - tile_px)
+    pitch_px = tile_px + gap_px
+    grid_cols = min(2 * g.per_row if g.signed else g.cols, tiles)  # odd last column stays dark
+    grid_rows = math.ceil(tiles / grid_cols)
+    need_h, need_w = grid_rows * pitch_px - gap_px, grid_cols * pitch_px - gap_px
+    if need_h > sh or need_w > sw:
+        short = f"{max(0, need_h - sh)} x {max(0, need_w - sw)}"
+        raise UserError(
+            f"{tiles} tiles ({grid_rows} x {grid_cols} at a {pitch_px} px pitch, {tile_px} px "
+            f"each) need {need_h} x {need_w} px on the sensor, which has {sh} x {sw} px: the "
+            f"sensor binds (short by {short} px)"
+        )
+    layout = TileLayout(tiles, tile_px, tile_px, gap_px, grid_cols)
+    y_off, x_off = (sh - need_h) // 2 - gap_px, (sw - need_w) // 2 - gap_px
+    boxes = [(y + y_off, x + x_off, bh, bw) for y, x, bh, bw in layout.boxes]
+    margin = (
+        f"sensor: tiles cover {need_h} x {need_w} of {sh} x {sw} px "
+        f"({tile_px} px tiles, {gap_px} px gaps)"
+    )
+    return tile_px, gap_px, boxes, margin
+
+
+def design_layout(  # noqa: PLR0913  one argument per fabrication constraint, named at every call
     metasurface_um: tuple[float, float],
     kernel_um: float,
     spacing_um: float,
@@ -137,92 +262,19 @@ def design_layout(
     that fits. ``kernel_size_px`` is the PSF side in sensor pixels written to ``[frontend]``
     (the ONN's kernel size); it must fit inside one tile.
     """
-    h, w = _pair("metasurface", metasurface_um, "µm")
-    k = _positive("kernel side", kernel_um)
-    d = _positive("spacing", spacing_um, allow_zero=True)
-    pixel = _positive("pixel pitch", pixel_um)
-    mag = _positive("magnification", magnification, unit="")
-    sh, sw = (int(v) for v in _pair("sensor", sensor_px, "px"))
-    if channels not in (1, 3):
-        raise UserError(f"channels must be 1 or 3 (got {channels})")
-    if int(kernel_size_px) < 1:
-        raise UserError(f"kernel size must be >= 1 px (got {kernel_size_px})")
-    kernel_size_px = int(kernel_size_px)
-
-    for name, extent in (("height", h), ("width", w)):
-        if extent < k:
-            raise UserError(
-                f"metasurface {name} {extent:g} µm < one kernel {k:g} µm: nothing fits; "
-                f"shrink the kernel by {k - extent:g} µm or enlarge the metasurface"
-            )
-    rows, cols = _fit(h, k, d), _fit(w, k, d)
-    per_row = cols // 2 if signed else cols
-    capacity = rows * per_row
-    if capacity == 0:  # signed with a single column
-        need = 2 * k + d
-        raise UserError(
-            f"a signed kernel needs a ± pair of sub-optics side by side ({need:g} µm = 2 x "
-            f"{k:g} + {d:g} µm), the metasurface width is {w:g} µm: the width binds "
-            f"(short by {need - w:g} µm); zero kernels after pairing"
-        )
-    binding: list[str] = []
-    for name, extent, n in (("height", h, rows), ("width", w, cols)):
-        spare, more = _slack(extent, n, k, d)
-        binding.append(
-            f"{name}: {n} x {k + d:g} µm pitch uses {extent - spare:g} of {extent:g} µm "
-            f"({spare:g} µm spare; one more {'row' if name == 'height' else 'column'} needs "
-            f"{more:g} µm more)"
-        )
-    if signed and cols % 2:
-        binding.append(f"signed pairs: {cols} columns is odd, the last column stays empty")
-    if kernels is None:
-        kernels = capacity
-    else:
-        kernels = int(kernels)
-        if kernels < 1:
-            raise UserError(f"kernels must be >= 1 (got {kernels})")
-        if kernels > capacity:
-            per = "signed kernels, 2 sub-optics each" if signed else "kernels"
-            raise UserError(
-                f"{kernels} kernels do not fit: a {rows} x {cols} grid of {k:g} µm sub-optics "
-                f"(spacing {d:g} µm) on {h:g} x {w:g} µm holds {capacity} {per}; "
-                f"the metasurface binds (short by {kernels - capacity} "
-                f"kernel{'s' if kernels - capacity > 1 else ''})"
-            )
-        if kernels < capacity:
-            binding.append(f"{capacity - kernels} of {capacity} kernel slots left unused")
+    (h, w), k, d = pair("metasurface", metasurface_um, "µm"), *_sides(kernel_um, spacing_um)
+    pixel = positive("pixel pitch", pixel_um)
+    mag = positive("magnification", magnification, unit="")
+    sh, sw = (int(v) for v in pair("sensor", sensor_px, "px"))
+    kernel_size_px = _channels_and_kernel(channels, kernel_size_px)
+    grid = _grid(h, w, k, d, signed)
+    binding = _margins(grid)
+    kernels = _kernel_count(grid, kernels, binding)
     tiles = 2 * kernels if signed else kernels
-
-    # the sensor: each sub-optic's image lands under it, scaled by M, in pixels of pitch p
-    scale = mag / pixel
-    tile_px = math.floor(k * scale + _EPS)
-    if tile_px < kernel_size_px:
-        need_mag = kernel_size_px * pixel / k
-        need_pix = k * mag / kernel_size_px
-        raise UserError(
-            f"one sub-optic images to {k * scale:.3g} px on the sensor ({k:g} µm x {mag:g} / "
-            f"{pixel:g} µm), smaller than the {kernel_size_px} px kernel: the pixel pitch binds "
-            f"(needs magnification >= {need_mag:.3g} or pixels <= {need_pix:.3g} µm)"
-        )
-    gap_px = max(0, round((k + d) * scale) - tile_px)
-    pitch_px = tile_px + gap_px
-    grid_cols = min(2 * per_row if signed else cols, tiles)  # an odd last column stays dark
-    grid_rows = math.ceil(tiles / grid_cols)
-    need_h, need_w = grid_rows * pitch_px - gap_px, grid_cols * pitch_px - gap_px
-    if need_h > sh or need_w > sw:
-        short = f"{max(0, need_h - sh)} x {max(0, need_w - sw)}"
-        raise UserError(
-            f"{tiles} tiles ({grid_rows} x {grid_cols} at a {pitch_px} px pitch, {tile_px} px "
-            f"each) need {need_h} x {need_w} px on the sensor, which has {sh} x {sw} px: the "
-            f"sensor binds (short by {short} px)"
-        )
-    grid = TileLayout(tiles, tile_px, tile_px, gap_px, grid_cols)
-    y_off, x_off = (sh - need_h) // 2 - gap_px, (sw - need_w) // 2 - gap_px
-    boxes = [(y + y_off, x + x_off, bh, bw) for y, x, bh, bw in grid.boxes]
-    binding.append(
-        f"sensor: tiles cover {need_h} x {need_w} of {sh} x {sw} px "
-        f"({tile_px} px tiles, {gap_px} px gaps)"
+    tile_px, gap_px, boxes, margin = _sensor_tiles(
+        grid, tiles, mag, pixel, (sh, sw), kernel_size_px
     )
+    binding.append(margin)
     if gap_px > 1024:
         raise UserError(f"tile gap {gap_px} px exceeds the bench file's 1024 px bound")
     try:
@@ -236,8 +288,8 @@ def design_layout(
     except ValueError as e:  # pydantic bounds (e.g. more than 1024 kernels)
         raise UserError(f"[frontend] cannot hold this layout: {e}") from None
     return Layout(
-        rows=rows,
-        cols=cols,
+        rows=grid.rows,
+        cols=grid.cols,
         kernels=kernels,
         tiles=tiles,
         kernel_um=k,
@@ -269,8 +321,8 @@ def layout_for_kernels(
     asked (the spare slots stay empty and are noted in ``binding``). ``sensor``: the keyword
     arguments of `design_layout` for the sensor side.
     """
-    h, w = _pair("metasurface", metasurface_um, "µm")
-    d = _positive("spacing", spacing_um, allow_zero=True)
+    h, w = pair("metasurface", metasurface_um, "µm")
+    d = positive("spacing", spacing_um, allow_zero=True)
     kernels = int(kernels)
     if kernels < 1:
         raise UserError(f"kernels must be >= 1 (got {kernels})")

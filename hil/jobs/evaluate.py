@@ -17,12 +17,12 @@ import torch
 from matplotlib.figure import Figure
 
 from hil.acquire import store as capture_store
+from hil.data.placement import place_masks
 from hil.errors import UserError
 from hil.models.checkpoint import check_maps
 from hil.models.onn import ONN
 from hil.output.figures import save_figure
 from hil.training.loop import IGNORE, iou_counts, mean_iou, predictions
-from hil.training.student import place_masks
 
 
 def predict(model: ONN, features: np.ndarray, batch_size: int = 256) -> np.ndarray:

@@ -15,15 +15,15 @@ import numpy as np
 import torch
 
 from hil.acquire import store as capture_store
-from hil.acquire.capture import stratified_subset
 from hil.acquire.identity import check_source
 from hil.data.datasets import load_dataset
+from hil.data.sampling import stratified_fraction
 from hil.errors import UserError
 from hil.models.checkpoint import check_maps, load_onn
 from hil.models.onn import ONN
-from hil.ntkd.losses import build_loss
+from hil.ntkd.losses import FINETUNE_METHODS, build_loss, check_method
+from hil.ntkd.teacher_cache import teacher_features
 from hil.training.loop import Settings, accuracy, fit, save_checkpoint
-from hil.training.student import teacher_features
 
 DEFAULT_SPLIT_FRACTION = 0.1
 
@@ -48,7 +48,7 @@ def rows_for_training(
         raise UserError(f"--fraction {use}: must be in (0, 1]")
     rows = np.arange(len(captures.index))
     labels = captures.labels if captures.labels.ndim == 1 else np.zeros(len(rows), int)
-    train = stratified_subset(labels, rows, use, seed)
+    train = stratified_fraction(labels, rows, use, seed)
     return train, np.setdiff1d(rows, train), use
 
 
@@ -149,8 +149,7 @@ def run_finetune(
     """Fine-tune the backend of `checkpoint` on a capture store; write the student to `out`."""
     from hil.training.teacher import load_teacher
 
-    if method not in ("ce", "kd", "ntkd"):
-        raise UserError(f"--method {method!r}: choose ce, kd or ntkd")
+    check_method(method, FINETUNE_METHODS)
     model = load_onn(checkpoint)
     found = capture_store.read(captures)
     check_maps(model, found.features.shape[1:], captures)

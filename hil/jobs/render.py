@@ -11,7 +11,8 @@ import torch
 from drivers.protocols import Frame
 from hil.bench.assembly import Bench
 from hil.bench.config import BenchConfig
-from hil.data.placement import place_on_display, read_image
+from hil.data.images import read_image
+from hil.data.placement import place_on_display
 from hil.output.figures import save_frame_png, save_map_sheet
 from sim.psf_frontend import PSFFrontend, signed_combine
 from sim.sensor import Sensor

@@ -28,13 +28,14 @@ class MapAffine(nn.Module):
         return x * self.gain + self.offset
 
 
-def _pool_size(image: int) -> int:
+def pool_size(image: int) -> int:
+    """Side of the grid the fc backends average-pool each feature map to."""
     return max(1, image // 4)
 
 
 def fc_backend(maps: int, image: int, classes: int, hidden: tuple[int, ...]) -> nn.Sequential:
     """The published MNIST/CIFAR backends: pooled maps through 2 (`fc2`) or 3 (`fc3`) FC layers."""
-    pooled = _pool_size(image)
+    pooled = pool_size(image)
     layers: list[nn.Module] = [MapAffine(maps), nn.AdaptiveAvgPool2d(pooled), nn.Flatten()]
     width = maps * pooled * pooled
     for h in hidden:

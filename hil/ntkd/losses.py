@@ -11,39 +11,22 @@ and matches the teacher's features, which are cached per sample for the same poo
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hil.ntkd import kernels as ntk
+from hil.data.placement import Region
+from hil.errors import UserError
+from hil.models.views import SharedView
+from hil.ntkd.alignment import ntk_alignment_loss, ntk_mse
+from hil.ntkd.factored import factored_ntk
+from hil.ntkd.projected import kernel_from_features
 from hil.training.loop import IGNORE
 
 Batch = dict[str, torch.Tensor]
-Region = tuple[int, int, int, int]  # (top, left, height, width) of the image on the logit map
-
-
-class SharedView(nn.Module):
-    """A module that runs `inner` with extra steps but exposes its children under the same
-    parameter names (no `inner.` prefix), so `params` lists, checkpoints and functional_call
-    (which swaps parameters on the shared submodules) work on the view as on `inner` itself."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        if (
-            next(inner.parameters(recurse=False), None) is not None
-            or next(inner.buffers(recurse=False), None) is not None
-        ):
-            raise ValueError(f"{type(inner).__name__} holds tensors outside its submodules")
-        for name, child in inner.named_children():
-            self.add_module(name, child)
-        object.__setattr__(self, "inner", inner)  # not registered: names stay inner's
-        self.training = inner.training
-
-    def train(self, mode: bool = True):
-        self.inner.train(mode)
-        return super().train(mode)
 
 
 def pool_logits(logits: torch.Tensor, pool: int, region: Region | None = None) -> torch.Tensor:
@@ -74,7 +57,7 @@ def pooled_ntk(
     params: list[str] | None = None,
 ) -> torch.Tensor:
     """Exact NTK (N, N) of a segmentation model traced over its pooled logits."""
-    return ntk.factored_ntk(PooledLogits(model, pool, region), x, params)
+    return factored_ntk(PooledLogits(model, pool, region), x, params)
 
 
 class CE:
@@ -148,19 +131,57 @@ class NTKD:
         if logits.ndim > 2:
             k_student = pooled_ntk(core, batch["x"], self.pool, self.region, self.params)
         else:
-            k_student = ntk.factored_ntk(core, batch["x"], self.params)
-        k_teacher = ntk.kernel_from_features(batch["teacher_features"])
+            k_student = factored_ntk(core, batch["x"], self.params)
+        k_teacher = kernel_from_features(batch["teacher_features"])
         if self.variant == "mse":
-            term = ntk.ntk_mse(k_student, k_teacher, self.norm)
+            term = ntk_mse(k_student, k_teacher, self.norm)
         else:
-            term = ntk.ntk_alignment_loss(k_student, k_teacher)
+            term = ntk_alignment_loss(k_student, k_teacher)
         return {"ce": ce, "ntk": term, "total": self.alpha * ce + self.beta * term}
 
 
 LOSSES: dict[str, Callable[..., object]] = {"ce": CE, "none": CE, "kd": KD, "ntkd": NTKD}
+FINETUNE_METHODS = ("ce", "kd", "ntkd")  # `hil finetune`'s names (`none` is train's for ce)
+NORMS = ("none", "diag", "frobenius")
+VARIANTS = ("mse", "cka")
+
+
+def _choices(names: Sequence[str]) -> str:
+    return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
+
+
+def check_method(method: str, choices: Sequence[str] = tuple(LOSSES)) -> str:
+    """`method` when it is one of `choices` (default: every loss), else one line naming them:
+    the one place a training method is validated (`hil train`, `hil finetune`, `build_loss`)."""
+    if method not in choices:
+        raise UserError(f"--method {method!r}: choose {_choices(list(choices))}")
+    return method
+
+
+def loss_options(
+    method: str,
+    *,
+    choices: Sequence[str] = tuple(LOSSES),
+    temperature: float = 4.0,
+    beta: float = 1.0,
+    norm: str = "diag",
+    variant: str = "mse",
+) -> dict[str, Any]:
+    """The keyword arguments of `build_loss(method, ...)` from the command line's options: the
+    temperature for kd; the NTK weight, normalisation and variant for ntkd; none otherwise.
+    `choices`: the methods the command offers (`check_method`)."""
+    check_method(method, choices)
+    if method == "kd":
+        return {"temperature": temperature}
+    if method != "ntkd":
+        return {}
+    if norm not in NORMS:
+        raise UserError(f"--norm {norm!r}: choose {_choices(NORMS)}")
+    if variant not in VARIANTS:
+        raise UserError(f"--variant {variant!r}: choose {_choices(VARIANTS)}")
+    return {"beta": beta, "norm": norm, "variant": variant}
 
 
 def build_loss(method: str, **options):
-    if method not in LOSSES:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(LOSSES)}")
-    return LOSSES[method](**options)
+    """The loss `method` (a key of LOSSES) with `options` (see `loss_options`)."""
+    return LOSSES[check_method(method)](**options)

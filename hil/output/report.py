@@ -11,7 +11,8 @@ import torch
 
 from calibration.atomic import atomic_write_text
 from hil.acquire.store import read
-from hil.data.datasets import Dataset, to_display
+from hil.data.datasets import Dataset
+from hil.data.placement import to_display
 from hil.jobs.evaluate import save_confusion_png
 from hil.models.onn import ONN
 from hil.output.figures import plt, save_figure, save_map_sheet

@@ -122,7 +122,7 @@ def task_metric(task: str, classes: int) -> tuple[str, Metric]:
     return "accuracy", accuracy
 
 
-def fit(
+def fit(  # noqa: PLR0913  the one training loop's hooks, keyword-only and named at each call
     model: nn.Module,
     loss: Callable[[nn.Module, Batch], dict[str, torch.Tensor]],
     train: Batch,
@@ -155,46 +155,55 @@ def fit(
         optimizer.load_state_dict(state["optimizer"])
         history, start = list(state["history"]), int(state["epoch"]) + 1
     net = DistributedDataParallel(model) if size > 1 else model
-    n = len(train["y"])
     for epoch in range(start, settings.epochs):
         t0 = time.perf_counter()
-        order = torch.randperm(
-            n, generator=torch.Generator().manual_seed(settings.seed * 7919 + epoch)
-        )
-        sums: dict[str, float] = {}
-        steps = 0
         model.train()
-        for i in range(0, n, settings.batch_size):
-            idx = order[i : i + settings.batch_size][rank::size]
-            if len(idx) == 0:
-                continue
-            batch = {k: v[idx] for k, v in train.items()}
-            if batch_extras is not None:
-                batch |= batch_extras(idx)
-            terms = loss(net, batch)
-            optimizer.zero_grad(set_to_none=True)
-            terms["total"].backward()
-            optimizer.step()
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            steps += 1
-        metrics = {"epoch": epoch, **{k: v / max(steps, 1) for k, v in sums.items()}}
+        batches = _batches(len(train["y"]), settings, epoch, rank, size)
+        means = _train_epoch(net, loss, optimizer, train, batches, batch_extras)
+        metrics = {"epoch": epoch, **means}
         metrics[f"val_{metric_name}"] = metric(model, val["x"], val["y"])
         metrics["seconds"] = round(time.perf_counter() - t0, 3)
         history.append(metrics)
         if checkpoint is not None and rank == 0:
-            save_checkpoint(
-                checkpoint,
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "epoch": epoch,
-                    "history": history,
-                    **(extra_state or {}),
-                },
-            )
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+            state |= {"epoch": epoch, "history": history, **(extra_state or {})}
+            save_checkpoint(checkpoint, state)
         if on_epoch is not None and rank == 0:
             on_epoch(metrics)
     if size > 1:
         dist.barrier()
     return history
+
+
+def _batches(n: int, settings: Settings, epoch: int, rank: int, size: int):
+    """This rank's sample indices of each batch of an epoch, in the epoch's seeded order."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(settings.seed * 7919 + epoch))
+    for i in range(0, n, settings.batch_size):
+        idx = order[i : i + settings.batch_size][rank::size]
+        if len(idx):
+            yield idx
+
+
+def _train_epoch(
+    net: nn.Module,
+    loss: Callable[[nn.Module, Batch], dict[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    train: Batch,
+    batches,
+    batch_extras: Callable[[torch.Tensor], Batch] | None,
+) -> dict[str, float]:
+    """One optimizer step per batch; the mean of every loss term over the epoch."""
+    sums: dict[str, float] = {}
+    steps = 0
+    for idx in batches:
+        batch = {k: v[idx] for k, v in train.items()}
+        if batch_extras is not None:
+            batch |= batch_extras(idx)
+        terms = loss(net, batch)
+        optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        optimizer.step()
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        steps += 1
+    return {k: v / max(steps, 1) for k, v in sums.items()}

@@ -1,0 +1,314 @@
+"""The exact student kernel from per-sample gradients in closed form (what the NTKD loss uses).
+
+`factored_ntk` is the kernel of `hil.ntkd.exact.student_ntk` at about the cost of a forward and
+backward pass of the student: a layer linear in its parameters enters the kernel through the
+δ at its output and its input, so its weights' Jacobians are never formed. `hil.ntkd.plan` says
+which layers the closed forms cover; anything else takes the per-sample vmap path here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev, vmap
+
+from hil.ntkd.exact import check_batch_independent, contract, select_params, student_ntk
+from hil.ntkd.plan import Plan, Segment, Unsupported, make_plan, uniform_block
+
+__all__ = ["factored_ntk"]
+
+
+def factored_ntk(
+    model: nn.Module,
+    x: Tensor,
+    params: Iterable[str] | None = None,
+    *,
+    x2: Tensor | None = None,
+) -> Tensor:
+    """The same exact kernel as `student_ntk`, from per-sample gradients in closed form.
+
+    A layer linear in its parameters enters the kernel through δ_c = ∂f_c/∂y at its output y
+    and its input: y = W a + b contributes Σ_c ⟨δ_ic, δ_jc⟩ (⟨a_i, a_j⟩ + 1 for the bias), so
+    its weights' Jacobians are never formed. When the model is a chain of layers known to treat
+    samples independently and every chosen parameter belongs to a Linear, a `MapAffine` or a
+    `PSFFrontend` (`_batched_ntk`), the δ of the whole batch come from one class-batched backward
+    pass and the per-sample gradients are a few tensor contractions, which is what makes an NTKD
+    step cost about a KD step. Anything else (4f or convolutional parameters, other modules)
+    falls back to `_factored_ntk_vmap`: vmap over samples of jacrev, with the Linear
+    factorisation. Both are differentiable w.r.t. every parameter (double backward).
+    """
+    check_batch_independent(model)
+    chosen = select_params(model, params)
+    plan = make_plan(model, chosen)
+    if plan is not None:
+        try:
+            return _batched_ntk(plan, x, x2)
+        except Unsupported:
+            pass
+    return _factored_ntk_vmap(model, x, params, x2=x2)
+
+
+def _shifted_inputs(x: Tensor, k: int, block: tuple[int, int] | None) -> Tensor:
+    """(N, Cin·k·k, L): the input under kernel offset u at output position l of a "same"
+    convolution (conv2d_direct and conv2d_fft cut it alike), block-averaged when pooled.
+
+    A PSF output is y_p[h] = Σ_u x[h - (k-1)//2 + u] · kernel_p[k-1-u], so ∂y_p[h]/∂kernel_p
+    is this with the offsets flipped, and the block average of y_p is the same sum over the
+    block-averaged input taken with the block as stride.
+    """
+    lo = (k - 1) // 2
+    xp = F.pad(x, (lo, k - 1 - lo, lo, k - 1 - lo))
+    stride = (1, 1)
+    if block is not None:
+        xp = xp.unfold(2, block[0], 1).mean(-1).unfold(3, block[1], 1).mean(-1)
+        stride = block
+    cols = xp.unfold(2, k, stride[0]).unfold(3, k, stride[1])  # (N, Cin, h, w, k, k)
+    cols = cols.flip(-2, -1).permute(0, 1, 4, 5, 2, 3)  # flipped: indexed like the kernel
+    return cols.reshape(x.shape[0], -1, cols.shape[-2] * cols.shape[-1])
+
+
+class _KernelOf(nn.Module):
+    """``front.kernel`` as a forward, so functional_call can swap ``front.raw`` for a tensor."""
+
+    def __init__(self, front: nn.Module) -> None:
+        super().__init__()
+        self.front = front
+
+    def forward(self) -> Tensor:
+        return self.front.kernel
+
+
+def _batched_ntk(plan: Plan, x: Tensor, x2: Tensor | None) -> Tensor:
+    """Σ over sites of per-sample gradient inner products, from `_sample_terms` of each side."""
+    outer = torch.is_grad_enabled()
+    with torch.enable_grad():  # the δ are taken by autograd even under no_grad
+        terms = _sample_terms(plan, x, outer)
+        terms2 = terms if x2 is None else _sample_terms(plan, x2, outer)
+        total: Tensor | int = 0
+        for (g, w, a, plain), (g2, _, a2, _) in zip(terms, terms2, strict=True):
+            gg = (g if w is None else g * w) @ g2.T  # (N, N2)
+            if a is not None:
+                total = total + gg * (a @ a2.T)
+            if plain:
+                total = total + gg
+    assert isinstance(total, Tensor)
+    return total if outer else total.detach()
+
+
+# (g, w, a, plain): per-sample factors of one batch whose kernel term is
+# (g diag(w) g'ᵀ) ⊙ (a a'ᵀ) for a Linear's weight (a: its inputs), plus g diag(w) g'ᵀ if plain.
+_Term = tuple[Tensor, Tensor | None, Tensor | None, bool]
+
+
+def _sample_terms(plan: Plan, x: Tensor, create_graph: bool) -> list[_Term]:
+    """The kernel terms of batch ``x`` (see `_Term`), in the order of the plan.
+
+    δ_c at every site comes from one backward pass of Σ_i f_c(x_i), batched over the classes:
+    samples are independent, so its gradient at sample i's activations is sample i's own.
+    """
+    n = x.shape[0]
+    logits, inputs, probes, segs = _forward(plan, x)
+    logits = logits.reshape(n, -1)
+    sites = probes + [out for _, out in segs]
+    classes = logits.shape[1]
+    seeds = torch.eye(classes, dtype=logits.dtype, device=logits.device)[:, None, :]
+    deltas = torch.autograd.grad(
+        logits,
+        sites,
+        seeds.expand(classes, n, classes),
+        is_grads_batched=True,
+        create_graph=create_graph,
+        allow_unused=True,
+    )
+    deltas = [
+        p.new_zeros(classes, *p.shape) if d is None else d
+        for d, p in zip(deltas, sites, strict=True)
+    ]
+    terms = []  # deltas: the Linears', then the segments'
+    for (w, b), a, d in zip(plan.linears.values(), inputs, deltas, strict=False):
+        terms.append((d.transpose(0, 1).reshape(n, -1), None, a if w else None, b))
+    for ((seg, z, cols), _), d in zip(segs, deltas[len(inputs) :], strict=True):
+        terms.extend(_segment_terms(seg, z, cols, d))
+    return terms
+
+
+_SegmentSite = tuple[tuple[Segment, Tensor, Tensor | None], Tensor]  # (segment, z, cols), output
+
+
+def _forward(
+    plan: Plan, x: Tensor
+) -> tuple[Tensor, list[Tensor], list[Tensor], list[_SegmentSite]]:
+    """The chain's output, and what the δ are taken at: each chosen Linear's input and output,
+    each chosen segment's maps z (before its affine), shifted inputs and output."""
+    chain, h = plan.chain, x
+    inputs: list[Tensor] = []
+    probes: list[Tensor] = []
+    segs: list[_SegmentSite] = []
+    i = 0
+    while i < len(chain):
+        seg = plan.segments.get(i)
+        if seg is None:
+            out = chain[i](h)
+            if i in plan.linears:
+                if h.dim() != 2:
+                    raise Unsupported  # per-sample weight gradients would sum over positions
+                inputs.append(h)
+                probes.append(out)
+            h, i = out, i + 1
+            continue
+        out, z, cols, i = _segment_forward(chain, i, seg, h)
+        if seg.chosen:
+            segs.append(((seg, z, cols), out))
+        h = out
+    return h, inputs, probes, segs
+
+
+def _segment_forward(
+    chain: list[nn.Module], i: int, seg: Segment, h: Tensor
+) -> tuple[Tensor, Tensor, Tensor | None, int]:
+    """(output, maps z before the affine, shifted inputs or None, next chain position) of the
+    segment at chain[i], through the average pool after it when that pool is uniform."""
+    nxt, block, cols = i + seg.length, None, None
+    if seg.psf is not None and (h.dim() != 4 or h.shape[1] != seg.psf.channels):
+        raise Unsupported  # the PSF's own forward says what is wrong
+    if h.dim() == 4 and nxt < len(chain):  # a PSF's "same" output has its input's size
+        block = uniform_block(chain[nxt], tuple(h.shape[-2:]))
+    if seg.psf is not None and (block is not None or seg.raw):
+        cols = _shifted_inputs(h, seg.psf.kernel_size, block)
+    if seg.psf is not None and block is not None:
+        kernel = seg.psf.kernel.to(h.dtype).flatten(1)  # (m, Cin·k·k)
+        z = (kernel @ cols).unflatten(-1, (h.shape[-2] // block[0], h.shape[-1] // block[1]))
+    else:
+        z = h if seg.psf is None else seg.psf(h)
+        z = z if block is None else F.avg_pool2d(z, block)
+    if seg.affine is not None:
+        gain, offset = seg.affine.gain, seg.affine.offset
+        if z.dim() != 4 or gain.shape != (z.shape[1], 1, 1) or offset.shape != gain.shape:
+            raise Unsupported
+    out = z if seg.affine is None else seg.affine(z)  # an average of z·g + o is z̄·g + o
+    return out, z, cols, nxt + (block is not None)
+
+
+def _segment_terms(seg: Segment, z: Tensor, cols: Tensor | None, delta: Tensor) -> list[_Term]:
+    """Terms of a segment's chosen parameters from δ (C, N, m, h, w) after it: per-sample
+    gradients w.r.t. gain Σ δ z̄, offset Σ δ and the PSF kernel Σ_l (gain·δ)[l] cols[u, l]; the
+    latter is pulled back to ``raw`` through the metric of `_psf_metric`."""
+    n = z.shape[0]
+    out: list[_Term] = []
+    if seg.gain:
+        out.append((torch.einsum("cnmhw,nmhw->nmc", delta, z).reshape(n, -1), None, None, True))
+    if seg.offset:
+        out.append((delta.sum(dim=(-2, -1)).transpose(0, 1).reshape(n, -1), None, None, True))
+    if seg.raw:
+        assert seg.psf is not None and cols is not None
+        d = delta if seg.affine is None else delta * seg.affine.gain
+        g = torch.einsum("cnml,nrl->nmrc", d.flatten(-2), cols)  # (N, m, Cin·k·k, C)
+        w = _psf_metric(seg.psf).to(g.dtype)
+        out.append(
+            (g.reshape(n, -1), w.reshape(-1, 1).expand(-1, g.shape[-1]).reshape(-1), None, True)
+        )
+    return out
+
+
+def _psf_metric(front: nn.Module) -> Tensor:
+    """diag(J Jᵀ), J = ∂kernel/∂raw, when each raw entry moves at most one kernel entry.
+
+    Then Σ_r (Jᵀ g_i)_r (Jᵀ g_j)_r = Σ_a g_i[a] w[a] g_j[a]: the PSF term is contracted over
+    the m·Cin·k² kernel entries with weights w rather than over the raw entries after a pullback
+    of every (sample, class). J is taken by jacrev through ``front.kernel`` itself (softplus,
+    signed pairs), so w stays exact and differentiable whatever that map is; any other sparsity
+    raises `Unsupported` (the vmap path).
+    """
+
+    def kernel(raw: Tensor) -> Tensor:
+        return functional_call(_KernelOf(front), {"front.raw": raw}, ())
+
+    raw = front.raw
+    jac = jacrev(kernel)(raw).reshape(-1, raw.numel())
+    if bool(((jac != 0).sum(0) > 1).any()):
+        raise Unsupported
+    return jac.square().sum(1)
+
+
+def _factored_ntk_vmap(
+    model: nn.Module,
+    x: Tensor,
+    params: Iterable[str] | None = None,
+    *,
+    x2: Tensor | None = None,
+) -> Tensor:
+    """The same exact kernel as `student_ntk`, without materialising Linear weights' Jacobians.
+
+    For y = W a + b, ∂f_c/∂W = δ_c ⊗ a with δ_c = ∂f_c/∂y, so that layer contributes
+    Σ_c ⟨δ_ic, δ_jc⟩ · (⟨a_i, a_j⟩ + 1 for the bias): Jacobians w.r.t. a zero "probe" added to
+    each Linear output (a few dozen numbers) replace Jacobians w.r.t. its weights (tens of
+    thousands), which is what makes the NTKD step affordable. Every other parameter goes through
+    jacrev as in `student_ntk`. Each Linear must see one (1, in) input per sample.
+    """
+    check_batch_independent(model)
+    chosen = select_params(model, params)
+    linears = {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and f"{name}.weight" in chosen
+    }
+    if not linears:
+        return student_ntk(model, x, params, x2=x2)
+    factored = {f"{n}.weight" for n in linears}
+    factored |= {f"{n}.bias" for n, m in linears.items() if m.bias is not None} & set(chosen)
+    rest = {n: p for n, p in chosen.items() if n not in factored}
+    like = next(iter(chosen.values()))
+    zeros = {n: like.new_zeros(m.out_features) for n, m in linears.items()}
+    (j_rest, j_probe), acts, (j_rest2, j_probe2), acts2 = _probed_jacobians(
+        model, linears, rest, zeros, x, x2
+    )
+    total = contract(j_rest, j_rest2) if rest else 0
+    for name in linears:
+        dd = torch.einsum("nco,mco->nm", j_probe[name], j_probe2[name])
+        total = total + dd * (acts[name] @ acts2[name].T)
+        if f"{name}.bias" in factored:
+            total = total + dd
+    return total
+
+
+def _probed_jacobians(
+    model: nn.Module,
+    linears: dict[str, nn.Module],
+    rest: dict[str, Tensor],
+    zeros: dict[str, Tensor],
+    x: Tensor,
+    x2: Tensor | None,
+):
+    """Per-sample Jacobians of the outputs w.r.t. ``rest`` and the ``zeros`` probing each
+    Linear's output, with each Linear's input, for ``x`` and ``x2`` (the same ones when None)."""
+    fixed = {n: p for n, p in model.named_parameters() if n not in rest}
+    fixed.update(dict(model.named_buffers()))
+    state: dict[str, dict[str, Tensor]] = {}
+
+    def probe(name: str):
+        def hook(module, inputs, output):
+            a = inputs[0]
+            if a.dim() != 2 or a.shape[0] != 1:
+                raise ValueError(f"{name}: a Linear input of shape {tuple(a.shape)} per sample")
+            state["acts"][name] = a[0]
+            return output + state["probes"][name]
+
+        return hook
+
+    def fn(rest_p, probes, sample):
+        state["probes"], state["acts"] = probes, {}
+        out = functional_call(model, (rest_p, fixed), (sample.unsqueeze(0),)).reshape(-1)
+        return out, dict(state["acts"])
+
+    jac = vmap(jacrev(fn, argnums=(0, 1), has_aux=True), in_dims=(None, None, 0))
+    handles = [m.register_forward_hook(probe(n)) for n, m in linears.items()]
+    try:
+        first, acts = jac(rest, zeros, x)
+        second, acts2 = (first, acts) if x2 is None else jac(rest, zeros, x2)
+    finally:
+        for h in handles:
+            h.remove()
+    return first, acts, second, acts2

@@ -163,6 +163,95 @@ def _default_window(min_separation: float) -> int:
     return max(w - (w % 2 == 0), 3)
 
 
+def _spot_input(image, min_separation: float, window: int | None) -> tuple[np.ndarray, int]:
+    """The image as float64 and the centroid box's half-width, or ValueError naming the input."""
+    img = np.asarray(image, dtype=np.float64)
+    if img.ndim != 2:
+        raise ValueError(f"expected a 2-D image, got shape {img.shape}")
+    if not min_separation >= 2:
+        raise ValueError(f"min_separation must be ≥ 2 px, got {min_separation}")
+    win = _default_window(min_separation) if window is None else int(window)
+    if win < 3 or win % 2 == 0:
+        raise ValueError(f"window must be odd and ≥ 3, got {window}")
+    if not np.isfinite(img).all():
+        raise ValueError("the image has non-finite pixels (NaN or inf): mask them with 0")
+    return img, win // 2
+
+
+def _dark_noise(img: np.ndarray, smooth: np.ndarray) -> float:
+    """Noise σ of the dark between spots (the darkest quarter), from what the smoothing removed
+    so that spot structure does not count: 0.87 σ for white noise, of which 0.28 σ stays in the
+    smoothed image."""
+    fine = (img - smooth)[smooth <= np.percentile(smooth, 25)]
+    return 1.4826 * float(np.median(np.abs(fine - np.median(fine)))) / 0.87
+
+
+def _peaks(smooth: np.ndarray, min_separation: float, threshold, noise: float) -> np.ndarray:
+    """(row, col) of the smoothed image's local maxima above the threshold, brightest first."""
+    med = float(np.median(smooth))
+    height = float(smooth.max()) - med
+    if height <= 0:
+        return np.zeros((0, 2), int)
+    if threshold is None:
+        threshold = max(5 * 0.28 * noise, 0.1 * height)
+    radius = max(1, int(min_separation // 2))
+    peaks_mask = smooth == ndimage.maximum_filter(smooth, size=2 * radius + 1, mode="nearest")
+    peaks = np.argwhere(peaks_mask & (smooth > med + float(threshold)))
+    order = np.argsort(-smooth[peaks[:, 0], peaks[:, 1]], kind="stable")
+    return peaks[order]
+
+
+@dataclass(frozen=True, eq=False)
+class _Settled:
+    """A centroid box that stopped moving, and what the checks on it need."""
+
+    xy: tuple[float, float]  # the centroid
+    centre: tuple[int, int]  # (row, col) the last box was centred on
+    corner: tuple[int, int]  # (y0, x0) of the last box
+    signal: np.ndarray  # the box less the median of its border
+    total: float  # the signal's clipped sum
+    border: float  # the median of the box's border pixels: local stray light
+    peak: float  # the box's brightest pixel
+
+
+def _settle(img: np.ndarray, cy: int, cx: int, half: int) -> _Settled | None:
+    """Centroid of the box around a peak, re-centred on it until it stops moving; None when the
+    box holds no light or keeps moving (no single spot in it)."""
+    h, w = img.shape
+    seen = set()
+    for _ in range(8):
+        box, y0, x0 = _box(img, cy, cx, half)
+        ring = np.concatenate([box[0], box[-1], box[1:-1, 0], box[1:-1, -1]])
+        border = np.median(ring)
+        signal = box - border
+        weights = np.clip(signal, 0, None)
+        total = weights.sum()
+        if total <= 0:
+            return None
+        xy = (
+            x0 + float(weights.sum(axis=0) @ np.arange(box.shape[1])) / total,
+            y0 + float(weights.sum(axis=1) @ np.arange(box.shape[0])) / total,
+        )
+        seen.add((cx, cy))
+        nx, ny = min(max(round(xy[0]), 0), w - 1), min(max(round(xy[1]), 0), h - 1)
+        if (nx, ny) in seen:  # settled, or flipping between two boxes on a half pixel
+            centre, corner = (int(cy), int(cx)), (y0, x0)
+            return _Settled(xy, centre, corner, signal, total, float(border), float(box.max()))
+        cx, cy = nx, ny
+    return None
+
+
+def _distinct(spots: np.ndarray, min_separation: float) -> np.ndarray:
+    """Spots at least min_separation / 2 apart (two boxes may still settle a pixel apart on one
+    spot, a centroid near a half pixel), the first of each kept, sorted by row then column."""
+    keep: list[int] = []
+    for i in range(len(spots)):
+        if all(np.hypot(*(spots[i] - spots[j])) >= min_separation / 2 for j in keep):
+            keep.append(i)
+    spots = spots[keep]
+    return spots[np.lexsort((spots[:, 0], spots[:, 1]))]
+
+
 def find_spots(
     image: np.ndarray,
     min_separation: float,
@@ -189,87 +278,32 @@ def find_spots(
     The centroid is exact when the spot's light lies inside the box and no other spot's does; see
     the module docstring for grids whose spots touch.
     """
-    img = np.asarray(image, dtype=np.float64)
-    if img.ndim != 2:
-        raise ValueError(f"expected a 2-D image, got shape {img.shape}")
-    if not min_separation >= 2:
-        raise ValueError(f"min_separation must be ≥ 2 px, got {min_separation}")
-    win = _default_window(min_separation) if window is None else int(window)
-    if win < 3 or win % 2 == 0:
-        raise ValueError(f"window must be odd and ≥ 3, got {window}")
-    half = win // 2
-    if not np.isfinite(img).all():
-        raise ValueError("the image has non-finite pixels (NaN or inf): mask them with 0")
-    h, w = img.shape
-    if min(h, w) < 3:
+    img, half = _spot_input(image, min_separation, window)
+    if min(img.shape) < 3:
         return np.zeros((0, 2))
-
     smooth = ndimage.gaussian_filter(img, 1.0, mode="nearest")
-    med = float(np.median(smooth))
-    # Noise of the dark between spots (the darkest quarter), from what the smoothing removed so
-    # that spot structure does not count: 0.87 σ for white noise, of which 0.28 σ stays in the
-    # smoothed image.
-    fine = (img - smooth)[smooth <= np.percentile(smooth, 25)]
-    noise = 1.4826 * float(np.median(np.abs(fine - np.median(fine)))) / 0.87
-    height = float(smooth.max()) - med
-    if height <= 0:
-        return np.zeros((0, 2))
-    if threshold is None:
-        threshold = max(5 * 0.28 * noise, 0.1 * height)
-    radius = max(1, int(min_separation // 2))
-    peaks_mask = smooth == ndimage.maximum_filter(smooth, size=2 * radius + 1, mode="nearest")
-    peaks = np.argwhere(peaks_mask & (smooth > med + float(threshold)))
-    order = np.argsort(-smooth[peaks[:, 0], peaks[:, 1]], kind="stable")
-
+    noise = _dark_noise(img, smooth)
     floor = float(np.percentile(img, 5))  # the dark between spots, less ~1.6 σ of noise
     found: dict[tuple[int, int], tuple[float, float]] = {}
     touching = 0
-    for cy, cx in peaks[order]:
-        xy, seen = None, set()
-        for _ in range(8):
-            box, y0, x0 = _box(img, cy, cx, half)
-            ring = np.concatenate([box[0], box[-1], box[1:-1, 0], box[1:-1, -1]])
-            signal = box - np.median(ring)
-            weights = np.clip(signal, 0, None)
-            total = weights.sum()
-            if total <= 0:
-                xy = None
-                break
-            xy = (
-                x0 + float(weights.sum(axis=0) @ np.arange(box.shape[1])) / total,
-                y0 + float(weights.sum(axis=1) @ np.arange(box.shape[0])) / total,
-            )
-            seen.add((cx, cy))
-            nx, ny = min(max(round(xy[0]), 0), w - 1), min(max(round(xy[1]), 0), h - 1)
-            if (nx, ny) in seen:  # settled, or flipping between two boxes on a half pixel
-                break
-            cx, cy = nx, ny
-        else:
-            xy = None  # the box kept moving: no single spot in it
-        if xy is None or _cut_off(signal, total, y0, x0, img.shape, noise):
+    for cy, cx in _peaks(smooth, min_separation, threshold, noise):
+        spot = _settle(img, cy, cx, half)
+        if spot is None or _cut_off(spot.signal, spot.total, *spot.corner, img.shape, noise):
             continue
         # A box whose border is lit well above the dark between spots holds part of a
         # neighbour: that spot touches this one, and both centroids are pulled.
-        bg = float(np.median(ring))
-        if bg - floor > 0.01 * (float(box.max()) - bg) + 3 * noise:
+        if spot.border - floor > 0.01 * (spot.peak - spot.border) + 3 * noise:
             touching += 1
             continue
-        found.setdefault((int(cy), int(cx)), xy)  # peaks of one spot converge on one box
+        found.setdefault(spot.centre, spot.xy)  # peaks of one spot converge on one box
     if touching > max(2, len(found) // 3):
         raise GeometryError(
-            f"{touching} spots have a neighbour's light in their {win} px window: the spots touch, "
-            "so their centroids would be pulled by up to a pixel; show the grid as "
+            f"{touching} spots have a neighbour's light in their {2 * half + 1} px window: the "
+            "spots touch, so their centroids would be pulled by up to a pixel; show the grid as "
             "DotGrid.split(2) frames (min_separation = 2 spacings) or use a larger spacing"
         )
-
     spots = np.array(list(found.values()), dtype=np.float64).reshape(-1, 2)
-    # Two boxes may still settle a pixel apart on one spot (a centroid near a half pixel).
-    keep: list[int] = []
-    for i in range(len(spots)):
-        if all(np.hypot(*(spots[i] - spots[j])) >= min_separation / 2 for j in keep):
-            keep.append(i)
-    spots = spots[keep]
-    return spots[np.lexsort((spots[:, 0], spots[:, 1]))]
+    return _distinct(spots, min_separation)
 
 
 def fit_affine(src: np.ndarray, dst: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
@@ -397,6 +431,27 @@ def _errors(affine: np.ndarray, grid: DotGrid, spots: np.ndarray, pairs: np.ndar
     return used, np.hypot(*(apply_affine(affine, grid.points[used]) - spots[pairs[used]]).T)
 
 
+def _evidence_against(
+    pred: np.ndarray,
+    pairs: np.ndarray,
+    spots: np.ndarray,
+    radius: float,
+    region: tuple[int, int, int, int] | None,
+) -> int:
+    """Dots a variant puts where a spot should have been seen but none was (a turned grid
+    predicts one at the real gap), plus the spots it leaves unexplained (a grid shifted by a
+    spacing leaves a row of them). Dots near the edge of the searched region (or, without one,
+    outside the spots' bounding box) may just have been cut off."""
+    if region is None:
+        lo, hi = spots.min(axis=0) - radius / 2, spots.max(axis=0) + radius / 2
+    else:
+        y0, x0, h, w = region
+        lo = np.array([x0 - 0.5, y0 - 0.5]) + 1.5 * radius
+        hi = np.array([x0 + w - 0.5, y0 + h - 0.5]) - 1.5 * radius
+    missed = int(((pairs < 0) & (pred >= lo).all(axis=1) & (pred <= hi).all(axis=1)).sum())
+    return missed + len(spots) - int((pairs >= 0).sum())
+
+
 def _fit_variant(
     name: str,
     start: np.ndarray,
@@ -432,25 +487,65 @@ def _fit_variant(
         if affine is None:
             return None
     used, err = _errors(affine, grid, spots, pairs)
-    # Evidence against the variant: dots it puts where a spot should have been seen but none
-    # was (a turned grid predicts one at the real gap), and spots it leaves unexplained (a grid
-    # shifted by a spacing leaves a row of them). Dots near the edge of the searched region (or,
-    # without one, outside the spots' bounding box) may just have been cut off.
-    pred = apply_affine(affine, grid.points)
-    if region is None:
-        lo, hi = spots.min(axis=0) - radius / 2, spots.max(axis=0) + radius / 2
-    else:
-        y0, x0, h, w = region
-        lo = np.array([x0 - 0.5, y0 - 0.5]) + 1.5 * radius
-        hi = np.array([x0 + w - 0.5, y0 + h - 0.5]) - 1.5 * radius
-    missed = int(((pairs < 0) & (pred >= lo).all(axis=1) & (pred <= hi).all(axis=1)).sum())
-    unexplained = len(spots) - len(used)
+    against = _evidence_against(apply_affine(affine, grid.points), pairs, spots, radius, region)
     gap_lit = False
     if grid.gap_point is not None:
         gap = apply_affine(affine, np.asarray([grid.gap_point]))[0]
         gap_lit = bool(np.isfinite(tree.query(gap, distance_upper_bound=limit)[0]))
     rms = float(np.sqrt(np.mean(err**2)))
-    return _Candidate(name, affine, pairs, rms, len(used), missed + unexplained, gap_lit)
+    return _Candidate(name, affine, pairs, rms, len(used), against, gap_lit)
+
+
+def _orientation_names(orientations: tuple[str, ...] | None) -> tuple[str, ...]:
+    names = tuple(ORIENTATIONS) if orientations is None else tuple(orientations)
+    if not names or any(n not in ORIENTATIONS for n in names):
+        raise ValueError(f"orientations must be among {list(ORIENTATIONS)}, got {names}")
+    return names
+
+
+def _oriented(guess: np.ndarray, d: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """guess ∘ (x ↦ c + D (x − c)): the guess turned or mirrored about the grid centre."""
+    shift = guess[:, :2] @ (centre - d @ centre) + guess[:, 2]
+    return np.hstack([guess[:, :2] @ d, shift[:, None]])
+
+
+def _choose(candidates: list[_Candidate], need: int, n_spots: int, n_dots: int) -> list:
+    """The variants that match enough dots and leave the parity gap dark, best first (most
+    support, then lowest RMS); GeometryError when there are none."""
+    enough = [c for c in candidates if c.matched >= need]
+    valid = [c for c in enough if not c.gap_lit]
+    if not valid:
+        if enough:
+            raise GeometryError(
+                f"ambiguous orientation: {len(enough)} orientation(s) match ≥ {need} dots but "
+                "each finds a spot where the parity gap should be dark: check that the display "
+                "shows the grid with its gap, and for stray spots"
+            )
+        best = max((c.matched for c in candidates), default=0)
+        raise GeometryError(
+            f"only {best} of {n_dots} dots matched ({n_spots} spots found), need {need}: "
+            "check the guess (tile position, within a spacing), the exposure and the threshold"
+        )
+    return sorted(valid, key=lambda c: (-c.support, c.rms))
+
+
+def _trusted(valid: list[_Candidate], max_rms_px: float) -> _Candidate:
+    """The best variant, or GeometryError when another fits as well or its residuals are large."""
+    best = valid[0]
+    ties = [c.name for c in valid[1:] if c.support == best.support and c.rms <= max_rms_px]
+    if ties and best.rms <= max_rms_px:
+        raise GeometryError(
+            f"ambiguous orientation: {best.name} and {', '.join(ties)} fit {best.matched} dots "
+            "equally well: the parity gap is not seen (lost with the dots near it, or the grid "
+            "has none); check the region searched, or pass the orientations you trust"
+        )
+    if best.rms > max_rms_px:
+        raise GeometryError(
+            f"residuals too large: RMS {best.rms:.2f} px over {best.matched} dots (limit "
+            f"{max_rms_px} px): check for saturated or touching spots (show DotGrid.split "
+            "frames), focus, or a distortion an affine map cannot follow"
+        )
+    return best
 
 
 def register_tile(
@@ -486,9 +581,7 @@ def register_tile(
     guess = np.asarray(guess, np.float64)
     if guess.shape != (2, 3):
         raise ValueError(f"guess must be a (2, 3) affine, got shape {guess.shape}")
-    names = tuple(ORIENTATIONS) if orientations is None else tuple(orientations)
-    if not names or any(n not in ORIENTATIONS for n in names):
-        raise ValueError(f"orientations must be among {list(ORIENTATIONS)}, got {names}")
+    names = _orientation_names(orientations)
     n_dots = len(grid.points)
     need = max(int(min_matched), 3)
     if len(spots) < need:
@@ -501,46 +594,13 @@ def register_tile(
         raise ValueError("guess is singular")
     radius = 0.5 * grid.spacing * scale
     tree = cKDTree(spots)
-    centre = grid.centre
     candidates = []
     for name in names:
-        d = ORIENTATIONS[name]
-        # guess ∘ (x ↦ c + D (x − c))
-        shift = guess[:, :2] @ (centre - d @ centre) + guess[:, 2]
-        start = np.hstack([guess[:, :2] @ d, shift[:, None]])
+        start = _oriented(guess, ORIENTATIONS[name], grid.centre)
         cand = _fit_variant(name, start, grid, spots, tree, radius, outlier_px, region)
         if cand is not None:
             candidates.append(cand)
-
-    enough = [c for c in candidates if c.matched >= need]
-    valid = [c for c in enough if not c.gap_lit]
-    if not valid:
-        if enough:
-            raise GeometryError(
-                f"ambiguous orientation: {len(enough)} orientation(s) match ≥ {need} dots but "
-                "each finds a spot where the parity gap should be dark: check that the display "
-                "shows the grid with its gap, and for stray spots"
-            )
-        best = max((c.matched for c in candidates), default=0)
-        raise GeometryError(
-            f"only {best} of {n_dots} dots matched ({len(spots)} spots found), need {need}: "
-            "check the guess (tile position, within a spacing), the exposure and the threshold"
-        )
-    valid.sort(key=lambda c: (-c.support, c.rms))
-    best = valid[0]
-    ties = [c.name for c in valid[1:] if c.support == best.support and c.rms <= max_rms_px]
-    if ties and best.rms <= max_rms_px:
-        raise GeometryError(
-            f"ambiguous orientation: {best.name} and {', '.join(ties)} fit {best.matched} dots "
-            "equally well: the parity gap is not seen (lost with the dots near it, or the grid "
-            "has none); check the region searched, or pass the orientations you trust"
-        )
-    if best.rms > max_rms_px:
-        raise GeometryError(
-            f"residuals too large: RMS {best.rms:.2f} px over {best.matched} dots (limit "
-            f"{max_rms_px} px): check for saturated or touching spots (show DotGrid.split "
-            "frames), focus, or a distortion an affine map cannot follow"
-        )
+    best = _trusted(_choose(candidates, need, len(spots), n_dots), max_rms_px)
     residuals = np.full(n_dots, np.nan)
     used, err = _errors(best.affine, grid, spots, best.pairs)
     residuals[used] = err

@@ -28,6 +28,8 @@ from calibration.psf import (
     kernel_offset,
     psf_centroid,
 )
+from calibration.registration import register_tile
+from calibration.spots import find_spots
 
 STEPS = (
     "exposure",
@@ -325,16 +327,16 @@ def _register(grid, dots: np.ndarray, guess: np.ndarray, region, spacing: int) -
     orientation had to be assumed)."""
     y0, x0, h, w = region
     spots = np.vstack(
-        [geometry.find_spots(d[y0 : y0 + h, x0 : x0 + w], 2 * spacing) + [x0, y0] for d in dots]
+        [find_spots(d[y0 : y0 + h, x0 : x0 + w], 2 * spacing) + [x0, y0] for d in dots]
     )
     try:
-        return geometry.register_tile(grid, spots, guess, region=region), False
+        return register_tile(grid, spots, guess, region=region), False
     except geometry.GeometryError as e:
         if "ambiguous" not in str(e):
             raise
         # a dot lost off the sensor's edge can hide the parity gap: keep the designed
         # orientation, and say so
-        reg = geometry.register_tile(grid, spots, guess, region=region, orientations=("identity",))
+        reg = register_tile(grid, spots, guess, region=region, orientations=("identity",))
         return reg, True
 
 

@@ -36,7 +36,7 @@ STUDENTS = {
 }
 
 
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--dataset", default="digits", choices=sorted(STUDENTS))
     ap.add_argument("--data-root", default=None, help="folder of mnist, cifar10 or carvana files")
@@ -53,10 +53,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.dataset in NEEDS_ROOT and args.data_root is None:
         ap.error(f"--dataset {args.dataset} reads its files from --data-root")
-    data = load_dataset(args.dataset, args.data_root)
-    segmentation = data.task == "segmentation"
-    arch, metric = ("unet", "miou") if segmentation else ("resnet18", "accuracy")
-    batch_size = args.batch_size or (8 if segmentation else 128)
+    return args
+
+
+def _teacher(args: argparse.Namespace, data, arch: str, metric: str, batch_size: int):
+    """The dataset's stored teacher, trained first when missing: (model, info, path)."""
     path = teacher_path(arch, args.dataset)
     if not path.exists():
         print(f"training the {arch} teacher for {args.dataset} ...", flush=True)
@@ -65,25 +66,53 @@ def main() -> None:
         save_teacher(model, record, path)
     teacher, info, path = load_teacher(arch, args.dataset)
     print(f"teacher: {arch}, test {metric} {info[f'test_{metric}']:.4f}", flush=True)
+    return teacher, info, path
+
+
+def _student(args: argparse.Namespace, data, seed: int) -> StudentSpec:
+    student = STUDENTS[args.dataset] | ({"kernels": args.kernels} if args.kernels else {})
+    return StudentSpec(
+        channels=int(data.images.shape[1]),
+        classes=data.classes,
+        image_size=args.image_size,
+        seed=seed,
+        **student,
+    )
+
+
+def _print_table(args, label: str, results: dict, spec: StudentSpec, batch_size, t_start) -> None:
+    """The run's settings, then one markdown row per method: mean ± std over the seeds."""
+    print(
+        f"\n{args.dataset}, {args.seeds} seeds, {args.epochs} epochs, batch {batch_size}, student "
+        f"{spec.kernels} x {spec.kernel_size}x{spec.kernel_size} {spec.backend}; torch "
+        f"{torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads; "
+        f"{time.perf_counter() - t_start:.0f} s"
+    )
+    print(f"| method | {label} (mean ± std) |\n| --- | --- |")
+    for method, values in results.items():
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        print(f"| {method} | {100 * statistics.mean(values):.2f} ± {100 * std:.2f} |")
+
+
+def main() -> None:
+    args = _arguments()
+    data = load_dataset(args.dataset, args.data_root)
+    segmentation = data.task == "segmentation"
+    arch, metric = ("unet", "miou") if segmentation else ("resnet18", "accuracy")
+    batch_size = args.batch_size or (8 if segmentation else 128)
+    teacher, info, path = _teacher(args, data, arch, metric, batch_size)
     methods = {
         "none": {},
         "kd": {"temperature": 4.0},
         "ntkd": {"beta": 1.0, "norm": "diag", **({"pool": args.pool} if segmentation else {})},
     }
-    student = STUDENTS[args.dataset] | ({"kernels": args.kernels} if args.kernels else {})
+    pool = f"-p{args.pool}" if segmentation else ""
     results: dict[str, list[float]] = {m: [] for m in methods}
     t_start = time.perf_counter()
     for seed in range(args.seeds):
         for method, options in methods.items():
             t0 = time.perf_counter()
-            spec = StudentSpec(
-                channels=int(data.images.shape[1]),
-                classes=data.classes,
-                image_size=args.image_size,
-                seed=seed,
-                **student,
-            )
-            pool = f"-p{args.pool}" if segmentation else ""
+            spec = _student(args, data, seed)
             _, record = train_student(
                 spec,
                 data,
@@ -102,17 +131,8 @@ def main() -> None:
                 f"({time.perf_counter() - t0:.0f} s)",
                 flush=True,
             )
-    print(
-        f"\n{args.dataset}, {args.seeds} seeds, {args.epochs} epochs, batch {batch_size}, student "
-        f"{spec.kernels} x {spec.kernel_size}x{spec.kernel_size} {spec.backend}; torch "
-        f"{torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads; "
-        f"{time.perf_counter() - t_start:.0f} s"
-    )
     label = "test mIoU" if segmentation else "test accuracy"
-    print(f"| method | {label} (mean ± std) |\n| --- | --- |")
-    for method, values in results.items():
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
-        print(f"| {method} | {100 * statistics.mean(values):.2f} ± {100 * std:.2f} |")
+    _print_table(args, label, results, spec, batch_size, t_start)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(

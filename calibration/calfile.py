@@ -336,7 +336,7 @@ class Calibration:
         self._check_arrays()
         self._check_provenance()
 
-    def _check_scalars(self) -> None:
+    def _check_identity(self) -> None:
         if self.schema_version < 1:
             raise _bad("schema_version", f"must be at least 1, got {self.schema_version}")
         if not self.id:
@@ -347,6 +347,9 @@ class Calibration:
             raise _bad("created", f"not an ISO 8601 time: {self.created!r}") from None
         if created.tzinfo is None:
             raise _bad("created", f"needs a UTC offset: {self.created!r}")
+
+    def _check_scalars(self) -> None:
+        self._check_identity()
         if len(self.frame_shape) != 2:
             raise _bad("frame_shape", f"expected (H, W), got {self.frame_shape}")
         ds = self.display_shape

@@ -157,3 +157,31 @@ def render_tiles(emitted: np.ndarray, affines, kernels, frame_hw) -> np.ndarray:
         (y, x, h, w), tile = render_tile(emitted, affine, kernel, frame_hw)
         out[:, y : y + h, x : x + w] += tile
     return out
+
+
+def as_emitted(patterns: np.ndarray, illumination: np.ndarray, channels: int) -> np.ndarray:
+    """Binary patterns are display-response free: 0 and 1 map to 0 and 1 by definition."""
+    light = patterns[:, None] * illumination
+    return np.repeat(light, channels, axis=1) if channels > 1 else light
+
+
+def illumination_basis(display_hw: tuple[int, int]) -> np.ndarray:
+    """Quadratic polynomials over the display, 1 at its centre for the constant term: (6, H, W)."""
+    h, w = display_hw
+    ys, xs = np.mgrid[:h, :w].astype(np.float64)
+    x = (xs - (w - 1) / 2) / max((w - 1) / 2, 1)
+    y = (ys - (h - 1) / 2) / max((h - 1) / 2, 1)
+    return np.stack([np.ones_like(x), x, y, x * x, x * y, y * y])
+
+
+def fit_illumination(white, affines, psfs, masks, display_hw, channels) -> np.ndarray:
+    """The display's relative illumination (1 at the centre) from a white field, given kernels."""
+    basis = illumination_basis(display_hw)
+    use = masks.any(axis=0)
+    columns = []
+    for b in basis:
+        light = np.repeat(b[None, None], channels, axis=1)
+        columns.append(render_tiles(light, affines, psfs, white.shape)[0][use])
+    coef, *_ = np.linalg.lstsq(np.stack(columns, axis=1), white[use], rcond=None)
+    illumination = np.tensordot(coef / coef[0], basis, axes=1)
+    return np.clip(illumination, 1e-3, None)

@@ -29,6 +29,7 @@ import re
 import select
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
@@ -308,6 +309,7 @@ class SerialLightSource(LightSource):
         return line.decode(self.options.encoding, errors="replace").strip()
 
 
+@dataclass(eq=False, kw_only=True)
 class ShutterEmulator:
     """A shutter/LED controller on a pseudo-terminal (POSIX), for tests and demos.
 
@@ -319,31 +321,24 @@ class ShutterEmulator:
     stops by itself after `lifetime_s`, so a forgotten one cannot outlive a test run.
     """
 
-    def __init__(
-        self,
-        *,
-        terminator: str = "\r",
-        echo: bool = False,
-        ack: str | None = "OK",
-        on_command: str = "OPEN",
-        off_command: str = "CLOSE",
-        state_query: str = "STATE?",
-        on_reply: str = "1",
-        off_reply: str = "0",
-        lifetime_s: float = 60.0,
-    ) -> None:
-        self.terminator, self.echo, self.ack = terminator, echo, ack
-        self.on_command, self.off_command, self.state_query = on_command, off_command, state_query
-        self.on_reply, self.off_reply = on_reply, off_reply
-        self.lifetime_s = lifetime_s
-        self.is_on = False
-        self.level = 1.0
-        self.answering = True
-        self.received: list[str] = []
-        self.port: str | None = None
-        self._fds: tuple[int, int] | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+    terminator: str = "\r"
+    echo: bool = False
+    ack: str | None = "OK"
+    on_command: str = "OPEN"
+    off_command: str = "CLOSE"
+    state_query: str = "STATE?"
+    on_reply: str = "1"
+    off_reply: str = "0"
+    lifetime_s: float = 60.0
+    # state: what the emulated controller is doing now, and what it has received
+    is_on: bool = field(default=False, init=False)
+    level: float = field(default=1.0, init=False)
+    answering: bool = field(default=True, init=False)
+    received: list[str] = field(default_factory=list, init=False)
+    port: str | None = field(default=None, init=False)
+    _fds: tuple[int, int] | None = field(default=None, init=False)
+    _stop: threading.Event = field(default_factory=threading.Event, init=False)
+    _thread: threading.Thread | None = field(default=None, init=False)
 
     def start(self) -> ShutterEmulator:
         import tty

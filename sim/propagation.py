@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -235,6 +236,22 @@ def psf_from_phase(
     return psf / power_in[..., None, None]
 
 
+@dataclass(frozen=True)
+class MaskOptics:
+    """The fixed optics a phase mask works in: one wavelength per colour channel, the mask's
+    sampling, the sensor distance_mm behind it (binned to sensor_pitch_um when given) and an
+    optional aperture of diameter_um in front."""
+
+    wavelengths_nm: Sequence[float]
+    mask_shape: tuple[int, int]
+    pitch_um: float
+    distance_mm: float
+    kernel_size: int
+    diameter_um: float | None = None
+    sensor_pitch_um: float | None = None
+    aperture_kind: Literal["circle", "square"] = "circle"
+
+
 class PhaseMaskPSF(torch.nn.Module):
     """Trainable phase masks (P, C, Hm, Wm), one wavelength per colour channel, each casting a
     PSF on a sensor behind fixed optics; forward() gives the PSFs (P, C, K, K).
@@ -246,24 +263,20 @@ class PhaseMaskPSF(torch.nn.Module):
     def __init__(
         self,
         num_psfs: int,
-        wavelengths_nm: Sequence[float],
-        mask_shape: tuple[int, int],
-        pitch_um: float,
-        distance_mm: float,
-        kernel_size: int,
-        diameter_um: float | None = None,
-        sensor_pitch_um: float | None = None,
+        optics: MaskOptics,
+        *,
         seed: int = 0,
         init_noise_rad: float = 0.1,
-        aperture_kind: Literal["circle", "square"] = "circle",
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
+        mask_shape, pitch_um, distance_mm = optics.mask_shape, optics.pitch_um, optics.distance_mm
+        sensor_pitch_um = optics.sensor_pitch_um
         _bin_factor(pitch_um, sensor_pitch_um)  # fail at construction, not at the first forward
-        self.wavelengths_nm = tuple(float(wl) for wl in wavelengths_nm)
+        self.wavelengths_nm = tuple(float(wl) for wl in optics.wavelengths_nm)
         self.pitch_um = float(pitch_um)
         self.distance_mm = float(distance_mm)
-        self.kernel_size = int(kernel_size)
+        self.kernel_size = int(optics.kernel_size)
         self.sensor_pitch_um = sensor_pitch_um
         lenses = torch.stack(
             [
@@ -277,8 +290,9 @@ class PhaseMaskPSF(torch.nn.Module):
         wrapped = torch.remainder(lenses + noise + math.pi, 2 * math.pi) - math.pi
         self.phase = torch.nn.Parameter(wrapped.to(dtype))
         pupil = None
-        if diameter_um is not None:
-            pupil = aperture(mask_shape, pitch_um, diameter_um, aperture_kind, dtype=dtype)
+        if optics.diameter_um is not None:
+            kind = optics.aperture_kind
+            pupil = aperture(mask_shape, pitch_um, optics.diameter_um, kind, dtype=dtype)
         self.register_buffer("amplitude", pupil)
 
     def forward(self) -> Tensor:

@@ -19,12 +19,12 @@ from calibration.geometry import (
     affine_params,
     apply_affine,
     dot_grid,
-    find_spots,
     fit_affine,
     invert_affine,
-    register_tile,
     tile_box,
 )
+from calibration.registration import register_tile
+from calibration.spots import find_spots
 from hil.bench.assembly import Bench
 from hil.bench.config import parse_bench
 from sim.clock import VirtualClock

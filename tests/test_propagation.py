@@ -10,6 +10,7 @@ import torch
 from scipy.integrate import quad
 
 from sim.propagation import (
+    MaskOptics,
     PhaseMaskPSF,
     angular_spectrum,
     aperture,
@@ -228,8 +229,7 @@ def test_float64_matches_float32_and_batches():
 
 
 def test_phase_mask_psf_module():
-    kwargs = dict(
-        num_psfs=2,
+    optics = MaskOptics(
         wavelengths_nm=(450.0, 650.0),
         mask_shape=(64, 64),
         pitch_um=4.0,
@@ -237,13 +237,14 @@ def test_phase_mask_psf_module():
         kernel_size=15,
         diameter_um=200.0,
     )
+    kwargs = dict(num_psfs=2, optics=optics)
     module = PhaseMaskPSF(seed=3, **kwargs)
     psfs = module()
     values = psfs.detach()
     assert values.shape == (2, 2, 15, 15)
     assert float(values.min()) >= 0.0
     assert (values.sum(dim=(-2, -1)) <= 1.0).all()
-    for c, wl in enumerate(kwargs["wavelengths_nm"]):
+    for c, wl in enumerate(optics.wavelengths_nm):
         oracle = psf_from_phase(
             module.phase[:, c].detach(), wl, 4.0, 2.0, 15, amplitude=module.amplitude
         )

@@ -13,7 +13,7 @@ from calibration.model import noise_variance, predict_frames
 from calibration.pipeline import Plan, calibrate
 from hil.bench.assembly import Bench
 from hil.bench.config import parse_bench
-from hil.cli.commands import main
+from hil.cli import main
 from hil.jobs.calibrate import design_of, ground_truth
 from sim.clock import VirtualClock
 from sim.world import SimWorld

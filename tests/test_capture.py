@@ -14,13 +14,13 @@ import pytest
 
 from calibration import calfile
 from calibration.pipeline import Plan, calibrate
-from hil.acquire.capture import stratified_subset
 from hil.acquire.store import CaptureStore, Row, committed, read
 from hil.bench.assembly import Bench
 from hil.bench.config import BenchConfig
 from hil.data.datasets import load_dataset
 from hil.errors import UserError
 from hil.jobs.calibrate import design_of
+from hil.jobs.capture import stratified_subset
 from sim.clock import VirtualClock
 
 
@@ -223,7 +223,7 @@ def test_a_tampered_or_truncated_store_is_one_clear_error(tmp_path):
 def test_frame_sampling_weights_equal_scipy_bilinear_interpolation():
     from scipy.ndimage import map_coordinates
 
-    from hil.acquire.capture import bilinear_weights
+    from hil.acquire.features import bilinear_weights
 
     rng = np.random.default_rng(0)
     image = rng.random((9, 13))

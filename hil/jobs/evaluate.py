@@ -9,19 +9,26 @@ around it (IGNORE) is not counted.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from rich.console import Console
 
 from hil.acquire import store as capture_store
+from hil.bench.config import BenchConfig
+from hil.data.datasets import Dataset, load_dataset, to_display
 from hil.errors import UserError
+from hil.jobs.capture import CaptureRequest, run_capture
 from hil.models.onn import ONN, StudentSpec
 from hil.output.figures import save_figure
 from hil.training.loop import IGNORE, iou_counts, load_checkpoint, mean_iou, predictions
 from hil.training.student import place_masks
+
+OVERLAY_SAMPLES = 6  # rows of the segmentation picture
 
 
 def load_onn(path: Path | str) -> ONN:
@@ -181,3 +188,88 @@ def save_overlay_png(
     if title:
         fig.suptitle(title, fontsize=9)
     return save_figure(fig, path)
+
+
+@dataclass(frozen=True)
+class EvaluateRequest:
+    """What `hil evaluate` was asked: a student, and the split to capture and score it on."""
+
+    checkpoint: Path
+    calibration: Path
+    dataset: str = "digits"
+    split: str = "test"
+    fraction: float = 1.0
+    seed: int = 0
+    captures: Path | None = None  # a store to use (resumed if incomplete) instead of a new one
+    out: Path | None = None  # the folder for captures and pictures; default: the run's
+    data_root: Path | None = None
+
+    def args(self) -> dict[str, Any]:
+        """The arguments a run record keeps."""
+        return {k: str(v) if isinstance(v, Path) else v for k, v in vars(self).items()}
+
+
+def run_evaluate(
+    config: BenchConfig, request: EvaluateRequest, run_dir: Path, console: Console
+) -> dict[str, Any]:
+    """Capture the split on the bench (or resume a store), score the student on it, draw it.
+
+    The checkpoint, the calibration, the store and the dataset are each read once.
+    """
+    r = request
+    model = load_onn(r.checkpoint)
+    folder = r.out or run_dir
+    store = r.captures or folder / "captures.h5"
+    data = load_dataset(r.dataset, r.data_root)
+    capture_request = CaptureRequest(
+        r.calibration, r.dataset, r.split, store, r.fraction, r.seed, data_root=r.data_root
+    )
+
+    def readable(cal) -> None:  # before capturing: a student that cannot read it fails now
+        source = f"{r.checkpoint} with {r.calibration}"
+        check_maps(model, (cal.kernels, *cal.display_shape[:2]), source)
+
+    capture = run_capture(config, capture_request, console, data=data, check=readable)
+    rows = capture_store.read(store)
+    scores = evaluate_captures(model, rows, store)
+    picture = _picture(
+        model, rows, data, scores, folder, f"{r.checkpoint.name} on {r.dataset}/{r.split} (bench)"
+    )
+    kept = ("planned", "captured", "resumed_from", "calibration_id", "simulated")
+    return {
+        "checkpoint": str(r.checkpoint),
+        "dataset": r.dataset,
+        "split": r.split,
+        "captures": str(store),
+        "figure": str(picture),
+        **scores,
+        "capture": {k: capture[k] for k in kept},
+    }
+
+
+def _picture(
+    model: ONN,
+    rows: capture_store.Captures,
+    data: Dataset,
+    scores: dict[str, Any],
+    folder: Path,
+    title: str,
+) -> Path:
+    """The confusion matrix (classification) or the first samples' mask overlays."""
+    if scores["task"] == "classification":
+        return save_confusion_png(
+            scores["confusion"],
+            folder / "confusion.png",
+            f"{title}: accuracy {scores['accuracy']:.3f}, n={scores['n']}",
+        )
+    shown_rows = slice(0, OVERLAY_SAMPLES)
+    hw = rows.features.shape[-2:]
+    shown = to_display(data.images[rows.index[shown_rows]], hw)
+    shown = shown[:, 0] if shown.shape[1] == 1 else shown.transpose(0, 2, 3, 1)
+    return save_overlay_png(
+        shown,
+        place_masks(rows.labels[shown_rows], hw),
+        predict(model, rows.features[shown_rows]),
+        folder / "overlays.png",
+        f"{title}: mIoU {scores['miou']:.3f}",
+    )

@@ -49,7 +49,14 @@ def capture_cmd(  # noqa: PLR0913  typer: one parameter per command-line option
 
     config = load_bench(bench)
     request = CaptureRequest(
-        calibration, dataset, split, out, fraction, seed, keep_frames, data_root
+        calibration,
+        dataset,
+        split,
+        out,
+        fraction,
+        seed,
+        keep_frames=keep_frames,
+        data_root=data_root,
     )
     result = recorded(
         "capture", runs_dir, config, request.args(), lambda _: run_capture(config, request, err)

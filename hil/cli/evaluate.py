@@ -62,7 +62,15 @@ def evaluate_cmd(  # noqa: PLR0913  typer: one parameter per command-line option
 
     config = load_bench(bench)
     request = EvaluateRequest(
-        checkpoint, calibration, dataset, split, fraction, seed, captures, out, data_root
+        checkpoint,
+        calibration,
+        dataset,
+        split,
+        fraction,
+        seed,
+        captures=captures,
+        out=out,
+        data_root=data_root,
     )
     result = recorded(
         "evaluate",

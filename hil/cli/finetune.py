@@ -95,20 +95,18 @@ def finetune_cmd(  # noqa: PLR0913  typer: one parameter per command-line option
         checkpoint,
         out,
         Teaching(method, teacher, options, projections),
-        test_captures,
-        val_captures,
-        fraction,
-        data_root,
-        resume,
+        test_captures=test_captures,
+        val_captures=val_captures,
+        fraction=fraction,
+        data_root=data_root,
+        resume=resume,
     )
     settings = Settings(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
-    result = recorded(
-        "finetune",
-        runs_dir,
-        None,
-        request.args(settings),
-        lambda _: run_finetune(request, settings, epoch_printer(err)) | {"checkpoint": str(out)},
-    )
+
+    def job(_) -> dict:
+        return run_finetune(request, settings, epoch_printer(err)) | {"checkpoint": str(out)}
+
+    result = recorded("finetune", runs_dir, None, request.args(settings), job)
     emit(result, as_json, f"{method} fine-tune: {_scores(result)}; {out}")
 
 

@@ -21,10 +21,10 @@ from rich.console import Console
 
 from calibration import calfile
 from calibration.pipeline import Plan, calibrate
-from hil.acquire.capture import run_capture
 from hil.bench.assembly import Bench
 from hil.bench.config import BenchConfig
 from hil.data.datasets import load_dataset
+from hil.jobs.capture import CaptureRequest, run_capture
 from sim.clock import VirtualClock
 from sim.params import SensorParams, SimParams
 
@@ -53,15 +53,10 @@ def main() -> None:
         rows = []
         for fps in LIMITS:
             config = BenchConfig(sim=SimParams(sensor=SensorParams(fps_limit=fps)))
-            result = run_capture(
-                config,
-                cal,
-                "digits",
-                "train",
-                Path(tmp) / f"fps{fps:g}.h5",
-                Console(quiet=True),
-                fraction=min(1.0, fps * args.seconds / train),
-            )
+            store = Path(tmp) / f"fps{fps:g}.h5"
+            fraction = min(1.0, fps * args.seconds / train)
+            request = CaptureRequest(cal, "digits", "train", store, fraction)
+            result = run_capture(config, request, Console(quiet=True))
             rows.append((fps, result["captured"], result["samples_per_s"]))
         exposure_ms = calfile.load(cal).exposure_s * 1e3
     print(f"\nexposure {exposure_ms:.2f} ms (from the calibration)\n")

@@ -1,3 +1,3 @@
-from hil.cli.commands import main
+from hil.cli import main
 
 main()

@@ -1,4 +1,4 @@
-"""User errors: `hil.cli.commands.main` prints them as one line on stderr and exits non-zero."""
+"""User errors: `hil.cli.main` prints them as one line on stderr and exits non-zero."""
 
 
 class UserError(Exception):

@@ -2,7 +2,7 @@
 
 import sys
 
-from hil.cli.commands import main
+from hil.cli import main
 
 
 def run_hil(monkeypatch, capsys, *args):

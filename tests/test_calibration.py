@@ -15,7 +15,7 @@ from hil.bench.assembly import Bench
 from hil.bench.config import parse_bench
 from hil.bench.design import design_with, load_design
 from hil.bench.truth import ground_truth
-from hil.cli.commands import main
+from hil.cli import main
 from sim.clock import VirtualClock
 
 HARSH = {  # the range: gain 0.8-1.2, shift ≤ 3 px, rotation ≤ 1°, δ 10%, blur 0.5 px

@@ -223,7 +223,7 @@ def test_a_tampered_or_truncated_store_is_one_clear_error(tmp_path):
 def test_frame_sampling_weights_equal_scipy_bilinear_interpolation():
     from scipy.ndimage import map_coordinates
 
-    from hil.acquire.capture import bilinear_weights
+    from hil.acquire.features import bilinear_weights
 
     rng = np.random.default_rng(0)
     image = rng.random((9, 13))

@@ -13,8 +13,9 @@ from torch import nn
 
 from hil.acquire.store import Captures, CaptureStore, Row, read
 from hil.errors import UserError
-from hil.jobs.evaluate import evaluate_captures, evaluate_store, save_overlay_png
+from hil.jobs.evaluate import evaluate_captures, evaluate_store
 from hil.models.onn import ONN, StudentSpec
+from hil.output.figures import save_overlay_png
 from hil.training.loop import save_checkpoint
 
 

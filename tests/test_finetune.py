@@ -13,7 +13,14 @@ from hil.acquire.store import CaptureStore, Row, read
 from hil.data.datasets import digits
 from hil.data.placement import to_display
 from hil.errors import UserError
-from hil.jobs.finetune import load_onn, rows_for_training, run_finetune, save_student
+from hil.jobs.finetune import (
+    FinetuneRequest,
+    load_onn,
+    rows_for_training,
+    run_finetune,
+    save_student,
+)
+from hil.jobs.train import Teaching
 from hil.models.onn import ONN, StudentSpec
 from hil.training.loop import Settings, accuracy
 from hil.training.student import train_student
@@ -71,15 +78,14 @@ def test_default_rows_are_ten_percent_of_the_split_stratified(bench):
 def test_ce_finetune_undoes_a_gain_and_offset_and_leaves_the_frontend_alone(bench, tmp_path):
     root, simulated = bench
     before = load_onn(root / "onn.pt")
-    record = run_finetune(
-        "unused",
+    request = FinetuneRequest(
         root / "train.h5",
         root / "onn.pt",
-        "ce",
         tmp_path / "ft.pt",
-        Settings(epochs=150, lr=1e-2, batch_size=64),
+        Teaching("ce", "unused"),
         test_captures=root / "test.h5",
     )
+    record = run_finetune(request, Settings(epochs=150, lr=1e-2, batch_size=64))
     tuned = load_onn(tmp_path / "ft.pt")
     assert torch.equal(tuned.frontend.raw, before.frontend.raw)
     # the miscalibration costs accuracy, and 10% of the train split buys it back
@@ -166,22 +172,18 @@ def test_a_bench_can_be_designed_from_a_trained_student(bench):
 def test_val_captures_keep_the_best_epoch_even_the_untouched_backend(bench, tmp_path):
     """A learning rate that wrecks the backend: with validation captures nothing is kept."""
     root, _ = bench
-    common = dict(fraction=0.05, test_captures=root / "test.h5")
     wild = Settings(epochs=5, lr=10.0)
+    ce = Teaching("ce", "unused")
+    common = dict(fraction=0.05, test_captures=root / "test.h5")
+    train, student = root / "train.h5", root / "onn.pt"
     kept = run_finetune(
-        "unused",
-        root / "train.h5",
-        root / "onn.pt",
-        "ce",
-        tmp_path / "a.pt",
+        FinetuneRequest(
+            train, student, tmp_path / "a.pt", ce, val_captures=root / "test.h5", **common
+        ),
         wild,
-        val_captures=root / "test.h5",
-        **common,
     )
     assert kept["kept_epoch"] == -1
     assert kept["after"]["test_accuracy"] == kept["before"]["test_accuracy"]
-    last = run_finetune(
-        "unused", root / "train.h5", root / "onn.pt", "ce", tmp_path / "b.pt", wild, **common
-    )
+    last = run_finetune(FinetuneRequest(train, student, tmp_path / "b.pt", ce, **common), wild)
     assert last["kept_epoch"] == 4
     assert last["after"]["test_accuracy"] < last["before"]["test_accuracy"] - 0.2

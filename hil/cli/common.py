@@ -1,38 +1,56 @@
-"""What every `hil` command module shares: the typer apps, the consoles, the common options.
+"""What every `hil` command module shares: the consoles, the common options, the run record.
 
-A command lives in the module of its subject (`hil/cli.py` for the bench and simulation,
-`hil/cli_*.py` for the rest) and registers itself on `app` by decorator; `hil/cli.py` imports them.
+Help text is rich markup, which keeps every newline: a docstring paragraph wrapped at 100 columns
+in the source would be re-wrapped by rich into ragged lines. `ProseGroup` joins each paragraph
+into one line first, so rich's wrapping to the terminal is the only wrapping; an indented block
+(an example command) keeps its lines. A literal `[` is written `\\[` (rich's escape).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
-app = typer.Typer(
-    help="Bring hybrid optical neural networks from simulation onto a real bench.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-bench_app = typer.Typer(
-    help="Bench files: the devices and the simulated world.", no_args_is_help=True
-)
-sim_app = typer.Typer(
-    help="The simulated bench: see what the camera would see.", no_args_is_help=True
-)
-teacher_app = typer.Typer(help="Electronic teachers, trained locally.", no_args_is_help=True)
-app.add_typer(bench_app, name="bench")
-app.add_typer(teacher_app, name="teacher")
-app.add_typer(sim_app, name="sim")
+if TYPE_CHECKING:
+    from hil.bench.config import BenchConfig
 
 out = Console()
 err = Console(stderr=True)
+
+
+def unwrap(text: str | None) -> str | None:
+    """Each paragraph of a docstring on one line; indented paragraphs keep their line breaks."""
+    if not text:
+        return text
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(
+        p if p.startswith((" ", "\b")) else " ".join(line.strip() for line in p.splitlines())
+        for p in paragraphs
+    )
+
+
+class ProseGroup(TyperGroup):
+    """A command group whose own help and its commands' help are unwrapped (see the module)."""
+
+    def __init__(self, **attrs: Any) -> None:
+        super().__init__(**attrs)
+        self.help = unwrap(self.help)
+        for command in self.commands.values():
+            command.help = unwrap(command.help)
+
+
+def group(help: str) -> typer.Typer:
+    """A command group (`hil bench ...`), rendered like the root."""
+    return typer.Typer(cls=ProseGroup, help=help, no_args_is_help=True)
+
 
 BenchOpt = Annotated[
     Path | None,
@@ -47,6 +65,7 @@ DataRootOpt = Annotated[
 ]
 CalibrationOpt = Annotated[Path, typer.Option("--calibration", help="Calibration file (HDF5).")]
 DatasetOpt = Annotated[str, typer.Option(help="Dataset to show.")]
+TrainDatasetOpt = Annotated[str, typer.Option("--dataset", help="Dataset to train on.")]
 SplitOpt = Annotated[str, typer.Option(help="train, val or test.")]
 FractionOpt = Annotated[
     float, typer.Option(min=0.0, max=1.0, help="Stratified fraction of the split.")
@@ -54,12 +73,56 @@ FractionOpt = Annotated[
 SeedOpt = Annotated[int, typer.Option(help="Seed of the subset (and of simulated noise).")]
 RunsOpt = Annotated[Path, typer.Option("--runs-dir", help="Where run folders are written.")]
 
+# training and fine-tuning
+TeacherOpt = Annotated[
+    str,
+    typer.Option("--teacher", help="Teacher architecture (stored for the dataset) or checkpoint."),
+]
+EpochsOpt = Annotated[int, typer.Option("--epochs", min=1)]
+LrOpt = Annotated[float, typer.Option("--lr", min=0)]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=2)]
+BetaOpt = Annotated[float, typer.Option("--beta", help="Weight of the NTK term.")]
+NormOpt = Annotated[
+    str, typer.Option("--norm", help="Kernel normalisation: none, diag, frobenius.")
+]
+ProjectionsOpt = Annotated[
+    int, typer.Option("--projections", min=1, help="Teacher NTK projections.")
+]
+TemperatureOpt = Annotated[float, typer.Option("--temperature", min=0.1, help="KD temperature.")]
+
+
+def recorded(
+    command: str,
+    runs_dir: Path,
+    config: BenchConfig | None,
+    args: dict[str, Any],
+    job: Callable[[Path], dict[str, Any]],
+) -> dict[str, Any]:
+    """`job(run folder)` inside a run record; its result object, with the run's bookkeeping.
+
+    A `history` in the result (metrics per epoch) goes to the run's metrics.json instead.
+    """
+    from hil.output.records import Run, write_json
+
+    with Run(command, runs_dir, config, args) as run:
+        result = job(run.dir)
+        if "history" in result:
+            write_json(run.dir / "metrics.json", result.pop("history"))
+        return run.finish(result)
+
 
 def emit(result: dict[str, Any], as_json: bool, summary: str = "") -> None:
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
     elif summary:
         out.print(summary)
+
+
+def score(result: dict[str, Any]) -> str:
+    """The headline of a training record: test mIoU (segmentation) or test accuracy."""
+    if "test_miou" in result:
+        return f"test mIoU {result['test_miou']:.4f}"
+    return f"test accuracy {result['test_accuracy']:.4f}"
 
 
 def epoch_printer(console: Console):

@@ -7,9 +7,51 @@ from typing import Annotated, Any
 
 import typer
 
-from hil.cli.common import JsonOpt, RunsOpt, app, emit, err, out
+from hil.cli.common import JsonOpt, RunsOpt, emit, err, out, recorded
 from hil.design.estimate import DEFAULT_SEEDS, DEFAULT_TRAIN_SIZE
 from hil.errors import UserError
+
+DatasetOpt = Annotated[str, typer.Option(help="Dataset to estimate on.")]
+DataRootOpt = Annotated[
+    Path | None, typer.Option(help="Where mnist/cifar10 files are (default: their cache).")
+]
+KernelsOpt = Annotated[str, typer.Option(help="Candidate kernel counts, comma-separated.")]
+KernelSizeOpt = Annotated[int, typer.Option(min=1, help="Kernel (PSF) side in pixels.")]
+SignedOpt = Annotated[
+    bool, typer.Option("--signed/--unsigned", help="Signed kernels take a ± pair of PSFs.")
+]
+MetasurfaceOpt = Annotated[
+    str | None, typer.Option(help="Metasurface height,width in µm (enables the layout).")
+]
+SpacingOpt = Annotated[float | None, typer.Option(help="Minimum spacing between sub-optics in µm.")]
+KernelUmOpt = Annotated[
+    float | None,
+    typer.Option(help="Sub-optic side in µm; default: the largest that holds each candidate."),
+]
+MagnificationOpt = Annotated[float, typer.Option(help="Metasurface-to-sensor magnification.")]
+PixelOpt = Annotated[float | None, typer.Option(help="Sensor pixel pitch in µm.")]
+SensorOpt = Annotated[str | None, typer.Option(help="Sensor height,width in pixels.")]
+MapsBenchOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help=r"Bench file whose \[sim.display] size and \[sim.sensor] noise the maps have; "
+        "default: the simulated bench's.",
+        metavar="FILE",
+    ),
+]
+NoiseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--noise/--no-noise", help="Sensor noise in the maps (--no-noise: the paper's form)."
+    ),
+]
+SeedsOpt = Annotated[
+    int, typer.Option(min=1, help="Random initialisations averaged per kernel count.")
+]
+TrainSizeOpt = Annotated[str, typer.Option(help="Training samples in the regression, or 'all'.")]
+OutOpt = Annotated[
+    Path, typer.Option("--out", help="Folder for the table, curve, layouts and TOML.")
+]
 
 
 def _numbers(option: str, text: str | None, kind: type, count: int | None, example: str):
@@ -51,57 +93,23 @@ def _layout_text(row: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@app.command("estimate")
-def estimate_cmd(
-    dataset: Annotated[str, typer.Option(help="Dataset to estimate on.")] = "digits",
-    data_root: Annotated[
-        Path | None, typer.Option(help="Where mnist/cifar10 files are (default: their cache).")
-    ] = None,
-    kernels: Annotated[
-        str, typer.Option(help="Candidate kernel counts, comma-separated.")
-    ] = "2,4,8,16",
-    kernel_size: Annotated[int, typer.Option(min=1, help="Kernel (PSF) side in pixels.")] = 7,
-    signed: Annotated[
-        bool, typer.Option("--signed/--unsigned", help="Signed kernels take a ± pair of PSFs.")
-    ] = True,
-    metasurface_um: Annotated[
-        str | None, typer.Option(help="Metasurface height,width in µm (enables the layout).")
-    ] = None,
-    spacing_um: Annotated[
-        float | None, typer.Option(help="Minimum spacing between sub-optics in µm.")
-    ] = None,
-    kernel_um: Annotated[
-        float | None,
-        typer.Option(help="Sub-optic side in µm; default: the largest that holds each candidate."),
-    ] = None,
-    magnification: Annotated[
-        float, typer.Option(help="Metasurface-to-sensor magnification.")
-    ] = 1.0,
-    pixel_um: Annotated[float | None, typer.Option(help="Sensor pixel pitch in µm.")] = None,
-    sensor_px: Annotated[str | None, typer.Option(help="Sensor height,width in pixels.")] = None,
-    bench: Annotated[
-        Path | None,
-        typer.Option(
-            help=r"Bench file whose \[sim.display] size and \[sim.sensor] noise the maps have; "
-            "default: the simulated bench's.",
-            metavar="FILE",
-        ),
-    ] = None,
-    noise: Annotated[
-        bool,
-        typer.Option(
-            "--noise/--no-noise", help="Sensor noise in the maps (--no-noise: the paper's form)."
-        ),
-    ] = True,
-    seeds: Annotated[
-        int, typer.Option(min=1, help="Random initialisations averaged per kernel count.")
-    ] = DEFAULT_SEEDS,
-    train_size: Annotated[
-        str, typer.Option(help="Training samples in the regression, or 'all'.")
-    ] = str(DEFAULT_TRAIN_SIZE),
-    out_dir: Annotated[
-        Path, typer.Option("--out", help="Folder for the table, curve, layouts and TOML.")
-    ] = Path("estimate-output"),
+def estimate_cmd(  # noqa: PLR0913  typer: one parameter per command-line option
+    dataset: DatasetOpt = "digits",
+    data_root: DataRootOpt = None,
+    kernels: KernelsOpt = "2,4,8,16",
+    kernel_size: KernelSizeOpt = 7,
+    signed: SignedOpt = True,
+    metasurface_um: MetasurfaceOpt = None,
+    spacing_um: SpacingOpt = None,
+    kernel_um: KernelUmOpt = None,
+    magnification: MagnificationOpt = 1.0,
+    pixel_um: PixelOpt = None,
+    sensor_px: SensorOpt = None,
+    bench: MapsBenchOpt = None,
+    noise: NoiseOpt = True,
+    seeds: SeedsOpt = DEFAULT_SEEDS,
+    train_size: TrainSizeOpt = str(DEFAULT_TRAIN_SIZE),
+    out_dir: OutOpt = Path("estimate-output"),
     runs_dir: RunsOpt = Path("runs"),
     as_json: JsonOpt = False,
 ) -> None:
@@ -122,75 +130,79 @@ def estimate_cmd(
     Writes OUT/estimate.md (the table), OUT/estimate.png (accuracy against kernel count),
     OUT/estimate.json (everything), and with a layout OUT/layouts.json and OUT/frontend-M.toml.
     """
-    from rich.markup import escape
-
-    from hil.bench.config import load_bench
-    from hil.design.estimate import EstimateSettings
-    from hil.design.regression import MapNoise
-    from hil.jobs.estimate import LayoutConstraints, run_estimate
-    from hil.output.records import Run
-
-    counts = _numbers("--kernels", kernels, int, None, "2,4,8,16")
-    ms = _numbers("--metasurface-um", metasurface_um, float, 2, "1000,1000")
-    sensor = _numbers("--sensor-px", sensor_px, int, 2, "512,512")
     args = {
         "dataset": dataset,
         "data_root": str(data_root) if data_root else None,
-        "kernels": counts,
+        "kernels": _numbers("--kernels", kernels, int, None, "2,4,8,16"),
         "kernel_size": kernel_size,
         "signed": signed,
-        "metasurface_um": ms,
+        "metasurface_um": _numbers("--metasurface-um", metasurface_um, float, 2, "1000,1000"),
         "spacing_um": spacing_um,
         "kernel_um": kernel_um,
         "magnification": magnification,
         "pixel_um": pixel_um,
-        "sensor_px": sensor,
+        "sensor_px": _numbers("--sensor-px", sensor_px, int, 2, "512,512"),
         "bench": str(bench) if bench else None,
         "noise": noise,
         "seeds": seeds,
         "train_size": _train_size(train_size),
         "out": str(out_dir),
     }
-
-    sim = load_bench(bench).sim
-    map_noise = MapNoise.from_sensor(sim.sensor) if noise else None
-
-    def progress(row: dict[str, Any]) -> None:
-        err.print(
-            f"{row['kernels']:3d} kernels: {100 * row['accuracy']:.2f} ± "
-            f"{100 * row['accuracy_std']:.2f} %  ({row['seconds']:.1f} s)",
-            highlight=False,
-        )
-
-    with Run("estimate", runs_dir, None, args) as run:
-        result = run_estimate(
-            dataset,
-            EstimateSettings(
-                kernels=counts,
-                kernel_size=kernel_size,
-                signed=signed,
-                train_size=args["train_size"],
-                seeds=seeds,
-                noise=map_noise,
-                image_size=sim.display.height,
-            ),
-            out_dir,
-            LayoutConstraints.from_options(
-                metasurface_um=tuple(ms) if ms else None,
-                spacing_um=spacing_um,
-                magnification=magnification,
-                pixel_um=pixel_um,
-                sensor_px=tuple(sensor) if sensor else None,
-                kernel_um=kernel_um,
-            ),
-            progress=progress,
-            data_root=data_root,
-        )
-        result = run.finish(result)
+    result = recorded("estimate", runs_dir, None, args, lambda _: _estimate(args, bench, data_root))
     if as_json:
         return emit(result, True)
+    _print_estimate(result)
+
+
+def _progress(row: dict[str, Any]) -> None:
+    err.print(
+        f"{row['kernels']:3d} kernels: {100 * row['accuracy']:.2f} ± "
+        f"{100 * row['accuracy_std']:.2f} %  ({row['seconds']:.1f} s)",
+        highlight=False,
+    )
+
+
+def _estimate(args: dict[str, Any], bench: Path | None, data_root: Path | None) -> dict[str, Any]:
+    """The estimate of the command line's `args` (parsed), on the bench file's maps."""
+    from hil.bench.config import load_bench
+    from hil.design.estimate import EstimateSettings
+    from hil.design.regression import MapNoise
+    from hil.jobs.estimate import LayoutConstraints, run_estimate
+
+    counts, ms, sensor = args["kernels"], args["metasurface_um"], args["sensor_px"]
+    sim = load_bench(bench).sim
+    settings = EstimateSettings(
+        kernels=counts,
+        kernel_size=args["kernel_size"],
+        signed=args["signed"],
+        train_size=args["train_size"],
+        seeds=args["seeds"],
+        noise=MapNoise.from_sensor(sim.sensor) if args["noise"] else None,
+        image_size=sim.display.height,
+    )
+    layout = LayoutConstraints.from_options(
+        metasurface_um=tuple(ms) if ms else None,
+        spacing_um=args["spacing_um"],
+        magnification=args["magnification"],
+        pixel_um=args["pixel_um"],
+        sensor_px=tuple(sensor) if sensor else None,
+        kernel_um=args["kernel_um"],
+    )
+    return run_estimate(
+        args["dataset"],
+        settings,
+        Path(args["out"]),
+        layout,
+        progress=_progress,
+        data_root=data_root,
+    )
+
+
+def _print_estimate(result: dict[str, Any]) -> None:
+    from rich.markup import escape
+
     text = [result["table"]]
     if "constraints" in result:
         text += ["", "Layouts:", *(_layout_text(r) for r in result["rows"])]
-    text += ["", f"wrote {', '.join(result['files'].values())}; run record {run.dir}"]
+    text += ["", f"wrote {', '.join(result['files'].values())}; run record {result['run_dir']}"]
     out.print(escape("\n".join(text)), highlight=False, soft_wrap=True)

@@ -19,13 +19,14 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from hil.acquire.capture import run_capture
 from hil.acquire.store import read
 from hil.bench.config import BenchConfig
 from hil.data.datasets import Dataset, digits
 from hil.jobs.calibrate import run_calibrate
+from hil.jobs.capture import CaptureRequest, run_capture
 from hil.jobs.evaluate import evaluate_store
-from hil.jobs.finetune import run_finetune, save_student
+from hil.jobs.finetune import FinetuneRequest, run_finetune, save_student
+from hil.jobs.train import Teaching
 from hil.models.checkpoint import load_onn
 from hil.models.onn import StudentSpec
 from hil.training.loop import Settings
@@ -49,6 +50,11 @@ class DemoPlan:
     # field per PSF. None keeps the bench file's [sim.fabrication] value.
     kernel_error: float | None = 0.6
     kernel_error_corr_px: float | None = 2.0
+
+    @classmethod
+    def of_bench_file(cls, seed: int = 0) -> DemoPlan:
+        """The plan for a bench file: its own `[sim.fabrication]` errors, none of the plan's."""
+        return cls(seed=seed, kernel_error=None, kernel_error_corr_px=None)
 
 
 @contextmanager
@@ -118,9 +124,8 @@ def capture_splits(
     stores = {}
     for split, fraction in (("train", plan.train_fraction), ("val", 1.0), ("test", 1.0)):
         stores[split] = out_dir / f"{split}.h5"
-        run_capture(
-            config, cal, "digits", split, stores[split], console, fraction=fraction, seed=plan.seed
-        )
+        request = CaptureRequest(cal, "digits", split, stores[split], fraction, plan.seed)
+        run_capture(config, request, console)
     return stores
 
 
@@ -134,18 +139,19 @@ def compensate(
 ) -> dict[str, dict]:
     """Fine-tune the backend with each method on all of the captured train rows, keeping the
     epoch that scores best on the captured val split."""
+    settings = Settings(epochs=plan.finetune_epochs, lr=plan.finetune_lr, seed=plan.seed)
     return {
         method: run_finetune(
-            str(teacher),
-            stores["train"],
-            student,
-            method,
-            out_dir / f"onn-{method}.pt",
-            Settings(epochs=plan.finetune_epochs, lr=plan.finetune_lr, seed=plan.seed),
-            fraction=1.0,
-            test_captures=stores["test"],
-            val_captures=stores["val"],
-            projections=plan.projections,
+            FinetuneRequest(
+                stores["train"],
+                student,
+                out_dir / f"onn-{method}.pt",
+                Teaching(method, str(teacher), projections=plan.projections),
+                test_captures=stores["test"],
+                val_captures=stores["val"],
+                fraction=1.0,
+            ),
+            settings,
         )
         for method in methods
     }
@@ -160,8 +166,6 @@ def recovered(simulated: float, uncompensated: float, compensated: float) -> flo
 def run_demo(
     config: BenchConfig, out_dir: Path, console: Console, plan: DemoPlan = DemoPlan()
 ) -> dict[str, Any]:
-    from hil.output import report
-
     out_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     data = digits()
@@ -180,44 +184,70 @@ def run_demo(
     with step(console, "fine-tune the backend on the captures with CE and with NTKD", timings):
         tuned = compensate(student, teacher, stores, out_dir, plan)
     with step(console, "evaluate every variant and write the report", timings):
-        variants = {"no compensation": student} | {
-            f"{m.upper()} fine-tune": out_dir / f"onn-{m}.pt" for m in tuned
-        }
-        evaluated = {
-            name: evaluate_store(load_onn(path), stores["test"]) for name, path in variants.items()
-        }
-        accuracy = {
-            "resnet18 teacher (raw images)": teacher_record["test_accuracy"],
-            "ONN in simulation (as designed)": student_record["test_accuracy"],
-        } | {name: e["accuracy"] for name, e in evaluated.items()}
-        sim, none = accuracy["ONN in simulation (as designed)"], accuracy["no compensation"]
-        recovery = {
-            name: recovered(sim, none, accuracy[name]) for name in variants if name in accuracy
-        }
-        pictures = report.write_pictures(
-            out_dir,
-            student=load_onn(student),
-            test_store=stores["test"],
-            data=data,
-            histories={"NTKD in simulation": student_record["history"]}
-            | {f"{m.upper()} fine-tune": r["history"] for m, r in tuned.items()},
-            confusions={name: np.asarray(e["confusion"]) for name, e in evaluated.items()},
-        )
-        result = {
-            "out_dir": str(out_dir),
-            "accuracy": accuracy,
-            "recovered_fraction": {k: v for k, v in recovery.items() if k != "no compensation"},
-            "calibration": {
-                k: cal[k]
-                for k in ("psf_rel_error", "registration_rms_px", "prediction_excess_rel_error")
-                if k in cal
-            },
-            "captured": {split: len(read(path).index) for split, path in stores.items()},
-            "pictures": {k: str(v) for k, v in pictures.items()}
-            | {f"calibration {k}": v for k, v in cal["pictures"].items()},
-            "fabrication": bench.sim.fabrication.model_dump(),
-            "plan": plan.__dict__,
-            "timings_s": timings,
-        }
-        report.write_summary(out_dir / "REPORT.md", result)
+        done = DemoSteps(teacher_record, student_record, cal, stores, tuned)
+        result = report_demo(out_dir, bench, data, done, plan, timings)
+    return result
+
+
+@dataclass(frozen=True)
+class DemoSteps:
+    """What the demo's steps produced, for its report."""
+
+    teacher: dict[str, Any]  # the teacher's training record
+    student: dict[str, Any]  # the student's, in simulation
+    calibration: dict[str, Any]  # `run_calibrate`'s result
+    stores: dict[str, Path]  # capture store per split
+    tuned: dict[str, dict]  # fine-tune record per method
+
+
+def report_demo(
+    out_dir: Path,
+    bench: BenchConfig,
+    data: Dataset,
+    done: DemoSteps,
+    plan: DemoPlan,
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """Score every variant on the test captures, write OUT/REPORT.md and its pictures."""
+    from hil.output import report
+
+    tuned, stores, cal = done.tuned, done.stores, done.calibration
+    variants = {"no compensation": out_dir / "onn.pt"} | {
+        f"{m.upper()} fine-tune": out_dir / f"onn-{m}.pt" for m in tuned
+    }
+    evaluated = {
+        name: evaluate_store(load_onn(path), stores["test"]) for name, path in variants.items()
+    }
+    accuracy = {
+        "resnet18 teacher (raw images)": done.teacher["test_accuracy"],
+        "ONN in simulation (as designed)": done.student["test_accuracy"],
+    } | {name: e["accuracy"] for name, e in evaluated.items()}
+    sim, none = accuracy["ONN in simulation (as designed)"], accuracy["no compensation"]
+    pictures = report.write_pictures(
+        out_dir,
+        student=load_onn(variants["no compensation"]),
+        test_store=stores["test"],
+        data=data,
+        histories={"NTKD in simulation": done.student["history"]}
+        | {f"{m.upper()} fine-tune": r["history"] for m, r in tuned.items()},
+        confusions={name: np.asarray(e["confusion"]) for name, e in evaluated.items()},
+    )
+    calibration = ("psf_rel_error", "registration_rms_px", "prediction_excess_rel_error")
+    result = {
+        "out_dir": str(out_dir),
+        "accuracy": accuracy,
+        "recovered_fraction": {
+            name: recovered(sim, none, accuracy[name])
+            for name in variants
+            if name in accuracy and name != "no compensation"
+        },
+        "calibration": {k: cal[k] for k in calibration if k in cal},
+        "captured": {split: len(read(path).index) for split, path in stores.items()},
+        "pictures": {k: str(v) for k, v in pictures.items()}
+        | {f"calibration {k}": v for k, v in cal["pictures"].items()},
+        "fabrication": bench.sim.fabrication.model_dump(),
+        "plan": plan.__dict__,
+        "timings_s": timings,
+    }
+    report.write_summary(out_dir / "REPORT.md", result)
     return result

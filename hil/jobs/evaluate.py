@@ -9,20 +9,27 @@ around it (IGNORE) is not counted.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
+from rich.console import Console
 
 from hil.acquire import store as capture_store
+from hil.acquire.identity import as_shown, check_source
+from hil.bench.config import BenchConfig
+from hil.data.datasets import Dataset, load_dataset
 from hil.data.placement import place_masks
 from hil.errors import UserError
-from hil.models.checkpoint import check_maps
+from hil.jobs.capture import CaptureRequest, run_capture
+from hil.models.checkpoint import check_maps, load_onn
 from hil.models.onn import ONN
-from hil.output.figures import save_figure
+from hil.output.figures import save_confusion_png, save_overlay_png
 from hil.training.loop import IGNORE, iou_counts, mean_iou, predictions
+
+OVERLAY_SAMPLES = 6  # rows of the segmentation picture
 
 
 def predict(model: ONN, features: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -88,58 +95,86 @@ def evaluate_store(model: ONN, store_path: Path | str) -> dict[str, Any]:
     return evaluate_captures(model, capture_store.read(store_path), store_path)
 
 
-def save_confusion_png(
-    matrix: np.ndarray, path: Path | str, title: str = "", names: list[str] | None = None
-) -> Path:
-    """The confusion matrix as a picture: counts in each cell, rows true, columns predicted."""
-    matrix = np.asarray(matrix)
-    k = len(matrix)
-    names = names or [str(c) for c in range(k)]
-    fig = Figure(figsize=(1.0 + 0.45 * k, 0.8 + 0.45 * k))
-    ax = fig.add_subplot()
-    ax.imshow(matrix, cmap="Blues", vmin=0, vmax=max(int(matrix.max()), 1))
-    if k <= 30:
-        top = matrix.max()
-        for (i, j), v in np.ndenumerate(matrix):
-            color = "white" if v > 0.6 * top else "black"
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color=color)
-    ax.set_xticks(range(k), names, fontsize=7)
-    ax.set_yticks(range(k), names, fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    if title:
-        ax.set_title(title, fontsize=9)
-    return save_figure(fig, path)
+@dataclass(frozen=True)
+class EvaluateRequest:
+    """What `hil evaluate` was asked: a student, and the split to capture and score it on."""
+
+    checkpoint: Path
+    calibration: Path
+    dataset: str = "digits"
+    split: str = "test"
+    fraction: float = 1.0
+    seed: int = 0
+    captures: Path | None = None  # a store to use (resumed if incomplete) instead of a new one
+    out: Path | None = None  # the folder for captures and pictures; default: the run's
+    data_root: Path | None = None
+
+    def args(self) -> dict[str, Any]:
+        """The arguments a run record keeps."""
+        return {k: str(v) if isinstance(v, Path) else v for k, v in vars(self).items()}
 
 
-def save_overlay_png(
-    images: np.ndarray,
-    truth: np.ndarray,
-    predicted: np.ndarray,
-    path: Path | str,
-    title: str = "",
-) -> Path:
-    """A row per sample: the shown image, the true mask over it, the predicted mask over it.
+def run_evaluate(
+    config: BenchConfig, request: EvaluateRequest, run_dir: Path, console: Console
+) -> dict[str, Any]:
+    """Capture the split on the bench (or resume a store), score the student on it, draw it.
 
-    `images` (N, H, W) or (N, H, W, 3) in [0, 1]; masks (N, H, W) on the same grid.
+    The checkpoint, the calibration, the store and the dataset are each read once.
     """
-    n = len(images)
-    fig = Figure(figsize=(6.0, 2.0 * n + (0.4 if title else 0.0)))
-    axes = fig.subplots(n, 3, squeeze=False)
-    for r in range(n):
-        image = images[r] if images[r].ndim == 3 else np.repeat(images[r][..., None], 3, axis=2)
-        for c, (label, mask) in enumerate(
-            (("shown", None), ("true", truth), ("predicted", predicted))
-        ):
-            ax = axes[r, c]
-            ax.imshow(image, vmin=0, vmax=1, interpolation="nearest")
-            if mask is not None:  # background (0) and IGNORE stay clear
-                shaded = np.ma.masked_less_equal(mask[r], 0)
-                ax.imshow(shaded, cmap="autumn", alpha=0.55, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(label, fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    return save_figure(fig, path)
+    r = request
+    model = load_onn(r.checkpoint)
+    folder = r.out or run_dir
+    store = r.captures or folder / "captures.h5"
+    data = load_dataset(r.dataset, r.data_root)
+    capture_request = CaptureRequest(
+        r.calibration, r.dataset, r.split, store, r.fraction, r.seed, data_root=r.data_root
+    )
+
+    def readable(cal) -> None:  # before capturing: a student that cannot read it fails now
+        source = f"{r.checkpoint} with {r.calibration}"
+        check_maps(model, (cal.kernels, *cal.display_shape[:2]), source)
+
+    capture = run_capture(config, capture_request, console, data=data, check=readable)
+    rows = capture_store.read(store)
+    check_source(store, rows.identity, rows.index, rows.meta["pattern_hash"], data)
+    scores = evaluate_captures(model, rows, store)
+    picture = _picture(
+        model, rows, data, scores, folder, f"{r.checkpoint.name} on {r.dataset}/{r.split} (bench)"
+    )
+    kept = ("planned", "captured", "resumed_from", "calibration_id", "simulated")
+    return {
+        "checkpoint": str(r.checkpoint),
+        "dataset": r.dataset,
+        "split": r.split,
+        "captures": str(store),
+        "figure": str(picture),
+        **scores,
+        "capture": {k: capture[k] for k in kept},
+    }
+
+
+def _picture(
+    model: ONN,
+    rows: capture_store.Captures,
+    data: Dataset,
+    scores: dict[str, Any],
+    folder: Path,
+    title: str,
+) -> Path:
+    """The confusion matrix (classification) or the first samples' mask overlays."""
+    if scores["task"] == "classification":
+        return save_confusion_png(
+            scores["confusion"],
+            folder / "confusion.png",
+            f"{title}: accuracy {scores['accuracy']:.3f}, n={scores['n']}",
+        )
+    shown_rows = slice(0, OVERLAY_SAMPLES)
+    hw = rows.features.shape[-2:]
+    shown = as_shown(data.images[rows.index[shown_rows]], hw)
+    return save_overlay_png(
+        shown,
+        place_masks(rows.labels[shown_rows], hw),
+        predict(model, rows.features[shown_rows]),
+        folder / "overlays.png",
+        f"{title}: mIoU {scores['miou']:.3f}",
+    )

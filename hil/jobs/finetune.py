@@ -8,6 +8,7 @@ default 10% of the captured train split trains; the other captured rows are held
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,13 @@ from hil.acquire.identity import check_source
 from hil.data.datasets import load_dataset
 from hil.data.sampling import stratified_fraction
 from hil.errors import UserError
+from hil.jobs.train import Teaching
 from hil.models.checkpoint import check_maps, load_onn
 from hil.models.onn import ONN
 from hil.ntkd.losses import FINETUNE_METHODS, build_loss, check_method
 from hil.ntkd.teacher_cache import teacher_features
 from hil.training.loop import Settings, accuracy, fit, save_checkpoint
+from hil.training.teacher import load_teacher
 
 DEFAULT_SPLIT_FRACTION = 0.1
 
@@ -52,64 +55,114 @@ def rows_for_training(
     return train, np.setdiff1d(rows, train), use
 
 
+Tensors = dict[str, torch.Tensor]  # "x" (feature maps) and "y" (labels) of some captured rows
+
+
+@dataclass(frozen=True)
+class FinetuneRequest:
+    """What `hil finetune` was asked: which stores train, watch and score, and how it is taught."""
+
+    captures: Path  # the train split's store
+    checkpoint: Path  # the student trained in simulation
+    out: Path = Path("onn-finetuned.pt")
+    teaching: Teaching = Teaching()
+    test_captures: Path | None = None
+    val_captures: Path | None = None  # the epoch scoring best on it is kept
+    fraction: float | None = None  # of the store that trains; None: 10% of the split
+    data_root: Path | None = None
+    resume: bool = False
+
+    def args(self, settings: Settings) -> dict[str, Any]:
+        """The arguments a run record keeps."""
+        path = {k: str(v) if v is not None else None for k, v in vars(self).items()}
+        return {
+            "captures": path["captures"],
+            "checkpoint": path["checkpoint"],
+            "teacher": self.teaching.teacher,
+            "method": self.teaching.method,
+            "out": path["out"],
+            "test_captures": path["test_captures"],
+            "val_captures": path["val_captures"],
+            "fraction": self.fraction,
+            "epochs": settings.epochs,
+            "lr": settings.lr,
+            "options": self.teaching.loss_options,
+            "seed": settings.seed,
+        }
+
+
+@dataclass(frozen=True)
+class Lesson:
+    """What the backend learns from: captured rows, the rows its curve watches, and for KD and
+    NTKD the teacher with the raw images of the training rows."""
+
+    train: Tensors
+    watched: Tensors
+    teacher: torch.nn.Module | None = None
+    raw: torch.Tensor | None = None
+
+
+class _KeepBest:
+    """Watches the epochs: remembers the backend of the best on the watched rows (-1: as given)."""
+
+    def __init__(self, backend: torch.nn.Module, watched: Tensors, on_epoch=None) -> None:
+        self.backend, self.on_epoch = backend, on_epoch
+        self.best = {"val_accuracy": accuracy(backend, watched["x"], watched["y"]), "epoch": -1}
+        self.state = self._copy()
+
+    def _copy(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self.backend.state_dict().items()}
+
+    def __call__(self, metrics: dict[str, float]) -> None:
+        if metrics["val_accuracy"] > self.best["val_accuracy"]:
+            self.best.update(metrics)
+            self.state = self._copy()
+        if self.on_epoch is not None:
+            self.on_epoch(metrics)
+
+
+def teacher_extras(loss, lesson: Lesson, projections: int, seed: int):
+    """What the loss needs of the teacher per batch (its logits or its NTK features), or None."""
+    needs = getattr(loss, "needs", frozenset())
+    if needs and (lesson.teacher is None or lesson.raw is None):
+        raise ValueError("this method needs a teacher and the raw images")
+    if "teacher_logits" in needs:
+        lesson.teacher.eval()
+        with torch.no_grad():
+            logits = lesson.teacher(lesson.raw)
+        return lambda idx: {"teacher_logits": logits[idx]}
+    if "teacher_features" in needs:
+        feats = teacher_features(lesson.teacher, lesson.raw, None, projections, seed)
+        return lambda idx: {"teacher_features": feats[idx]}
+    return None
+
+
 def finetune(
     model: ONN,
-    features: torch.Tensor,
-    labels: torch.Tensor,
-    method: str,
+    lesson: Lesson,
+    teaching: Teaching,
     settings: Settings,
     *,
-    val: dict[str, torch.Tensor],
-    teacher: torch.nn.Module | None = None,
-    raw: torch.Tensor | None = None,
-    loss_options: dict[str, Any] | None = None,
-    projections: int = 64,
     checkpoint: Path | None = None,
     resume: bool = False,
     keep_best: bool = False,
     on_epoch=None,
 ) -> tuple[list[dict[str, float]], int]:
-    """Train `model.backend` in place on captured `features`; the frontend stays frozen.
+    """Train `model.backend` in place on captured feature maps; the frontend stays frozen.
     Returns the metrics of every epoch and the epoch the backend ends with.
 
-    `keep_best`: end with the epoch (or the untouched backend, -1) that scores best on `val`, so
-    a fine-tune that does not help on validation captures changes nothing.
+    `keep_best`: end with the epoch (or the untouched backend, -1) that scores best on the
+    watched rows, so a fine-tune that does not help on validation captures changes nothing.
     """
     model.freeze_frontend()
-    backend = model.backend
-    loss = build_loss(method, **(loss_options or {}))
-    needs = getattr(loss, "needs", frozenset())
-    extras = None
-    if needs and (teacher is None or raw is None):
-        raise ValueError(f"method {method!r} needs a teacher and the raw images")
-    if "teacher_logits" in needs:
-        teacher.eval()
-        with torch.no_grad():
-            logits = teacher(raw)
-
-        def extras(idx):
-            return {"teacher_logits": logits[idx]}
-
-    elif "teacher_features" in needs:
-        feats = teacher_features(teacher, raw, None, projections, settings.seed)
-
-        def extras(idx):
-            return {"teacher_features": feats[idx]}
-
-    best = {"val_accuracy": accuracy(backend, val["x"], val["y"]), "epoch": -1}
-    best["state"] = {k: v.clone() for k, v in backend.state_dict().items()}
-
-    def watch(metrics: dict[str, float]) -> None:
-        if metrics["val_accuracy"] > best["val_accuracy"]:
-            best.update(metrics, state={k: v.clone() for k, v in backend.state_dict().items()})
-        if on_epoch is not None:
-            on_epoch(metrics)
-
+    loss = build_loss(teaching.method, **teaching.loss_options)
+    extras = teacher_extras(loss, lesson, teaching.projections, settings.seed)
+    watch = _KeepBest(model.backend, lesson.watched, on_epoch)
     history = fit(
-        backend,
+        model.backend,
         loss,
-        {"x": features, "y": labels},
-        val,
+        lesson.train,
+        lesson.watched,
         settings,
         batch_extras=extras,
         checkpoint=checkpoint,
@@ -118,115 +171,100 @@ def finetune(
     )
     if not keep_best:
         return history, len(history) - 1
-    backend.load_state_dict(best["state"])
-    return history, int(best["epoch"])
+    model.backend.load_state_dict(watch.state)
+    return history, int(watch.best["epoch"])
 
 
-def _tensors(captures: capture_store.Captures, rows: np.ndarray) -> dict[str, torch.Tensor]:
+def _tensors(captures: capture_store.Captures, rows: np.ndarray | None = None) -> Tensors:
+    rows = np.arange(len(captures.index)) if rows is None else rows
     return {
         "x": torch.as_tensor(captures.features[rows]),
         "y": torch.as_tensor(captures.labels[rows]).long(),
     }
 
 
-def run_finetune(
-    teacher: str,
-    captures: Path,
-    checkpoint: Path,
-    method: str,
-    out: Path,
-    settings: Settings,
-    *,
-    fraction: float | None = None,
-    test_captures: Path | None = None,
-    val_captures: Path | None = None,
-    data_root: Path | None = None,
-    loss_options: dict[str, Any] | None = None,
-    projections: int = 64,
-    resume: bool = False,
-    on_epoch=None,
-) -> dict[str, Any]:
-    """Fine-tune the backend of `checkpoint` on a capture store; write the student to `out`."""
-    from hil.training.teacher import load_teacher
+def _read(model: ONN, path: Path | None) -> capture_store.Captures | None:
+    """A capture store whose maps the student takes (None for no path)."""
+    if path is None:
+        return None
+    found = capture_store.read(path)
+    check_maps(model, found.features.shape[1:], path)
+    return found
 
-    check_method(method, FINETUNE_METHODS)
-    model = load_onn(checkpoint)
-    found = capture_store.read(captures)
-    check_maps(model, found.features.shape[1:], captures)
-    train_rows, held_rows, used = rows_for_training(found, fraction, settings.seed)
+
+def _accuracies(model: ONN, scored: dict[str, Tensors | None]) -> dict[str, float]:
+    """Accuracy of the backend on each scored set ("held_out", "test") that exists."""
+    return {
+        f"{name}_accuracy": accuracy(model.backend, rows["x"], rows["y"])
+        for name, rows in scored.items()
+        if rows is not None
+    }
+
+
+def _lesson(request: FinetuneRequest, found, train_rows, scored, val) -> tuple[Lesson, str]:
+    """The lesson, and the name of the rows its curve watches: the validation captures (whose
+    best epoch is kept), else the held-out captures, else the test captures (watched only: the
+    last epoch is kept, nothing is selected on them), else the training rows themselves."""
+    train = _tensors(found, train_rows)
+    candidates = (("val", val), ("held out", scored["held_out"]), ("test", scored["test"]))
+    watched, name = next(((v, k) for k, v in candidates if v is not None), (train, "train"))
+    if request.teaching.method == "ce":
+        return Lesson(train, watched), name
     dataset = found.identity.dataset
+    teacher, _, _ = load_teacher(request.teaching.teacher, dataset)
+    data = load_dataset(dataset, request.data_root)
+    check_source(request.captures, found.identity, found.index, found.meta["pattern_hash"], data)
+    raw = torch.as_tensor(data.images[found.index[train_rows]])
+    return Lesson(train, watched, teacher, raw), name
+
+
+def run_finetune(request: FinetuneRequest, settings: Settings, on_epoch=None) -> dict[str, Any]:
+    """Fine-tune the backend of `request.checkpoint` on a capture store; write it to `out`."""
+    r = request
+    method = check_method(r.teaching.method, FINETUNE_METHODS)
+    model = load_onn(r.checkpoint)
+    found = _read(model, r.captures)
     if found.identity.split != "train":
         raise UserError(
-            f"{captures}: captured from the {found.identity.split} split; fine-tune on the "
+            f"{r.captures}: captured from the {found.identity.split} split; fine-tune on the "
             "train split and evaluate on the test split (--test-captures)"
         )
-    tests = None
-    if test_captures is not None:
-        tests = capture_store.read(test_captures)
-        check_maps(model, tests.features.shape[1:], test_captures)
-    t_model = raw = None
-    if method != "ce":
-        t_model, _, _ = load_teacher(teacher, dataset)
-        data = load_dataset(dataset, data_root)
-        check_source(captures, found.identity, found.index, found.meta["pattern_hash"], data)
-        raw = torch.as_tensor(data.images[found.index[train_rows]])
-    train = _tensors(found, train_rows)
-    held = _tensors(found, held_rows) if len(held_rows) else None
-    test = _tensors(tests, np.arange(len(tests.index))) if tests is not None else None
-    val = None
-    if val_captures is not None:
-        found_val = capture_store.read(val_captures)
-        check_maps(model, found_val.features.shape[1:], val_captures)
-        val = _tensors(found_val, np.arange(len(found_val.index)))
-    # the epoch curve watches the validation captures (and the best epoch on them is kept), else
-    # held-out captures, else the test captures (watched only: the last epoch is kept, nothing is
-    # selected on them), else the training rows themselves
-    watched, watched_name = next(
-        (v, k)
-        for k, v in (("val", val), ("held out", held), ("test", test), ("train", train))
-        if v is not None
+    train_rows, held_rows, used = rows_for_training(found, r.fraction, settings.seed)
+    tests, vals = _read(model, r.test_captures), _read(model, r.val_captures)
+    scored = {
+        "held_out": _tensors(found, held_rows) if len(held_rows) else None,
+        "test": _tensors(tests) if tests is not None else None,
+    }
+    lesson, watched = _lesson(
+        r, found, train_rows, scored, _tensors(vals) if vals is not None else None
     )
-
-    def scores() -> dict[str, float]:
-        s = {}
-        if held is not None:
-            s["held_out_accuracy"] = accuracy(model.backend, held["x"], held["y"])
-        if test is not None:
-            s["test_accuracy"] = accuracy(model.backend, test["x"], test["y"])
-        return s
-
-    before = scores()
+    before = _accuracies(model, scored)
+    partial = r.out.with_name(f"{r.out.stem}.partial.pt")
     history, kept = finetune(
         model,
-        train["x"],
-        train["y"],
-        method,
+        lesson,
+        r.teaching,
         settings,
-        val=watched,
-        teacher=t_model,
-        raw=raw,
-        loss_options=loss_options,
-        projections=projections,
-        checkpoint=out.with_name(f"{out.stem}.partial.pt"),
-        resume=resume,
-        keep_best=val is not None,
+        checkpoint=partial,
+        resume=r.resume,
+        keep_best=vals is not None,
         on_epoch=on_epoch,
     )
     record = {
         "method": method,
-        "teacher": teacher if method != "ce" else None,
-        "dataset": dataset,
-        "captures": str(captures),
+        "teacher": r.teaching.teacher if method != "ce" else None,
+        "dataset": found.identity.dataset,
+        "captures": str(r.captures),
         "calibration_id": found.identity.calibration_id,
         "train_samples": int(len(train_rows)),
         "held_out_samples": int(len(held_rows)),
-        "curve_watches": watched_name,
+        "curve_watches": watched,
         "kept_epoch": kept,
         "fraction_of_store": used,
         "before": before,
-        "after": scores(),
+        "after": _accuracies(model, scored),
         "history": history,
     }
-    save_student(model, out, {k: v for k, v in record.items() if k != "history"})
-    out.with_name(f"{out.stem}.partial.pt").unlink(missing_ok=True)
+    save_student(model, r.out, {k: v for k, v in record.items() if k != "history"})
+    partial.unlink(missing_ok=True)
     return record

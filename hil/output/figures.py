@@ -12,6 +12,7 @@ from calibration.atomic import atomic_path
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 
 def save_frame_png(image_dn: np.ndarray, bit_depth: int, path: Path | str) -> None:
@@ -101,3 +102,60 @@ def save_figure(fig, path: Path | str) -> Path:
     finally:
         plt.close(fig)
     return Path(path)
+
+
+def save_confusion_png(
+    matrix: np.ndarray, path: Path | str, title: str = "", names: list[str] | None = None
+) -> Path:
+    """The confusion matrix as a picture: counts in each cell, rows true, columns predicted."""
+    matrix = np.asarray(matrix)
+    k = len(matrix)
+    names = names or [str(c) for c in range(k)]
+    fig = Figure(figsize=(1.0 + 0.45 * k, 0.8 + 0.45 * k))
+    ax = fig.add_subplot()
+    ax.imshow(matrix, cmap="Blues", vmin=0, vmax=max(int(matrix.max()), 1))
+    if k <= 30:
+        top = matrix.max()
+        for (i, j), v in np.ndenumerate(matrix):
+            color = "white" if v > 0.6 * top else "black"
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color=color)
+    ax.set_xticks(range(k), names, fontsize=7)
+    ax.set_yticks(range(k), names, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if title:
+        ax.set_title(title, fontsize=9)
+    return save_figure(fig, path)
+
+
+def save_overlay_png(
+    images: np.ndarray,
+    truth: np.ndarray,
+    predicted: np.ndarray,
+    path: Path | str,
+    title: str = "",
+) -> Path:
+    """A row per sample: the shown image, the true mask over it, the predicted mask over it.
+
+    `images` (N, H, W) or (N, H, W, 3) in [0, 1]; masks (N, H, W) on the same grid.
+    """
+    n = len(images)
+    fig = Figure(figsize=(6.0, 2.0 * n + (0.4 if title else 0.0)))
+    axes = fig.subplots(n, 3, squeeze=False)
+    for r in range(n):
+        image = images[r] if images[r].ndim == 3 else np.repeat(images[r][..., None], 3, axis=2)
+        for c, (label, mask) in enumerate(
+            (("shown", None), ("true", truth), ("predicted", predicted))
+        ):
+            ax = axes[r, c]
+            ax.imshow(image, vmin=0, vmax=1, interpolation="nearest")
+            if mask is not None:  # background (0) and IGNORE stay clear
+                shaded = np.ma.masked_less_equal(mask[r], 0)
+                ax.imshow(shaded, cmap="autumn", alpha=0.55, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(label, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return save_figure(fig, path)

@@ -13,9 +13,8 @@ from calibration.atomic import atomic_write_text
 from hil.acquire.store import read
 from hil.data.datasets import Dataset
 from hil.data.placement import to_display
-from hil.jobs.evaluate import save_confusion_png
 from hil.models.onn import ONN
-from hil.output.figures import plt, save_figure, save_map_sheet
+from hil.output.figures import plt, save_confusion_png, save_figure, save_map_sheet
 
 
 def save_confusions(confusions: dict[str, np.ndarray], out_dir: Path) -> dict[str, Path]:

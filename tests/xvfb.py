@@ -9,7 +9,7 @@ resetting, during which it refuses connections (a probe that connects and leaves
 Screenshots are Pillow's `ImageGrab.grab(bbox=..., xdisplay=...)`, an XCB GetImage of the root
 window: on Xvfb's 24-bit TrueColor frame buffer that is the stored pixels byte for byte (no
 compositor, no scaling, no colour management, and GetImage never contains the cursor).
-`tests/test_screen_display.py` proves it pixel for pixel with random images.
+`tests/drivers/test_screen_display.py` proves it pixel for pixel with random images.
 
 Debian packages: xvfb (the server); x11-utils (xwininfo) is optional, for window-state checks.
 """

@@ -96,7 +96,9 @@ def test_sim_render_writes_the_frame_and_a_run_record(tmp_path, monkeypatch, cap
     dn = frame // result["png_scale"]
     assert int(dn.max()) == result["max_dn"]
     assert dn.max() > 10 * dn.min()  # a lit bar on a dark background
-    assert tiles.stat().st_size > 0 and result["simulated"] is True
+    sheet = cv2.imread(str(tiles))  # 2 rows (designed, captured) of the 8 maps, at 110 dpi
+    assert sheet.shape == (round(110 * (1.3 * 2 + 0.6)), round(110 * (1.3 * 8 + 1)), 3)
+    assert result["simulated"] is True
     run_dir = tmp_path / "runs" / result["run_dir"].split("/")[-1]
     recorded = json.loads((run_dir / "result.json").read_text())
     assert recorded["status"] == "ok" and recorded["frame"] == str(out_png)

@@ -245,7 +245,9 @@ def train_cmd(
     projections: Annotated[int, typer.Option(min=1, help="Teacher NTK projections.")] = 64,
     temperature: Annotated[float, typer.Option(min=0.1, help="KD temperature.")] = 4.0,
     seed: int = 0,
-    resume: Annotated[bool, typer.Option(help="Continue from --out's last epoch.")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue an interrupted run from its resume state beside --out.")
+    ] = False,
     augment: Annotated[
         bool,
         typer.Option(
@@ -320,7 +322,7 @@ def train_cmd(
             teacher_cache=cache,
             loss_options=options,
             projections=projections,
-            checkpoint=out,
+            out=out,
             resume=resume,
             on_epoch=epoch_printer(err),
             augment=augmentation,

@@ -19,20 +19,13 @@ from hil.acquire.identity import check_source
 from hil.data.datasets import load_dataset
 from hil.data.sampling import stratified_fraction
 from hil.errors import UserError
-from hil.models.checkpoint import check_maps, load_onn
+from hil.models.checkpoint import check_maps, load_onn, save_model
 from hil.models.onn import ONN
 from hil.ntkd.losses import FINETUNE_METHODS, build_loss, check_method
 from hil.ntkd.teacher_cache import teacher_features
-from hil.training.loop import Settings, accuracy, fit, save_checkpoint
+from hil.training.loop import Settings, accuracy, fit, resume_path
 
 DEFAULT_SPLIT_FRACTION = 0.1
-
-
-def save_student(model: ONN, path: Path | str, record: dict[str, Any]) -> None:
-    save_checkpoint(
-        Path(path),
-        {"model": model.state_dict(), "spec": model.spec.to_dict(), "finetune": record},
-    )
 
 
 def rows_for_training(
@@ -112,7 +105,7 @@ def finetune(
         val,
         settings,
         batch_extras=extras,
-        checkpoint=checkpoint,
+        resume_state=checkpoint,
         resume=resume,
         on_epoch=watch,
     )
@@ -207,7 +200,7 @@ def run_finetune(
         raw=raw,
         loss_options=loss_options,
         projections=projections,
-        checkpoint=out.with_name(f"{out.stem}.partial.pt"),
+        checkpoint=resume_path(out),
         resume=resume,
         keep_best=val is not None,
         on_epoch=on_epoch,
@@ -227,6 +220,6 @@ def run_finetune(
         "after": scores(),
         "history": history,
     }
-    save_student(model, out, {k: v for k, v in record.items() if k != "history"})
-    out.with_name(f"{out.stem}.partial.pt").unlink(missing_ok=True)
+    save_model(out, "student", model, {k: v for k, v in record.items() if k != "history"})
+    resume_path(out).unlink(missing_ok=True)
     return record

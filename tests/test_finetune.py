@@ -14,7 +14,7 @@ from hil.data.datasets import digits
 from hil.data.placement import to_display
 from hil.errors import UserError
 from hil.jobs.finetune import rows_for_training, run_finetune
-from hil.models.checkpoint import load_onn, save_model
+from hil.models.checkpoint import load_model, load_onn, save_model
 from hil.models.onn import ONN, StudentSpec
 from hil.training.loop import Settings, accuracy
 from hil.training.student import train_student
@@ -104,7 +104,7 @@ def test_cli_ntkd_finetune_with_a_teacher_checkpoint(bench, tmp_path, monkeypatc
     n = len(read(root / "train.h5").index)
     assert result["method"] == "ntkd" and abs(result["train_samples"] - 0.1 * n) <= 5
     assert result["train_samples"] + result["held_out_samples"] == n
-    assert torch.load(out, weights_only=True)["finetune"]["method"] == "ntkd"
+    assert load_model(out, "student").record["method"] == "ntkd"
 
 
 def test_a_store_captured_from_other_images_is_refused_naming_store_and_dataset(

@@ -34,7 +34,9 @@ FrontendOpt = Annotated[str, typer.Option(help="psf or 4f.")]
 KernelsOpt = Annotated[int, typer.Option(min=1)]
 BackendOpt = Annotated[str, typer.Option(help="fc2, fc3, conv, or updecoder (segmentation).")]
 VariantOpt = Annotated[str, typer.Option(help="mse or cka.")]
-ResumeOpt = Annotated[bool, typer.Option(help="Continue from --out's last epoch.")]
+ResumeOpt = Annotated[
+    bool, typer.Option(help="Continue an interrupted run from its resume state beside --out.")
+]
 AugmentOpt = Annotated[
     bool,
     typer.Option(

@@ -25,9 +25,9 @@ from hil.data.datasets import Dataset, digits
 from hil.jobs.calibrate import run_calibrate
 from hil.jobs.capture import CaptureRequest, run_capture
 from hil.jobs.evaluate import evaluate_store
-from hil.jobs.finetune import FinetuneRequest, run_finetune, save_student
+from hil.jobs.finetune import FinetuneRequest, run_finetune
 from hil.jobs.train import Teaching
-from hil.models.checkpoint import load_onn
+from hil.models.checkpoint import load_onn, save_model
 from hil.models.onn import StudentSpec
 from hil.training.loop import Settings
 from hil.training.student import train_student
@@ -90,7 +90,7 @@ def train_demo_student(
         teacher_cache=out.with_name(f"{out.stem}.teacher-features.pt"),
         projections=plan.projections,
     )
-    save_student(model, out, {})
+    save_model(out, "student", model, {k: v for k, v in record.items() if k != "history"})
     console.print(f"  NTKD student in simulation: test accuracy {record['test_accuracy']:.4f}")
     return record
 

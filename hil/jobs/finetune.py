@@ -21,21 +21,14 @@ from hil.data.datasets import load_dataset
 from hil.data.sampling import stratified_fraction
 from hil.errors import UserError
 from hil.jobs.train import Teaching
-from hil.models.checkpoint import check_maps, load_onn
+from hil.models.checkpoint import check_maps, load_onn, save_model
 from hil.models.onn import ONN
 from hil.ntkd.losses import FINETUNE_METHODS, build_loss, check_method
 from hil.ntkd.teacher_cache import teacher_features
-from hil.training.loop import Settings, accuracy, fit, save_checkpoint
+from hil.training.loop import Settings, accuracy, fit, resume_path
 from hil.training.teacher import load_teacher
 
 DEFAULT_SPLIT_FRACTION = 0.1
-
-
-def save_student(model: ONN, path: Path | str, record: dict[str, Any]) -> None:
-    save_checkpoint(
-        Path(path),
-        {"model": model.state_dict(), "spec": model.spec.to_dict(), "finetune": record},
-    )
 
 
 def rows_for_training(
@@ -165,7 +158,7 @@ def finetune(
         lesson.watched,
         settings,
         batch_extras=extras,
-        checkpoint=checkpoint,
+        resume_state=checkpoint,
         resume=resume,
         on_epoch=watch,
     )
@@ -239,13 +232,12 @@ def run_finetune(request: FinetuneRequest, settings: Settings, on_epoch=None) ->
         r, found, train_rows, scored, _tensors(vals) if vals is not None else None
     )
     before = _accuracies(model, scored)
-    partial = r.out.with_name(f"{r.out.stem}.partial.pt")
     history, kept = finetune(
         model,
         lesson,
         r.teaching,
         settings,
-        checkpoint=partial,
+        checkpoint=resume_path(r.out),
         resume=r.resume,
         keep_best=vals is not None,
         on_epoch=on_epoch,
@@ -265,6 +257,6 @@ def run_finetune(request: FinetuneRequest, settings: Settings, on_epoch=None) ->
         "after": _accuracies(model, scored),
         "history": history,
     }
-    save_student(model, r.out, {k: v for k, v in record.items() if k != "history"})
-    partial.unlink(missing_ok=True)
+    save_model(r.out, "student", model, {k: v for k, v in record.items() if k != "history"})
+    resume_path(r.out).unlink(missing_ok=True)
     return record

@@ -1,9 +1,11 @@
 """The training loop shared by teachers, simulated NTKD training and post-fabrication fine-tuning.
 
 Seeded batch order per epoch (so a resumed run sees the batches an uninterrupted one would), an
-atomic checkpoint after every epoch, metrics per epoch, and data parallelism when launched by
-`torchrun` (gloo on CPU: each rank takes every size-th sample of a batch, DDP averages grads).
-The validation metric is a hook: accuracy for classification, mIoU for segmentation.
+atomic resume state after every epoch (weights, optimizer, epoch, history: not a model file, which
+`hil.models.checkpoint` writes when a run finishes), metrics per epoch, and data parallelism when
+launched by `torchrun` (gloo on CPU: each rank takes every size-th sample of a batch, DDP
+averages grads). The validation metric is a hook: accuracy for classification, mIoU for
+segmentation.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+from calibration.atomic import atomic_path
+from hil.errors import UserError
 
 Batch = dict[str, torch.Tensor]
 Metric = Callable[[nn.Module, torch.Tensor, torch.Tensor], float]
@@ -47,16 +52,38 @@ def ddp_rank_size() -> tuple[int, int]:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """torch.save through a temp file and a rename: an interrupt never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """torch.save through the project's atomic write: an interrupt never leaves half a file."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+RESUME_FORMAT = "hil-resume"
+
+
+def resume_path(out: Path | str) -> Path:
+    """Where the resume state of a run writing the model file `out` lives: `onn.pt` ->
+    `onn.resume.pt`. It exists only while the run is unfinished (the finished run removes it),
+    so its presence says a run was interrupted; resuming a finished run starts over, and with
+    seeded batches and a constant learning rate that ends where continuing would have."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.resume.pt")
+
+
+def load_resume(path: Path) -> dict[str, Any]:
+    """A resume state written by `fit`, or one UserError line saying what the file is instead."""
+    try:
+        state = load_checkpoint(path)
+    except Exception:  # torch.load fails in many ways (and many lines) on a foreign file
+        raise UserError(
+            f"{path}: not a hil resume state (not readable as a PyTorch file)"
+        ) from None
+    if not (isinstance(state, dict) and state.get("format") == RESUME_FORMAT):
+        raise UserError(f"{path}: not a hil resume state (remove it to start over)")
+    return state
 
 
 @torch.no_grad()
@@ -130,7 +157,7 @@ def fit(  # noqa: PLR0913  the one training loop's hooks, keyword-only and named
     settings: Settings,
     *,
     batch_extras: Callable[[torch.Tensor], Batch] | None = None,
-    checkpoint: Path | None = None,
+    resume_state: Path | None = None,
     resume: bool = False,
     extra_state: dict[str, Any] | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
@@ -140,8 +167,9 @@ def fit(  # noqa: PLR0913  the one training loop's hooks, keyword-only and named
     """Train the parameters of `model` that require grad; returns the metrics of every epoch.
 
     `train` holds tensors indexed by sample ("x", "y", ...); `batch_extras(idx)` adds what the
-    loss needs per batch (teacher logits or cached teacher features, or replaces "x"). With
-    `resume` and an existing checkpoint, training continues after its last finished epoch. After
+    loss needs per batch (teacher logits or cached teacher features, or replaces "x"). The
+    resume state is written to `resume_state` after every epoch; with `resume` and an existing
+    one, training continues after its last finished epoch. After
     every epoch `metric(model, val x, val y)` is recorded as `val_<metric_name>`.
     """
     rank, size = ddp_rank_size()
@@ -149,8 +177,8 @@ def fit(  # noqa: PLR0913  the one training loop's hooks, keyword-only and named
     optimizer = torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
     history: list[dict[str, float]] = []
     start = 0
-    if resume and checkpoint is not None and Path(checkpoint).exists():
-        state = load_checkpoint(checkpoint)
+    if resume and resume_state is not None and Path(resume_state).exists():
+        state = load_resume(resume_state)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         history, start = list(state["history"]), int(state["epoch"]) + 1
@@ -164,10 +192,10 @@ def fit(  # noqa: PLR0913  the one training loop's hooks, keyword-only and named
         metrics[f"val_{metric_name}"] = metric(model, val["x"], val["y"])
         metrics["seconds"] = round(time.perf_counter() - t0, 3)
         history.append(metrics)
-        if checkpoint is not None and rank == 0:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-            state |= {"epoch": epoch, "history": history, **(extra_state or {})}
-            save_checkpoint(checkpoint, state)
+        if resume_state is not None and rank == 0:
+            state = {"format": RESUME_FORMAT, "model": model.state_dict()}
+            state |= {"optimizer": optimizer.state_dict(), "epoch": epoch, "history": history}
+            save_checkpoint(resume_state, state | (extra_state or {}))
         if on_epoch is not None and rank == 0:
             on_epoch(metrics)
     if size > 1:

@@ -25,11 +25,12 @@ import torch
 from hil.data.datasets import Dataset
 from hil.data.placement import FILL, display_region, place_maps, place_masks, to_display
 from hil.errors import UserError
+from hil.models.checkpoint import save_model
 from hil.models.onn import ONN, StudentSpec
 from hil.ntkd.augment import FabricatedStudent, FabricationAugment
 from hil.ntkd.losses import build_loss
 from hil.ntkd.teacher_cache import teacher_features
-from hil.training.loop import Settings, accuracy, fit, task_metric
+from hil.training.loop import Settings, accuracy, ddp_rank_size, fit, resume_path, task_metric
 
 Extras = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 
@@ -59,7 +60,7 @@ def train_student(  # noqa: PLR0913  the `hil train` options, each named at its 
     teacher_cache: Path | None = None,
     loss_options: dict[str, Any] | None = None,
     projections: int = 64,
-    checkpoint: Path | None = None,
+    out: Path | None = None,
     resume: bool = False,
     on_epoch=None,
     augment: FabricationAugment | None = None,
@@ -69,6 +70,9 @@ def train_student(  # noqa: PLR0913  the `hil train` options, each named at its 
     Segmentation datasets need the `updecoder` backend and are judged by mIoU (`test_miou`,
     `val_miou`, history `val_miou`; `test_accuracy` is then the pixel accuracy). `augment` trains
     through random fabrication errors; validation and test see the designed optic.
+
+    With `out`, the resume state goes to `resume_path(out)` after every epoch (`resume` continues
+    from it), and the finished student to the model file `out`, which removes the resume state.
     """
     model, (train, val, test), loss = _setup(spec, data, method, loss_options)
     hw = (spec.image_size, spec.image_size) if data.task == "segmentation" else None
@@ -90,7 +94,7 @@ def train_student(  # noqa: PLR0913  the `hil train` options, each named at its 
         val,
         settings,
         batch_extras=extras,
-        checkpoint=checkpoint,
+        resume_state=resume_path(out) if out is not None else None,
         resume=resume,
         extra_state={"spec": spec.to_dict()},
         on_epoch=on_epoch,
@@ -106,6 +110,9 @@ def train_student(  # noqa: PLR0913  the `hil train` options, each named at its 
         record["test_accuracy"] = accuracy(model, test["x"], test["y"])
     if augment is not None:
         record["augment"] = augment.to_dict()
+    if out is not None and ddp_rank_size()[0] == 0:
+        save_model(out, "student", model, {k: v for k, v in record.items() if k != "history"})
+        resume_path(out).unlink(missing_ok=True)
     return model, record
 
 

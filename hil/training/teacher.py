@@ -15,8 +15,9 @@ from torch import nn
 
 from hil.data.datasets import Dataset
 from hil.errors import UserError
+from hil.models.checkpoint import TEACHER_ARCH, load_model, save_model
 from hil.models.teachers import TEACHERS, build_teacher
-from hil.training.loop import Settings, accuracy, fit, load_checkpoint, save_checkpoint, task_metric
+from hil.training.loop import Settings, accuracy, fit, task_metric
 
 
 def teacher_dir() -> Path:
@@ -94,12 +95,11 @@ def train_teacher(
 
 
 def save_teacher(model: nn.Module, record: dict[str, Any], path: Path) -> None:
-    save_checkpoint(
-        path,
-        {
-            "teacher": {k: v for k, v in record.items() if k != "history"},
-            "state_dict": model.state_dict(),
-        },
+    """The teacher's model file: its architecture and the record of `train_teacher` (no history,
+    which the run's metrics.json holds)."""
+    arch = {k: record[k] for k in TEACHER_ARCH}
+    save_model(
+        path, "teacher", model, {k: v for k, v in record.items() if k != "history"}, arch=arch
     )
 
 
@@ -113,13 +113,7 @@ def load_teacher(spec: str, dataset: str) -> tuple[nn.Module, dict[str, Any], Pa
                 f"`hil teacher train --arch {spec} --dataset {dataset}`"
             )
         raise UserError(f"{path}: teacher checkpoint not found")
-    try:
-        state = load_checkpoint(path)
-        info = state["teacher"]
-        model = build_teacher(info["arch"], info["in_channels"], info["classes"])
-        model.load_state_dict(state["state_dict"])
-    except (KeyError, RuntimeError, OSError, ValueError) as e:
-        raise UserError(f"{path}: not a hil teacher checkpoint ({e})") from None
-    if info["dataset"] != dataset:
-        raise UserError(f"{path}: a teacher for {info['dataset']}, not {dataset}")
-    return model.eval(), info, path
+    model, info = load_model(path, "teacher")
+    if info.get("dataset") != dataset:
+        raise UserError(f"{path}: a teacher for {info.get('dataset')}, not {dataset}")
+    return model, info, path

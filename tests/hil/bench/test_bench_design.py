@@ -17,7 +17,7 @@ from hil.bench.config import BenchConfig, load_bench, parse_bench
 from hil.bench.design import load_design
 from hil.bench.truth import has_truth
 from hil.errors import UserError
-from hil.jobs.finetune import save_student
+from hil.models.checkpoint import save_model
 from hil.models.onn import ONN, StudentSpec
 from sim.clock import VirtualClock
 from sim.world import SimWorld
@@ -64,7 +64,7 @@ def student(tmp_path):
         model.frontend.raw.add_(
             torch.linspace(-1, 1, model.frontend.raw.numel()).view_as(model.frontend.raw)
         )
-    save_student(model, tmp_path / "onn.pt", {})
+    save_model(tmp_path / "onn.pt", "student", model)
     return model.frontend.psfs.detach().double().numpy()
 
 

@@ -14,9 +14,10 @@ from torch import nn
 from hil.acquire.store import Captures, CaptureStore, Row, read
 from hil.errors import UserError
 from hil.jobs.evaluate import evaluate_captures, evaluate_store
+from hil.models.checkpoint import save_model
 from hil.models.onn import ONN, StudentSpec
+from hil.models.teachers import build_teacher
 from hil.output.figures import save_overlay_png
-from hil.training.loop import save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +118,7 @@ def test_evaluate_on_the_simulated_bench_reports_what_the_backend_gives(
 ):
     model = ONN(StudentSpec(seed=5))
     checkpoint = tmp_path / "onn.pt"
-    save_checkpoint(checkpoint, {"model": model.state_dict(), "spec": model.spec.to_dict()})
+    save_model(checkpoint, "student", model)
     common = ("--checkpoint", checkpoint, "--calibration", calibration, "--fraction", "0.05")
     args = (*common, "--runs-dir", tmp_path / "runs", "--json")
     code, out, err = run_hil(monkeypatch, capsys, "evaluate", *args, "--out", tmp_path / "e")
@@ -156,14 +157,15 @@ def test_a_missing_or_foreign_checkpoint_is_one_line(calibration, tmp_path, monk
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint at all")
     teacher = tmp_path / "teacher.pt"
-    save_checkpoint(teacher, {"model": {}, "arch": "resnet18"})
+    arch = {"arch": "lenet", "in_channels": 1, "classes": 10}
+    save_model(teacher, "teacher", build_teacher("lenet", 1, 10), arch=arch)
     small = tmp_path / "small.pt"
     student = ONN(StudentSpec(kernels=4))
-    save_checkpoint(small, {"model": student.state_dict(), "spec": student.spec.to_dict()})
+    save_model(small, "student", student)
     cases = [
         (tmp_path / "none.pt", "not found"),
-        (junk, "not a PyTorch checkpoint"),
-        (teacher, "not a hil student checkpoint"),
+        (junk, "not a hil model file"),
+        (teacher, "a teacher checkpoint, not a student"),
         (small, "but the student takes (4, 32, 32)"),
     ]
     for checkpoint, message in cases:
@@ -185,7 +187,7 @@ def test_evaluate_a_segmentation_student_reports_miou_and_overlays(
 
     model = ONN(StudentSpec(backend="updecoder", classes=2, seed=2))
     checkpoint = tmp_path / "seg.pt"
-    save_checkpoint(checkpoint, {"model": model.state_dict(), "spec": model.spec.to_dict()})
+    save_model(checkpoint, "student", model)
     code, out, err = run_hil(
         monkeypatch,
         capsys,

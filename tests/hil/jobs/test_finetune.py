@@ -13,14 +13,9 @@ from hil.acquire.store import CaptureStore, Row, read
 from hil.data.datasets import digits
 from hil.data.placement import to_display
 from hil.errors import UserError
-from hil.jobs.finetune import (
-    FinetuneRequest,
-    load_onn,
-    rows_for_training,
-    run_finetune,
-    save_student,
-)
+from hil.jobs.finetune import FinetuneRequest, rows_for_training, run_finetune
 from hil.jobs.train import Teaching
+from hil.models.checkpoint import load_model, load_onn, save_model
 from hil.models.onn import ONN, StudentSpec
 from hil.training.loop import Settings, accuracy
 from hil.training.student import train_student
@@ -38,7 +33,7 @@ def bench(tmp_path_factory):
     data = digits()
     spec = StudentSpec(kernels=8, image_size=16, hidden=32)
     model, record = train_student(spec, data, "none", Settings(epochs=15, lr=1e-2))
-    save_student(model, root / "onn.pt", {})
+    save_model(root / "onn.pt", "student", model)
     for split in ("train", "test"):
         idx = data.split(split)
         with torch.no_grad():
@@ -94,7 +89,7 @@ def test_ce_finetune_undoes_a_gain_and_offset_and_leaves_the_frontend_alone(benc
     caps = read(root / "test.h5")
     direct = accuracy(tuned.backend, torch.as_tensor(caps.features), torch.as_tensor(caps.labels))
     assert record["after"]["test_accuracy"] == direct
-    assert not (tmp_path / "ft.partial.pt").exists()
+    assert not (tmp_path / "ft.resume.pt").exists()
 
 
 def test_cli_ntkd_finetune_with_a_teacher_checkpoint(bench, tmp_path, monkeypatch, capsys):
@@ -109,7 +104,7 @@ def test_cli_ntkd_finetune_with_a_teacher_checkpoint(bench, tmp_path, monkeypatc
     n = len(read(root / "train.h5").index)
     assert result["method"] == "ntkd" and abs(result["train_samples"] - 0.1 * n) <= 5
     assert result["train_samples"] + result["held_out_samples"] == n
-    assert torch.load(out, weights_only=True)["finetune"]["method"] == "ntkd"
+    assert load_model(out, "student").record["method"] == "ntkd"
 
 
 def test_a_store_captured_from_other_images_is_refused_naming_store_and_dataset(
@@ -141,7 +136,7 @@ def test_a_store_captured_from_other_images_is_refused_naming_store_and_dataset(
 def test_user_errors_are_one_line(bench, tmp_path, monkeypatch, capsys):
     root, _ = bench
     other = tmp_path / "other.pt"
-    save_student(ONN(StudentSpec(kernels=4, image_size=16)), other, {})
+    save_model(other, "student", ONN(StudentSpec(kernels=4, image_size=16)))
     cases = [
         (["--checkpoint", str(tmp_path / "missing.pt")], "student checkpoint not found"),
         (["--checkpoint", str(other)], "feature maps of shape (8, 16, 16)"),

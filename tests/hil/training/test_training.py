@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from hil.data.datasets import digits
+from hil.models.checkpoint import load_model
 from hil.models.onn import StudentSpec
-from hil.training.loop import Settings, load_checkpoint
+from hil.training.loop import Settings, load_checkpoint, resume_path
 from hil.training.student import student_inputs, train_student
 
 SMALL = StudentSpec(kernels=2, kernel_size=3, image_size=16, hidden=16)
@@ -24,14 +25,43 @@ SMALL_ARGS = ["--kernels", "2", "--kernel-size", "3", "--method", "none", "--bat
 
 def test_resuming_reproduces_an_uninterrupted_run(tmp_path):
     data = digits()
-    full, _ = train_student(SMALL, data, "ce", Settings(epochs=3), checkpoint=tmp_path / "a.pt")
-    train_student(SMALL, data, "ce", Settings(epochs=2), checkpoint=tmp_path / "b.pt")
-    resumed, record = train_student(
-        SMALL, data, "ce", Settings(epochs=3), checkpoint=tmp_path / "b.pt", resume=True
+    full, _ = train_student(SMALL, data, "ce", Settings(epochs=3), out=tmp_path / "a.pt")
+    assert not resume_path(tmp_path / "a.pt").exists()  # a finished run leaves its model file only
+
+    def stop_after_epoch_1(metrics):
+        if metrics["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_student(
+            SMALL,
+            data,
+            "ce",
+            Settings(epochs=3),
+            out=tmp_path / "b.pt",
+            on_epoch=stop_after_epoch_1,
+        )
+    assert (
+        not (tmp_path / "b.pt").exists() and load_checkpoint(tmp_path / "b.resume.pt")["epoch"] == 1
     )
-    assert [h["epoch"] for h in record["history"]] == [0, 1, 2]
+    seen = []
+    resumed, record = train_student(
+        SMALL,
+        data,
+        "ce",
+        Settings(epochs=3),
+        out=tmp_path / "b.pt",
+        resume=True,
+        on_epoch=lambda m: seen.append(m["epoch"]),
+    )
+    assert seen == [2] and [h["epoch"] for h in record["history"]] == [0, 1, 2]
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+    stored, kept = load_model(tmp_path / "b.pt", "student")
+    for (name, a), b in zip(full.state_dict().items(), stored.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert kept["test_accuracy"] == record["test_accuracy"] and "history" not in kept
+    assert not resume_path(tmp_path / "b.pt").exists()
 
 
 def env(tmp_path) -> dict:
@@ -50,14 +80,15 @@ def test_an_interrupted_train_continues_from_its_last_epoch(tmp_path):
         # a shell's background job (CI's, perhaps) ignores SIGINT, and children inherit that
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
+    resume = tmp_path / "onn.resume.pt"
     deadline = time.monotonic() + 120
-    while not out.exists() and time.monotonic() < deadline:
+    while not resume.exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode != 0 and out.exists(), err.decode()[-2000:]
-    done = load_checkpoint(out)["epoch"]
+    assert proc.returncode != 0 and resume.exists() and not out.exists(), err.decode()[-2000:]
+    done = load_checkpoint(resume)["epoch"]
     assert done < 199
     result = subprocess.run(
         [*args, "--epochs", str(done + 3), "--resume", "--json"],
@@ -70,6 +101,11 @@ def test_an_interrupted_train_continues_from_its_last_epoch(tmp_path):
     run_dir = Path(json.loads(result.stdout)["run_dir"])
     epochs = [m["epoch"] for m in json.loads((tmp_path / run_dir / "metrics.json").read_text())]
     assert epochs == list(range(done + 3))
+    # the finished run wrote the model file, with no optimizer state, and removed its resume state
+    stored = load_checkpoint(out)
+    assert stored["format"] == "hil-model" and stored["kind"] == "student"
+    assert "optimizer" not in stored and "epoch" not in stored and not resume.exists()
+    assert stored["record"]["test_accuracy"] == json.loads(result.stdout)["test_accuracy"]
     interrupted = [
         json.loads((d / "result.json").read_text())["status"] for d in (tmp_path / "runs").iterdir()
     ]
@@ -103,8 +139,12 @@ def test_torchrun_trains_data_parallel_and_writes_one_checkpoint(tmp_path):
     )
     assert result.returncode == 0, result.stderr.decode()[-3000:]
     assert [p.name for p in tmp_path.glob("*.pt")] == ["onn.pt"]
-    state = load_checkpoint(out)
-    assert state["epoch"] == 1 and state["spec"]["kernels"] == 2
+    assert json.loads(result.stdout)["epochs_run"] == 2
+    model, record = load_model(out, "student")
+    assert (
+        model.spec.kernels == 2
+        and record["test_accuracy"] == json.loads(result.stdout)["test_accuracy"]
+    )
 
 
 def test_a_missing_teacher_says_how_to_train_one(tmp_path):

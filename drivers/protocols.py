@@ -213,6 +213,10 @@ class Camera(Device, ABC):
         self._require_open()
         self._set_exposure_hw(value)
 
+    def seed_noise(self, key: int) -> None:
+        """Draw the next frames' noise from `key`: a simulated camera then gives a sample the same
+        noise on a rerun as in an unbroken run. A real sensor's noise is its own: nothing to do."""
+
     def snap(self, timeout_s: float = 2.0) -> Frame:
         """Acquire one frame; raises DeviceTimeout if none arrives within timeout_s."""
         timeout_s = check_timeout(timeout_s)

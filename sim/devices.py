@@ -59,6 +59,9 @@ class SimCamera(Camera):
     def from_options(cls, name: str, options: BackendOptions, context: Any) -> SimCamera:
         return cls(context.sim_world(), name)
 
+    def seed_noise(self, key: int) -> None:
+        self.world.noise.manual_seed(key)
+
     def inject(
         self, stall: bool = False, timeouts: int = 0, disconnect: bool = False, corrupt: int = 0
     ) -> None:

@@ -181,7 +181,6 @@ def _show_and_snap(
 ) -> int:
     """Hand (plan position, frame) pairs to the writer; returns how many frames were taken."""
     cam, display = job.bench.camera, job.bench.display
-    world = getattr(cam, "world", None)  # a simulated camera: reproducible noise per sample
     t0, taken = time.perf_counter(), 0
     columns = (
         TextColumn("capturing"),
@@ -196,8 +195,7 @@ def _show_and_snap(
             if failure:
                 break
             display.show(pre_compensate(job.shown[i], job.cal))
-            if world is not None:
-                world.noise.manual_seed(job.seed * 1_000_003 + int(job.plan[i]))
+            cam.seed_noise(job.seed * 1_000_003 + int(job.plan[i]))  # same noise on a rerun
             frame = cam.snap(SNAP_TIMEOUT_S)
             while not failure:  # a writer that died takes nothing more
                 try:

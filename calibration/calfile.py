@@ -19,13 +19,11 @@ On-disk layout, flat, every entry named exactly as the `Calibration` field it ho
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import numbers
 import operator
 import os
-import tempfile
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -36,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 
+from calibration.atomic import atomic_path
 from calibration.errors import CalibrationError
 
 if TYPE_CHECKING:
@@ -483,25 +482,6 @@ def _contents(cal: Calibration) -> tuple[dict[str, Any], dict[str, np.ndarray], 
 # -- save ---------------------------------------------------------------------------------------
 
 
-def _file_mode(path: Path) -> int:
-    """Keep the mode of the file being replaced, else what the umask allows (mkstemp's 0600
-    would make a shared bench calibration unreadable to other users)."""
-    try:
-        return path.stat().st_mode & 0o777
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
-def _fsync(path: str | Path, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY if directory else os.O_RDWR)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write(f: h5py.File, scalars: dict, arrays: dict, texts: dict, checksum: str) -> None:
     f.attrs["format"] = FORMAT
     for name, value in scalars.items():
@@ -523,41 +503,23 @@ def _write(f: h5py.File, scalars: dict, arrays: dict, texts: dict, checksum: str
 
 
 def save(cal: Calibration, path: str | os.PathLike[str]) -> Path:
-    """Validate `cal` and write it to `path` atomically: a hidden temporary file in the same folder
-    (".<name>.XXXX.tmp") is written, flushed, fsynced and closed, then renamed over `path`, so a
-    crash or Ctrl-C leaves the previous file (or none) and no temporary file. OSErrors become a
-    one-line CalibrationError naming the path; anything else is re-raised after the clean-up."""
+    """Validate `cal` and write it to `path` atomically (`calibration.atomic`): a crash or Ctrl-C
+    leaves the previous file (or none) and no temporary file. OSErrors become a one-line
+    CalibrationError naming the path; anything else is re-raised after the clean-up."""
     path = Path(path)
     cal.validate()
     scalars, arrays, texts = _contents(cal)
     checksum = _checksum(scalars, arrays, texts)
-    folder = path.parent
+    if not path.parent.is_dir():
+        raise _err(f"{path}: cannot write the calibration; {path.parent} is not a folder")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+            _write(f, scalars, arrays, texts, checksum)
     except OSError as e:
         raise _err(
-            f"{path}: cannot write the calibration ({e}); check that {folder} exists and is "
-            "writable"
+            f"{path}: cannot write the calibration ({e}); check the disk space and "
+            "permissions of the folder"
         ) from e
-    os.close(fd)
-    try:
-        os.chmod(tmp, _file_mode(path))
-        with h5py.File(tmp, "w") as f:
-            _write(f, scalars, arrays, texts, checksum)
-            f.flush()
-        _fsync(tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise _err(
-                f"{path}: cannot write the calibration ({e}); check the disk space and "
-                "permissions of the folder"
-            ) from e
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable; not possible everywhere
-        _fsync(folder, directory=True)
     return path
 
 

@@ -10,8 +10,6 @@ import numpy as np
 
 from calibration.errors import CalibrationError
 
-SNAP_TIMEOUT_S = 5.0
-
 
 def set_lights(bench, on: bool) -> None:
     for source in bench.light_sources:
@@ -24,8 +22,7 @@ def uniform(bench, level: float) -> np.ndarray:
 
 def snap(camera) -> np.ndarray:
     """One frame as float64, with a timeout that leaves room for a long exposure."""
-    timeout = max(SNAP_TIMEOUT_S, 2 * camera.exposure_s + 1)
-    return camera.snap(timeout).image.astype(np.float64)
+    return camera.snap(camera.frame_timeout_s()).image.astype(np.float64)
 
 
 def mean_frame(camera, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -20,6 +20,8 @@ from drivers.errors import DeviceDisconnected, DeviceError
 
 log = logging.getLogger("hil.drivers")
 
+SNAP_TIMEOUT_S = 5.0  # a frame that takes longer than this past its exposure is lost
+
 
 class BackendOptions(BaseModel):
     """A backend's keys in its bench-file section; unknown keys are errors."""
@@ -212,6 +214,11 @@ class Camera(Device, ABC):
             raise ValueError(f"{self.name}: exposure {value} s outside [{lo}, {hi}] s")
         self._require_open()
         self._set_exposure_hw(value)
+
+    def frame_timeout_s(self) -> float:
+        """How long to wait for a frame at the current exposure: at least SNAP_TIMEOUT_S, and room
+        for a long exposure. The one timeout every caller that waits for frames uses."""
+        return max(SNAP_TIMEOUT_S, 2 * self.exposure_s + 1)
 
     def seed_noise(self, key: int) -> None:
         """Draw the next frames' noise from `key`: a simulated camera then gives a sample the same

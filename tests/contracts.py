@@ -14,9 +14,7 @@ import numpy as np
 import pytest
 
 from drivers.errors import DeviceDisconnected, DeviceError, DeviceTimeout
-from drivers.protocols import Camera, Display, LightSource, PowerMeter
-
-SNAP_TIMEOUT_S = 5.0
+from drivers.protocols import SNAP_TIMEOUT_S, Camera, Display, LightSource, PowerMeter
 
 
 class DeviceContract:

@@ -31,7 +31,6 @@ from hil.bench.config import BenchConfig
 from hil.data.datasets import Dataset, load_dataset
 from hil.data.sampling import stratified_fraction
 
-SNAP_TIMEOUT_S = 5.0
 COMMIT_EVERY_S = 0.2  # a crash loses at most this much capture time (retaken on the rerun)
 
 
@@ -181,6 +180,7 @@ def _show_and_snap(
 ) -> int:
     """Hand (plan position, frame) pairs to the writer; returns how many frames were taken."""
     cam, display = job.bench.camera, job.bench.display
+    timeout_s = cam.frame_timeout_s()  # the exposure is fixed for the whole capture
     t0, taken = time.perf_counter(), 0
     columns = (
         TextColumn("capturing"),
@@ -196,7 +196,7 @@ def _show_and_snap(
                 break
             display.show(pre_compensate(job.shown[i], job.cal))
             cam.seed_noise(job.seed * 1_000_003 + int(job.plan[i]))  # same noise on a rerun
-            frame = cam.snap(SNAP_TIMEOUT_S)
+            frame = cam.snap(timeout_s)
             while not failure:  # a writer that died takes nothing more
                 try:
                     todo.put((i, frame), timeout=0.1)

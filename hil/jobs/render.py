@@ -17,13 +17,13 @@ from hil.output.figures import save_frame_png, save_map_sheet
 from sim.psf_frontend import PSFFrontend, signed_combine
 from sim.sensor import Sensor
 
-SNAP_TIMEOUT_S = 5.0
-
 
 def snap_dark(bench: Bench, frames: int = 8) -> np.ndarray:
     """Mean of `frames` frames with the light off: the dark level to subtract."""
     bench.light.off()
-    return np.mean([bench.camera.snap(SNAP_TIMEOUT_S).image for _ in range(frames)], axis=0)
+    return np.mean(
+        [bench.camera.snap(bench.camera.frame_timeout_s()).image for _ in range(frames)], axis=0
+    )
 
 
 def snap_levels(bench: Bench, levels: list[np.ndarray]) -> list[Frame]:
@@ -32,7 +32,7 @@ def snap_levels(bench: Bench, levels: list[np.ndarray]) -> list[Frame]:
     frames = []
     for lv in levels:
         bench.display.show(lv)
-        frames.append(bench.camera.snap(SNAP_TIMEOUT_S))
+        frames.append(bench.camera.snap(bench.camera.frame_timeout_s()))
     bench.light.off()
     return frames
 

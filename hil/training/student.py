@@ -105,12 +105,10 @@ def train_student(  # noqa: PLR0913  the `hil train` options, each named at its 
         f"{s}_{name}": metric(model, d["x"], d["y"]) for s, d in (("test", test), ("val", val))
     }
     record = {"method": method, "dataset": data.name, "spec": spec.to_dict(), **scores}
-    record["history"] = history
+    record |= {"history": history} | ({"augment": augment.to_dict()} if augment else {})
     if name != "accuracy":
         record["test_accuracy"] = accuracy(model, test["x"], test["y"])
-    if augment is not None:
-        record["augment"] = augment.to_dict()
-    if out is not None and ddp_rank_size()[0] == 0:
+    if out is not None and ddp_rank_size()[0] == 0:  # rank 0 writes the one model file
         save_model(out, "student", model, {k: v for k, v in record.items() if k != "history"})
         resume_path(out).unlink(missing_ok=True)
     return model, record

@@ -3,7 +3,7 @@
 The store's rows are feature maps of images shown on the bench; the teacher that fine-tuning
 distils from sees the raw images of the same dataset indices. `StoreIdentity` records which
 dataset, split, subset, calibration and bench made the rows, and each row carries the hash of the
-pattern that was displayed, so `verify_patterns` can prove that the images the teacher will get are
+pattern that was displayed, so `check_source` can prove that the images the teacher will get are
 the ones the optics saw.
 """
 
@@ -89,20 +89,13 @@ def check_source(
             f"({len(data.images)} images): the store and the dataset disagree"
         )
     shown = as_shown(data.images[index], tuple(identity.display_shape[:2]))
-    verify_patterns(store, hashes, shown, data.name)
-
-
-def verify_patterns(store: Path | str, recorded, shown: np.ndarray, dataset: str) -> None:
-    wrong = [
-        i
-        for i, (h, s) in enumerate(zip(recorded, shown, strict=True))
-        if _text(h) != pattern_hash(s)
-    ]
+    pairs = enumerate(zip(hashes, shown, strict=True))
+    wrong = [i for i, (h, s) in pairs if _text(h) != pattern_hash(s)]
     if wrong:
         raise UserError(
-            f"{store}: {len(wrong)} of {len(recorded)} rows were captured from other images than "
-            f"dataset {dataset!r} gives for their indices (first: row {wrong[0]}); the store and "
-            "the dataset disagree: give the --data-root it was captured from, or capture again"
+            f"{store}: {len(wrong)} of {len(hashes)} rows were captured from other images than "
+            f"dataset {data.name!r} gives for their indices (first: row {wrong[0]}); the store "
+            "and the dataset disagree: give the --data-root it was captured from, or capture again"
         )
 
 

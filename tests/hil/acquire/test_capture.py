@@ -6,39 +6,16 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 from identities import identity
 
-from calibration import calfile
-from calibration.pipeline import Plan, calibrate
 from hil.acquire.store import CaptureStore, Row, committed, read
-from hil.bench.assembly import Bench
-from hil.bench.config import BenchConfig
 from hil.data.datasets import load_dataset
 from hil.data.sampling import stratified_fraction
 from hil.errors import UserError
-from sim.clock import VirtualClock
-
-
-def shared_calibration(tmp_path_factory) -> Path:
-    """One calibration of the default simulated bench per test session, whichever module asks."""
-    path = tmp_path_factory.getbasetemp() / "capture-calibration.h5"
-    if not path.exists():
-        bench = Bench(BenchConfig(), clock=VirtualClock())
-        with bench:
-            cal = calibrate(bench, bench.design, Plan(patterns=16))
-        calfile.save(cal, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def calibration(tmp_path_factory):
-    return shared_calibration(tmp_path_factory)
-
 
 FPS = 10  # a paced camera: the 40 samples take 4 s, so a capture is cut midway whatever the load
 ENV = os.environ | {"OMP_NUM_THREADS": "1"}

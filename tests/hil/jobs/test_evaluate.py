@@ -8,7 +8,6 @@ import pytest
 import torch
 from cli_run import run_hil
 from identities import identity
-from test_capture import shared_calibration
 from torch import nn
 
 from hil.acquire.store import Captures, CaptureStore, Row, read
@@ -18,11 +17,6 @@ from hil.models.checkpoint import save_model
 from hil.models.onn import ONN, StudentSpec
 from hil.models.teachers import build_teacher
 from hil.output.figures import save_overlay_png
-
-
-@pytest.fixture(scope="module")
-def calibration(tmp_path_factory):
-    return shared_calibration(tmp_path_factory)
 
 
 class Encoded(nn.Module):

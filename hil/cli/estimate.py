@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from hil.cli.common import JsonOpt, RunsOpt, emit, err, out, recorded
-from hil.design.estimate import DEFAULT_SEEDS, DEFAULT_TRAIN_SIZE
+from hil.design.defaults import DEFAULT_SEEDS, DEFAULT_TRAIN_SIZE
 from hil.errors import UserError
 
 DatasetOpt = Annotated[str, typer.Option(help="Dataset to estimate on.")]

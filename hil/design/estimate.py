@@ -66,6 +66,7 @@ from torch import Tensor
 from hil.data.datasets import Dataset, load_dataset
 from hil.data.placement import to_display
 from hil.data.sampling import balanced_subset
+from hil.design.defaults import DEFAULT_SEEDS, DEFAULT_TRAIN_SIZE
 from hil.design.regression import (
     DEFAULT_NOISE,
     MEMORY_BYTES,
@@ -96,8 +97,6 @@ __all__ = [
     "save_curve_png",
 ]
 
-DEFAULT_TRAIN_SIZE = 1200  # all of digits' 1078; a class-balanced subset of larger sets
-DEFAULT_SEEDS = 3
 DEFAULT_HIDDEN = 1024
 DEFAULT_EVAL_SIZE = 2000  # per split; bounds Θ(X_ev, X_tr) on MNIST/CIFAR-sized test sets
 LAMBDA_GRID = tuple(float(v) for v in np.logspace(-6, 1, 15))  # × mean diag Θ(X_tr, X_tr)

@@ -7,6 +7,8 @@ pair at any width finds a hard break in a help text.
 """
 
 import re
+import subprocess
+import sys
 
 import pytest
 import typer
@@ -138,3 +140,13 @@ def test_help_lists_the_commands_in_the_order_a_lab_uses_them(monkeypatch, capsy
     panel = out[out.index("─ Commands ") :].splitlines()[1:]
     names = [m.group(1) for line in panel if (m := re.match(r"│ (\S+) ", line))]
     assert names == LAB_ORDER
+
+
+def test_the_command_line_starts_without_loading_torch():
+    """Every command imports its heavy modules when it runs, so `hil --help` answers at once."""
+    heavy = "('torch', 'cv2', 'h5py')"
+    probe = f"import sys, hil.cli; print(sorted(m for m in {heavy} if m in sys.modules))"
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    assert loaded.stdout.strip() == "[]"

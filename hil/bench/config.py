@@ -11,7 +11,7 @@ import json
 import logging
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -22,16 +22,29 @@ from sim.params import SimParams
 log = logging.getLogger("hil")
 
 
+_Side = Annotated[int, Field(ge=1, le=4096)]
+_Offset = Annotated[int, Field(ge=0, le=65535)]
+
+
 class FrontendConfig(BaseModel):
     """The optic as designed and fabricated: which kernels sit on the sensor, and how."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kernels: int = Field(8, ge=1, le=1024, description="number of kernels (feature maps)")
-    kernel_size: int = Field(7, ge=1, le=256, description="kernel (PSF) side in sensor pixels")
+    kernel_size: int = Field(7, ge=1, le=256, description="kernel (PSF) side in input-grid pixels")
     signed: bool = Field(True, description="signed kernels as a positive/negative PSF pair")
     channels: Literal[1, 3] = Field(1, description="input colour channels (1 or 3)")
     tile_gap_px: int = Field(4, ge=0, le=1024, description="dark gap between tiles on the sensor")
+    input_px: tuple[_Side, _Side] = Field(
+        (32, 32), description="[h, w] of the input grid the student was trained on"
+    )
+    display_scale: int = Field(
+        1, ge=1, le=64, description="physical display pixels per input pixel (whole pixels)"
+    )
+    display_origin_px: tuple[_Offset, _Offset] | None = Field(
+        None, description="[x, y] display pixel of the input grid's top-left; default: centred"
+    )
     design_seed: int = Field(0, description="seed of the random design used without `design`")
     design: str | None = Field(
         None,

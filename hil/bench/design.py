@@ -20,9 +20,9 @@ from sim.psf_frontend import PSFFrontend
 
 
 def input_hw(config: BenchConfig) -> tuple[int, int]:
-    """The input grid the design images onto each tile: the display's pixel grid, one display
-    pixel per sensor pixel, whose size the bench file gives as `[sim.display]` height, width."""
-    return config.sim.display.height, config.sim.display.width
+    """The input grid the design images onto each tile: `[frontend] input_px`."""
+    h, w = config.frontend.input_px
+    return int(h), int(w)
 
 
 def tile_layout(frontend: FrontendConfig, hw: tuple[int, int]) -> TileLayout:
@@ -65,6 +65,8 @@ def design_with(config: BenchConfig, psfs: torch.Tensor | np.ndarray) -> Design:
         tile_boxes=tuple(tile_layout(f, hw).boxes),
         psfs=torch.as_tensor(psfs).detach().cpu().numpy().astype(np.float64),
         hw=hw,
+        display_scale=f.display_scale,
+        display_origin=f.display_origin_px,
     )
 
 

@@ -40,13 +40,16 @@ from calibration.errors import CalibrationError
 if TYPE_CHECKING:
     from calibration.design import Design
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: input grid on a physical display, tile maps with distortion, vignetting
 FORMAT = "hil-calibration"
 
 # What must match between a calibration and the bench that uses it, in the order errors name it.
 FINGERPRINT_FIELDS = (
     "frame_shape",
     "display_shape",
+    "input_shape",
+    "display_scale",
+    "display_origin",
     "kernels",
     "kernel_size",
     "signed",
@@ -64,6 +67,9 @@ _SCALARS: dict[str, str] = {
     "simulated": "bool",
     "frame_shape": "shape",
     "display_shape": "shape",
+    "input_shape": "shape",
+    "display_scale": "int",
+    "display_origin": "point",
     "kernels": "int",
     "kernel_size": "int",
     "signed": "bool",
@@ -84,6 +90,10 @@ _ARRAYS: dict[str, np.dtype] = {
     "display_response": np.dtype(np.float32),
     "illumination": np.dtype(np.float32),
     "affines": np.dtype(np.float64),
+    "distortion_k1": np.dtype(np.float64),
+    "distortion_centre_px": np.dtype(np.float64),
+    "distortion_radius_px": np.dtype(np.float64),
+    "vignetting": np.dtype(np.float32),
     "registration_rms_px": np.dtype(np.float32),
     "tile_boxes": np.dtype(np.int32),
     "psfs": np.dtype(np.float32),
@@ -165,7 +175,18 @@ def _as_shape(name: str, value: Any) -> tuple[int, ...]:
     return out
 
 
+def _as_point(name: str, value: Any) -> tuple[int, int]:
+    dims = value.tolist() if isinstance(value, np.ndarray) else value
+    if not isinstance(dims, tuple | list) or len(dims) != 2:
+        raise _bad(name, f"expected (x, y), got {value!r}")
+    out = tuple(_as_int(name, d) for d in dims)
+    if min(out) < 0:
+        raise _bad(name, f"expected non-negative pixels, got {out}")
+    return out
+
+
 _CONVERT = {
+    "point": _as_point,
     "int": _as_int,
     "float": _as_float,
     "bool": _as_bool,
@@ -224,6 +245,9 @@ def fingerprint_inputs(
         {
             "frame_shape": frame_shape,
             "display_shape": display_shape,
+            "input_shape": design.hw,
+            "display_scale": design.display_scale,
+            "display_origin": design.origin_on(tuple(display_shape)[:2]),
             "kernels": design.kernels,
             "kernel_size": design.kernel_size,
             "signed": design.signed,
@@ -246,6 +270,9 @@ def _canonical_inputs(fields: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "frame_shape": list(_as_shape("frame_shape", fields["frame_shape"])),
         "display_shape": list(_as_shape("display_shape", fields["display_shape"])),
+        "input_shape": list(_as_shape("input_shape", fields["input_shape"])),
+        "display_scale": _as_int("display_scale", fields["display_scale"]),
+        "display_origin": list(_as_point("display_origin", fields["display_origin"])),
         "kernels": _as_int("kernels", fields["kernels"]),
         "kernel_size": _as_int("kernel_size", fields["kernel_size"]),
         "signed": _as_bool("signed", fields["signed"]),
@@ -278,7 +305,10 @@ class Calibration:
     schema_version: int = SCHEMA_VERSION
     # geometry of the bench
     frame_shape: tuple[int, int]
-    display_shape: tuple[int, ...]
+    display_shape: tuple[int, ...]  # the physical display: (H, W) or (H, W, 3)
+    input_shape: tuple[int, int]  # the design's input grid (h, w) on it
+    display_scale: int  # display pixels per input pixel
+    display_origin: tuple[int, int]  # (x, y) display pixel of the grid's top-left
     kernels: int
     kernel_size: int
     signed: bool
@@ -296,10 +326,14 @@ class Calibration:
     display_response: np.ndarray  # (L,) float32, 1 at level 1
     display_gamma: float
     # illumination
-    illumination: np.ndarray  # (H_d, W_d) float32, 1 at the centre
-    # registration
-    affines: np.ndarray  # (P, 2, 3) float64, display (x, y) -> frame (x, y)
-    registration_rms_px: np.ndarray  # (P,) float32
+    illumination: np.ndarray  # (h, w) float32 on the input grid, 1 at the centre
+    vignetting: np.ndarray  # (P,) float32, relative fall-off at each sub-image's corner
+    # registration: input grid (x, y) -> affine -> radial distortion -> sensor (x, y)
+    affines: np.ndarray  # (P, 2, 3) float64
+    distortion_k1: np.ndarray  # (P,) float64, relative displacement at the radius
+    distortion_centre_px: np.ndarray  # (P, 2) float64, sensor (x, y)
+    distortion_radius_px: np.ndarray  # (P,) float64
+    registration_rms_px: np.ndarray  # (P,) float32, sensor px
     tile_boxes: np.ndarray  # (P, 4) int32, (y0, x0, h, w)
     # kernels
     psfs: np.ndarray  # (P, C, k, k) float32, DN/s per unit display intensity
@@ -354,6 +388,15 @@ class Calibration:
         ds = self.display_shape
         if not (len(ds) == 2 or (len(ds) == 3 and ds[2] == 3)):
             raise _bad("display_shape", f"expected (H, W) or (H, W, 3), got {ds}")
+        if len(self.input_shape) != 2 or min(self.input_shape) < 1:
+            raise _bad("input_shape", f"expected (h, w) ≥ 1, got {self.input_shape}")
+        (ih, iw), sc, (ox, oy) = self.input_shape, self.display_scale, self.display_origin
+        if sc < 1 or ox + sc * iw > ds[1] or oy + sc * ih > ds[0]:
+            raise _bad(
+                "display_scale",
+                f"the {ih}x{iw} input grid at scale {sc} and origin ({ox}, {oy}) leaves the "
+                f"{ds[0]}x{ds[1]} display",
+            )
         for name in ("kernels", "kernel_size", "channels"):
             if getattr(self, name) < 1:
                 raise _bad(name, f"must be at least 1, got {getattr(self, name)}")
@@ -382,8 +425,12 @@ class Calibration:
             "background_dn_per_s": ((h, w), "frame_shape"),
             "display_levels": ((n_levels,), "1-D"),
             "display_response": ((n_levels,), "display_levels"),
-            "illumination": (tuple(self.display_shape[:2]), "display_shape"),
+            "illumination": (tuple(self.input_shape), "input_shape"),
+            "vignetting": ((p,), "P tiles"),
             "affines": ((p, 2, 3), "P tiles"),
+            "distortion_k1": ((p,), "P tiles"),
+            "distortion_centre_px": ((p, 2), "P tiles"),
+            "distortion_radius_px": ((p,), "P tiles"),
             "registration_rms_px": ((p,), "P tiles"),
             "tile_boxes": ((p, 4), "P tiles"),
             "psfs": ((p, c, k, k), "P tiles, channels, kernel_size"),
@@ -486,7 +533,7 @@ def _write(f: h5py.File, scalars: dict, arrays: dict, texts: dict, checksum: str
     f.attrs["format"] = FORMAT
     for name, value in scalars.items():
         kind = _SCALARS[name]
-        if kind == "shape":
+        if kind in ("shape", "point"):
             f.attrs[name] = np.asarray(value, dtype=np.int64)
         elif kind == "bool":
             f.attrs[name] = np.bool_(value)
@@ -540,7 +587,7 @@ def _read_attr(path: Path, f: h5py.File, name: str, kind: str) -> Any:
         raise _missing(path, name, "root attribute")
     value = f.attrs[name]
     if isinstance(value, np.ndarray):
-        return tuple(value.ravel().tolist()) if kind == "shape" else value.tolist()
+        return tuple(value.ravel().tolist()) if kind in ("shape", "point") else value.tolist()
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, bytes):
@@ -565,8 +612,11 @@ def _read(path: Path, f: h5py.File) -> tuple[dict, dict, dict, str]:
             f"{path}: written by a newer hil (schema {version}, this hil reads up to "
             f"{SCHEMA_VERSION}); upgrade hil"
         )
-    if version < 1:
-        raise _err(f"{path}: unknown schema {version}; run `hil calibrate` again")
+    if version < SCHEMA_VERSION:
+        raise _err(
+            f"{path}: written by an older hil (schema {version}, without the physical display "
+            f"and tile geometry of schema {SCHEMA_VERSION}); run `hil calibrate` again"
+        )
     scalars = {name: _read_attr(path, f, name, kind) for name, kind in _SCALARS.items()}
     arrays = {}
     for name in _ARRAYS:

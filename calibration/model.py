@@ -1,7 +1,7 @@
 """The calibrated forward model: what the bench records for any image, from a calibration alone.
 
 It is the model every fitted quantity was fitted to, so it predicts frames for new images (the
-check that a calibration is good) and drives the replay bench.
+check that a calibration is good), drives the replay bench and is what capture inverts.
 """
 
 from __future__ import annotations
@@ -10,38 +10,64 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from calibration.psf import render_tiles
+from calibration.forward import TileModel, margin_for, render_all
+from calibration.tilemap import PaddedGrid, TileMap
 
 if TYPE_CHECKING:
     from calibration.calfile import Calibration
 
 
+def padded_grid(cal: Calibration) -> PaddedGrid:
+    return PaddedGrid(*cal.input_shape, margin_for(cal.kernel_size))
+
+
+def tile_maps(cal: Calibration) -> list[TileMap]:
+    """Each tile's input-grid → sensor map, as registered."""
+    return [
+        TileMap(a, float(k1), c, float(r))
+        for a, k1, c, r in zip(
+            cal.affines,
+            cal.distortion_k1,
+            cal.distortion_centre_px,
+            cal.distortion_radius_px,
+            strict=True,
+        )
+    ]
+
+
+def tile_models(cal: Calibration) -> list[TileModel]:
+    grid = padded_grid(cal)
+    return [TileModel.build(m, grid, tuple(cal.frame_shape)) for m in tile_maps(cal)]
+
+
 def as_channels(levels: np.ndarray) -> np.ndarray:
-    """Display drive levels (N, H, W) or (N, H, W, 3) → (N, C, H, W)."""
+    """Input-grid drive levels (N, h, w) or (N, h, w, 3) → (N, C, h, w)."""
     levels = np.asarray(levels, np.float64)
     return levels[:, None] if levels.ndim == 3 else levels.transpose(0, 3, 1, 2)
 
 
-def emitted_light(cal, levels: np.ndarray) -> np.ndarray:
-    """Relative light leaving the display (N, C, Hd, Wd): measured response × illumination."""
+def emitted_light(cal: Calibration, levels: np.ndarray) -> np.ndarray:
+    """Relative light leaving the input grid (N, C, Hp, Wp) on the padded grid: measured
+    response × illumination, dark around the grid."""
     x = as_channels(levels)
     response = np.interp(x, cal.display_levels, cal.display_response)
-    return response * cal.illumination
+    return padded_grid(cal).pad(response * cal.illumination)
 
 
-def predict_signal(cal, emitted: np.ndarray) -> np.ndarray:
-    """Scene signal in DN/s (N, H, W): every tile's warped, convolved light, overlap-added."""
-    return render_tiles(emitted, cal.affines, cal.psfs, cal.frame_shape)
+def predict_signal(cal: Calibration, emitted: np.ndarray, models=None) -> np.ndarray:
+    """Scene signal in DN/s (N, H, W): every tile's convolved, mapped light, overlap-added."""
+    models = tile_models(cal) if models is None else models
+    return render_all(models, emitted, cal.psfs, cal.vignetting, tuple(cal.frame_shape))
 
 
-def predict_frames(cal, levels: np.ndarray, exposure_s: float | None = None) -> np.ndarray:
-    """Expected frames in DN for display levels (N, Hd, Wd[, 3]), as the camera would average."""
+def predict_frames(cal: Calibration, levels: np.ndarray, exposure_s: float | None = None):
+    """Expected frames in DN for input-grid levels (N, h, w[, 3]), as the camera would average."""
     exposure = cal.exposure_s if exposure_s is None else exposure_s
     signal = predict_signal(cal, emitted_light(cal, levels))
     return cal.dark_dn + exposure * (cal.background_dn_per_s + signal)
 
 
-def noise_variance(cal, mean_dn: np.ndarray) -> np.ndarray:
+def noise_variance(cal: Calibration, mean_dn: np.ndarray) -> np.ndarray:
     """Temporal variance (DN²) of a frame with this mean: read noise, then shot noise."""
     electrons_dn = np.maximum(mean_dn - cal.dark_dn, 0.0)
     return cal.read_noise_dn**2 + electrons_dn / cal.conversion_gain_e_per_dn
@@ -53,11 +79,12 @@ def validate_prediction(cal: Calibration, images: np.ndarray, captured: np.ndarr
     `excess_rel_error` is the residual beyond what sensor noise explains, relative to the
     signal: the model's own error. `chi2` is the residual over the expected noise (1 is perfect).
     """
-    predicted = predict_frames(cal, images)
+    scene = cal.exposure_s * predict_signal(cal, emitted_light(cal, images))
+    predicted = cal.dark_dn + cal.exposure_s * cal.background_dn_per_s + scene
     residual = captured - predicted
     var = noise_variance(cal, predicted)
     signal = predicted - cal.dark_dn
-    use = np.abs(signal) > 0  # where the scene reaches
+    use = scene > 0.01 * scene.max()  # where the scene's light reaches
     excess = max(float(np.mean(residual[..., use] ** 2) - np.mean(var[..., use])), 0.0)
     return {
         "prediction_chi2": float(np.mean(residual[..., use] ** 2 / var[..., use])),

@@ -1,11 +1,17 @@
 """`hil calibrate`'s measurement: every step on the bench, in order, each one recorded.
 
-exposure → dark → stray light → photon transfer → display response → geometry (dot grid) →
-illumination and kernels (random binary patterns) → validation on new images.
+exposure → dark → stray light → sub-images (found on a bright field) → photon transfer → display
+response → geometry (dot grid, per sub-image) → kernels (random binary patterns; the sub-images
+assigned to the design's kernels) → validation on new images.
+
+Calibration knows the design (its kernels, input grid and display mapping), the devices and the
+frames; where the sub-images fall, how large and how turned, it measures. Every image it shows is
+an input-grid image (`calibration.grid_bench`).
 """
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -18,22 +24,18 @@ import numpy as np
 from calibration import geometry, photometry
 from calibration.calfile import Calibration, bench_fingerprint
 from calibration.design import Design
+from calibration.discovery import SubImage, find_subimages
 from calibration.errors import CalibrationError
+from calibration.grid_bench import GridBench
+from calibration.kernels import Kernels, measure_kernels
+from calibration.localize import register_region, spot_region
 from calibration.model import validate_prediction
-from calibration.psf import (
-    as_emitted,
-    estimate_kernel,
-    exclusive_masks,
-    fit_illumination,
-    fit_region,
-)
-from calibration.registration import register_tile
-from calibration.spots import find_spots
 
 STEPS = (
     "exposure",
     "dark",
     "stray light",
+    "sub-images",
     "photon transfer",
     "display response",
     "geometry",
@@ -137,19 +139,12 @@ class _Photometry:
 
 
 @dataclass(frozen=True)
-class _Geometry:
-    """Each tile's display→frame map, its registration residual and its frame box."""
+class _Found:
+    """The sub-images on the sensor, their bright-field signal and the pixels they light."""
 
-    affines: np.ndarray  # (P, 2, 3)
-    rms: np.ndarray  # (P,)
-    boxes: list[tuple[int, int, int, int]]
-
-
-@dataclass(frozen=True)
-class _Kernels:
-    psfs: np.ndarray  # (P, C, k, k)
-    residual: np.ndarray  # (P,)
-    illumination: np.ndarray  # (H, W) of the display
+    subimages: list[SubImage]
+    white: np.ndarray  # (H, W) DN/s
+    lit: np.ndarray  # (H, W) bool
 
 
 def calibrate(
@@ -163,27 +158,27 @@ def calibrate(
 ) -> Calibration:
     """Measure the bench's frontend; the bench must be open. Returns the full calibration."""
     steps = _Steps(progress)
-    ctx = _Context(bench, design, plan)
+    ctx = _Context(GridBench(bench, design), design, plan)
     rng = np.random.default_rng(plan.seed)
     exposure, _ = steps.run("exposure", _exposure_step, ctx)
     dark, read_noise, _ = steps.run("dark", _dark_step, ctx)
     background, _ = steps.run("stray light", _background_step, ctx, dark)
-    any_tile = _designed_footprint(ctx).any(axis=0)
-    gain, _, _ = steps.run("photon transfer", _ptc_step, ctx, dark, any_tile)
+    found, _ = steps.run("sub-images", _subimage_step, ctx, dark, read_noise, exposure, background)
+    gain, _, _ = steps.run("photon transfer", _ptc_step, ctx, dark, found.lit)
     levels = _quantised(np.linspace(0, 1, plan.ramp_levels), ctx.disp.bit_depth)
     response, gamma, _ = steps.run(
-        "display response", _ramp_step, ctx, dark, background, any_tile, levels
+        "display response", _ramp_step, ctx, dark, background, found.lit, levels
     )
     phot = _Photometry(exposure, dark, read_noise, background, gain, levels, response, gamma)
-    geo, _ = steps.run("geometry", _geometry_step, ctx, phot)
-    patterns = (rng.random((plan.patterns, *ctx.display_hw)) < 0.5).astype(np.float32)
-    kern, _ = steps.run("kernels", _kernel_step, ctx, phot, geo, patterns)
+    regs, _ = steps.run("geometry", _geometry_step, ctx, phot, found)
+    patterns = (rng.random((plan.patterns, *design.hw)) < 0.5).astype(np.float32)
+    kern, _ = steps.run("kernels", _kernel_step, ctx, phot, found, regs, patterns)
     cal = _calibration(
-        ctx, phot, geo, kern, bench_name=bench_name, versions=versions, steps=steps.records
+        ctx, phot, kern, bench_name=bench_name, versions=versions, steps=steps.records
     )
     steps.run("validation", _validation_step, ctx, cal, rng)
     photometry.set_lights(bench, False)
-    ctx.disp.blank()
+    bench.display.blank()
     return cal
 
 
@@ -206,31 +201,45 @@ def _background_step(ctx: _Context, dark: np.ndarray) -> tuple[np.ndarray, dict]
     return bg, {"background_dn_per_s_median": float(np.median(bg))}
 
 
-def _designed_footprint(ctx: _Context) -> np.ndarray:
-    """Where each tile's light should land by design, before geometry has measured it: (P, H, W)."""
-    k, display_hw, frame_hw = ctx.design.kernel_size, ctx.display_hw, ctx.frame_hw
-    regions = [
-        fit_region(_design_affine(b, display_hw), display_hw, k, frame_hw)
-        for b in ctx.design.tile_boxes
-    ]
-    return exclusive_masks(regions, frame_hw)
+def _subimage_step(ctx: _Context, dark, read_noise, exposure, background) -> tuple[_Found, dict]:
+    """A white input grid's regions on the sensor: one per designed tile, or a clear error."""
+    frames = ctx.plan.grid_frames
+    white = (ctx.show_frames([np.ones(ctx.design.hw, np.float32)], frames)[0] - dark) / exposure
+    white -= background
+    noise = np.maximum(read_noise, 0.5) / exposure / math.sqrt(frames)
+    subimages = find_subimages(white, noise, ctx.design.tiles)
+    lit = np.zeros(white.shape, bool)
+    for sub in subimages:
+        y0, x0, h, w = sub.box
+        lit[y0 : y0 + h, x0 : x0 + w] = True
+    lit &= white > 0.2 * np.percentile(white[lit], 95)
+    scales = [sub.scale(ctx.design.hw) for sub in subimages]
+    record = {
+        "subimages_found": len(subimages),
+        "sensor_px_per_input_px_median": round(float(np.median(scales)), 4),
+        "centres_px": [[round(c, 2) for c in sub.centre] for sub in subimages],
+    }
+    return _Found(subimages, white, lit), record
 
 
-def _ptc_step(ctx: _Context, dark: np.ndarray, any_tile: np.ndarray) -> tuple[float, float, dict]:
+def _ptc_step(ctx: _Context, dark: np.ndarray, lit: np.ndarray) -> tuple[float, float, dict]:
     levels = np.linspace(0.15, 1.0, ctx.plan.ptc_levels)
-    gain, read_e, curve = photometry.photon_transfer(ctx.bench, dark, any_tile, levels)
+    gain, read_e, curve = photometry.photon_transfer(ctx.bench, dark, lit, levels)
     return gain, read_e, {"conversion_gain_e_per_dn": gain, "read_noise_e": read_e} | curve
 
 
-def _ramp_step(ctx: _Context, dark, background, any_tile, levels) -> tuple:
+def _ramp_step(ctx: _Context, dark, background, lit, levels) -> tuple:
     response, gamma = photometry.display_response(
-        ctx.bench, dark, background, any_tile, levels, ctx.plan.ramp_frames
+        ctx.bench, dark, background, lit, levels, ctx.plan.ramp_frames
     )
     return response, gamma, {"display_gamma": gamma}
 
 
-def _grid_spacing(ctx: _Context) -> int:
-    return max(8, ctx.design.kernel_size + 1)
+def grid_spacing(kernel_size: int, input_hw: tuple[int, int]) -> int:
+    """Dot spacing in input px: k + 1, so that in a split(2) frame (dots two spacings apart) a
+    spot's centroid window holds its whole PSF with dark around it; smaller on a small grid, so
+    that at least four dots fit each way."""
+    return max(3, min(kernel_size + 1, (min(input_hw) - 1) // 3))
 
 
 class _GridShots:
@@ -239,7 +248,7 @@ class _GridShots:
 
     def __init__(self, ctx: _Context, phot: _Photometry) -> None:
         self.ctx, self.phot = ctx, phot
-        self.grid = geometry.dot_grid(ctx.display_hw, _grid_spacing(ctx))
+        self.grid = geometry.dot_grid(ctx.design.hw, grid_spacing(ctx.design.kernel_size, ctx.design.hw))
         self._taken: dict[float, np.ndarray] = {}
 
     def __call__(self, factor: float) -> np.ndarray:
@@ -254,119 +263,84 @@ class _GridShots:
         return self._taken[factor]
 
 
-def _geometry_step(ctx: _Context, phot: _Photometry) -> tuple[_Geometry, dict]:
-    """Register every tile against the dot grid; the PSF keeps its design centroid (see Design)."""
+def _geometry_step(ctx: _Context, phot: _Photometry, found: _Found) -> tuple[list, dict]:
+    """Register every found sub-image against the dot grid, in the order they were found."""
     # a dot carries a small fraction of a white field's light: expose longer (see _register_dim)
     shots = _GridShots(ctx, phot)
     shots(ctx.plan.grid_exposure_factor)
-    affines, rms, boxes, assumed, longer = [], [], [], [], {}
-    for p in range(len(ctx.design.tile_boxes)):
-        lead = ctx.design.centroid_offset(p)
-        reg, orientation_assumed, factor = _register_dim(ctx, shots, p, lead)
-        if orientation_assumed:
-            assumed.append(p)
+    regs, longer = [], {}
+    for r, sub in enumerate(found.subimages):
+        reg, factor = _register_dim(ctx, shots, r, sub)
         if factor != ctx.plan.grid_exposure_factor:
-            longer[str(p)] = factor
-        affine = reg.affine.copy()
-        affine[:, 2] -= lead
-        affines.append(affine)
-        rms.append(reg.rms_px)
-        boxes.append(geometry.tile_box(affine, ctx.display_hw, ctx.frame_hw))
-    record = {"registration_rms_px": float(np.mean(rms)), "spacing_px": _grid_spacing(ctx)}
-    if assumed:
-        record["orientation_assumed_for_tiles"] = assumed
+            longer[str(r)] = factor
+        regs.append(reg)
+    rms = [reg.rms_px for reg in regs]
+    record = {
+        "registration_rms_px": float(np.mean(rms)),
+        "spacing_input_px": shots.grid.spacing,
+        "orientations": [reg.orientation for reg in regs],
+        "distortion_k1": [round(reg.map.k1, 5) for reg in regs],
+    }
     if longer:
-        record["grid_exposure_factor_for_dim_tiles"] = longer
-    return _Geometry(np.asarray(affines), np.asarray(rms), boxes), record
+        record["grid_exposure_factor_for_dim_subimages"] = longer
+    return regs, record
 
 
-def _register_dim(ctx: _Context, shots: _GridShots, p: int, lead: np.ndarray) -> tuple:
-    """Register tile `p`, exposing 4x longer while its dots are too dim to be found (sub-optics
-    differ in throughput): (registration, orientation assumed, exposure factor used)."""
-    guess = _design_affine(ctx.design.tile_boxes[p], ctx.display_hw)
-    guess[:, 2] += lead
-    spacing = _grid_spacing(ctx)
-    region = geometry.tile_box(guess, ctx.display_hw, ctx.frame_hw, pad=spacing + 2)
+def _register_dim(ctx: _Context, shots: _GridShots, r: int, sub: SubImage) -> tuple:
+    """Register sub-image `r`, exposing 4x longer while its dots are too dim to be found
+    (sub-optics differ in throughput): (registration, exposure factor used)."""
+    hw, spacing = ctx.design.hw, shots.grid.spacing
+    scale = sub.scale(hw)
+    region = spot_region(sub, scale, spacing + ctx.design.kernel_size, ctx.frame_hw)
     longest = ctx.cam.exposure_range_s[1] / shots.phot.exposure
     factor = ctx.plan.grid_exposure_factor
     while True:
         try:
-            reg, assumed = _register(shots.grid, shots(factor), guess, region, spacing)
-            return reg, assumed, factor
+            return register_region(shots.grid, shots(factor), region, scale, hw), factor
         except geometry.GeometryError as e:
-            if "found" in str(e) and factor < min(longest, 64 * ctx.plan.grid_exposure_factor):
+            dim = "found" in str(e) or "matched" in str(e) or "fewer" in str(e)
+            if dim and factor < min(longest, 64 * ctx.plan.grid_exposure_factor):
                 factor *= 4
                 continue
-            raise CalibrationError(f"geometry: tile {p}: {e}") from None
+            raise CalibrationError(f"geometry: sub-image {r} at {sub.describe()}: {e}") from None
 
 
-def _register(grid, dots: np.ndarray, guess: np.ndarray, region, spacing: int) -> tuple:
-    """One tile's registration from its spots in every grid frame: (registration, whether the
-    orientation had to be assumed)."""
-    y0, x0, h, w = region
-    spots = np.vstack(
-        [find_spots(d[y0 : y0 + h, x0 : x0 + w], 2 * spacing) + [x0, y0] for d in dots]
-    )
-    try:
-        return register_tile(grid, spots, guess, region=region), False
-    except geometry.GeometryError as e:
-        if "ambiguous" not in str(e):
-            raise
-        # a dot lost off the sensor's edge can hide the parity gap: keep the designed
-        # orientation, and say so
-        reg = register_tile(grid, spots, guess, region=region, orientations=("identity",))
-        return reg, True
-
-
-def _kernel_step(
-    ctx: _Context, phot: _Photometry, geo: _Geometry, patterns: np.ndarray
-) -> tuple[_Kernels, dict]:
-    """Kernels from random binary patterns, then the display's illumination they imply, then the
-    kernels again with it."""
-    k, channels, display_hw = ctx.design.kernel_size, ctx.design.channels, ctx.display_hw
-    regions = [fit_region(a, display_hw, k, ctx.frame_hw) for a in geo.affines]
-    masks = exclusive_masks(regions, ctx.frame_hw)
+def _kernel_step(ctx: _Context, phot: _Photometry, found: _Found, regs, patterns) -> tuple:
+    """Kernels from random binary patterns, with the sub-images assigned to designed tiles."""
     pattern_signal = phot.signal(ctx.show_frames(list(patterns)))
-    white = phot.signal(ctx.show_frames([np.ones(display_hw, np.float32)], ctx.plan.grid_frames))
-    illumination = np.ones(display_hw)
-    for _ in range(2):
-        emitted = as_emitted(patterns, illumination, channels)
-        fits = [
-            estimate_kernel(emitted, pattern_signal, geo.affines[p], k, regions[p], masks[p])
-            for p in range(len(ctx.design.tile_boxes))
-        ]
-        psfs = np.asarray([f[0] for f in fits])
-        illumination = fit_illumination(white[0], geo.affines, psfs, masks, display_hw, channels)
-    residual = np.asarray([f[1] for f in fits])
-    return _Kernels(psfs, residual, illumination), {"psf_residual_mean": float(residual.mean())}
+    kern = measure_kernels(ctx.design, regs, found.subimages, patterns, pattern_signal, found.white)
+    return kern, kern.record()
 
 
 def _calibration(
     ctx: _Context,
     phot: _Photometry,
-    geo: _Geometry,
-    kern: _Kernels,
+    kern: Kernels,
     *,
     bench_name: str,
     versions: dict | None,
     steps: list[dict],
 ) -> Calibration:
     """The measured values as a Calibration; `steps` is kept, not copied (validation appends)."""
-    design, cam, disp, frame_hw = ctx.design, ctx.cam, ctx.disp, ctx.frame_hw
-    k, channels = design.kernel_size, design.channels
+    design, cam, frame_hw = ctx.design, ctx.cam, ctx.frame_hw
+    physical = tuple(ctx.disp.device.shape)
     ratio = kern.psfs.sum(axis=(1, 2, 3)) / design.psfs.sum(axis=(1, 2, 3))
+    maps = kern.maps
     return Calibration(
         id=uuid.uuid4().hex,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         bench_name=bench_name,
-        fingerprint=bench_fingerprint(design, frame_hw, disp.shape, cam.bit_depth),
+        fingerprint=bench_fingerprint(design, frame_hw, physical, cam.bit_depth),
         simulated=bool(ctx.bench.simulated),
         frame_shape=tuple(frame_hw),
-        display_shape=tuple(disp.shape),
+        display_shape=physical,
+        input_shape=design.hw,
+        display_scale=design.display_scale,
+        display_origin=design.origin_on(physical[:2]),
         kernels=design.kernels,
-        kernel_size=k,
+        kernel_size=design.kernel_size,
         signed=design.signed,
-        channels=channels,
+        channels=design.channels,
         camera_bit_depth=cam.bit_depth,
         exposure_s=float(phot.exposure),
         dark_dn=phot.dark.astype(np.float32),
@@ -378,9 +352,13 @@ def _calibration(
         display_response=phot.response.astype(np.float32),
         display_gamma=float(phot.gamma),
         illumination=kern.illumination.astype(np.float32),
-        affines=geo.affines.astype(np.float64),
-        registration_rms_px=geo.rms.astype(np.float32),
-        tile_boxes=np.asarray(geo.boxes, np.int32),
+        vignetting=kern.vignetting.astype(np.float32),
+        affines=np.asarray([m.affine for m in maps]),
+        distortion_k1=np.asarray([m.k1 for m in maps]),
+        distortion_centre_px=np.asarray([m.centre for m in maps]),
+        distortion_radius_px=np.asarray([m.radius for m in maps]),
+        registration_rms_px=kern.registration_rms_px.astype(np.float32),
+        tile_boxes=np.asarray(kern.regions, np.int32),
         psfs=kern.psfs.astype(np.float32),
         psf_residual=kern.residual.astype(np.float32),
         tile_gain=(ratio / np.median(ratio)).astype(np.float32),
@@ -394,13 +372,7 @@ def _calibration(
 def _validation_step(ctx: _Context, cal: Calibration, rng: np.random.Generator) -> tuple:
     """New random grey images, captured and compared with what the calibration predicts."""
     levels = _quantised(rng.random(256), ctx.disp.bit_depth)
-    images = rng.choice(levels, size=(ctx.plan.validation_images, *ctx.display_hw))
+    images = rng.choice(levels, size=(ctx.plan.validation_images, *ctx.design.hw))
     images = images.astype(np.float32)
     captured = np.asarray([ctx.show_frames([img])[0] for img in images])
     return (), validate_prediction(cal, images, captured)
-
-
-def _design_affine(box: tuple[int, int, int, int], display_hw) -> np.ndarray:
-    """The design's display→frame map: the display pixel grid lands on the tile box 1:1."""
-    y0, x0 = box[:2]
-    return np.array([[1.0, 0.0, x0], [0.0, 1.0, y0]])

@@ -68,22 +68,32 @@ def solve_nonnegative(
 ) -> tuple[np.ndarray, float]:
     """argmin_{K ≥ 0} ||W^½ (rows K − values)||² + λ||K||², λ = ridge · mean diagonal.
 
-    Solved on the (small) normal equations: with R the Cholesky factor of RᵀR = AᵀWA + λI, the
-    objective equals ||R K − R⁻ᵀ AᵀW y||² up to a constant, which `nnls` takes directly.
-    Returns (K, relative residual ||A K − y|| / ||y||).
+    Returns (K, relative residual ||A K − y|| / ||y||); see `solve_normal`.
     """
     w = np.ones(len(values)) if weights is None else weights
     aw = rows * w[:, None]
-    normal = rows.T @ aw
+    return solve_normal(rows.T @ aw, aw.T @ values, float(np.sum(w * values**2)), ridge)
+
+
+def solve_normal(
+    normal: np.ndarray, rhs: np.ndarray, yty: float, ridge: float = 1e-6
+) -> tuple[np.ndarray, float]:
+    """argmin_{K ≥ 0} of the least-squares problem with normal equations AᵀA = `normal`,
+    Aᵀy = `rhs`, yᵀy = `yty`, plus λ||K||², λ = ridge · mean diagonal.
+
+    With R the Cholesky factor of AᵀA + λI the objective equals ||R K − R⁻ᵀ Aᵀy||² up to a
+    constant, which `nnls` takes directly, so the tall system itself is never needed.
+    Returns (K, relative residual ||A K − y|| / ||y||).
+    """
+    normal = np.array(normal, np.float64)
     lam = ridge * float(np.mean(np.diag(normal)))
-    normal[np.diag_indices_from(normal)] += lam
-    rhs = aw.T @ values
-    r = cholesky(normal, lower=False)
+    fit_normal = normal.copy()
+    fit_normal[np.diag_indices_from(fit_normal)] += lam
+    r = cholesky(fit_normal, lower=False)
     z = solve_triangular(r, rhs, trans="T")
     kernel, _ = nnls(r, z, maxiter=50 * len(z))
-    fit = rows @ kernel
-    rel = float(np.sqrt(np.sum(w * (fit - values) ** 2) / np.sum(w * values**2)))
-    return kernel, rel
+    sq = float(kernel @ normal @ kernel - 2 * kernel @ rhs + yty)
+    return kernel, float(np.sqrt(max(sq, 0.0) / yty)) if yty > 0 else 0.0
 
 
 def fit_region(affine: np.ndarray, display_hw: tuple[int, int], k: int, frame_hw) -> tuple:

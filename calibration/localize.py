@@ -1,0 +1,103 @@
+"""Registering a found sub-image: its dot-grid spots → an affine map plus radial distortion.
+
+Nothing about where the sub-image should be is assumed: its scale comes from the spacing of its
+own spots, its turn (modulo 90°) from the directions between them, its centre from their mean;
+`register_tile` then tries every turn and mirror of that guess and the grid's parity gap picks
+the one that is right, and `fit_tilemap` adds the distortion.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from calibration.discovery import SubImage
+from calibration.geometry import DotGrid, GeometryError
+from calibration.registration import register_tile
+from calibration.spots import find_spots
+from calibration.tilemap import TileMap, fit_tilemap
+
+
+@dataclass(frozen=True, eq=False)
+class Registered:
+    """One sub-image's map and the dots it was fitted to (input-grid points, sensor spots)."""
+
+    map: TileMap
+    points: np.ndarray  # (M, 2) input-grid (x, y) of the matched dots
+    spots: np.ndarray  # (M, 2) sensor (x, y) of their spots
+    residual_px: np.ndarray  # (M,) sensor px
+    orientation: str
+
+    @property
+    def rms_px(self) -> float:
+        return float(np.sqrt(np.mean(self.residual_px**2)))
+
+    def refit(self, lead: np.ndarray, input_hw: tuple[int, int]) -> Registered:
+        """The map with the PSF's centroid `lead` (input px) taken out of the translation: the
+        spots sit at the dots' images plus the PSF's centroid, and the kernel keeps the latter."""
+        shifted = self.points + lead
+        tile, err = fit_tilemap(shifted, self.spots, self.map.affine, input_hw)
+        return Registered(tile, self.points, self.spots, err, self.orientation)
+
+
+def spot_region(sub: SubImage, scale: float, reach_px: float, frame_hw) -> tuple:
+    """The sub-image's box grown by `reach_px` input px (at `scale`), clipped to the frame."""
+    pad = math.ceil(reach_px * scale) + 2
+    y0, x0, h, w = sub.box
+    y1, x1 = min(y0 + h + pad, frame_hw[0]), min(x0 + w + pad, frame_hw[1])
+    y0, x0 = max(y0 - pad, 0), max(x0 - pad, 0)
+    return y0, x0, y1 - y0, x1 - x0
+
+
+def region_spots(frames: np.ndarray, region, separation_px: float) -> list[np.ndarray]:
+    """Spots (K, 2) in frame coordinates of each split-grid frame, within `region`."""
+    y0, x0, h, w = region
+    return [find_spots(f[y0 : y0 + h, x0 : x0 + w], separation_px) + [x0, y0] for f in frames]
+
+
+def guess_affine(grid: DotGrid, per_frame: list[np.ndarray], spacing_in_frame: float):
+    """Input → sensor guess from the spots alone: scale from their nearest-neighbour distance
+    (dots of one split frame are `spacing_in_frame` input px apart), turn modulo 90° from the
+    directions to those neighbours, translation putting the grid's mean dot on the spots' mean."""
+    vectors = []
+    for spots in per_frame:
+        if len(spots) >= 2:
+            dist, idx = cKDTree(spots).query(spots, k=2)
+            vectors.append(spots[idx[:, 1]] - spots)
+    if not vectors:
+        raise GeometryError("fewer than 2 spots per frame: the dots are too dim or off the sensor")
+    v = np.vstack(vectors)
+    scale = float(np.median(np.hypot(v[:, 0], v[:, 1]))) / spacing_in_frame
+    observed = np.angle(np.mean(np.exp(4j * np.arctan2(v[:, 1], v[:, 0])))) / 4
+    c, s = math.cos(-observed), math.sin(-observed)  # sim's convention: R(θ) (1, 0) = (c, −s)
+    linear = scale * np.array([[c, s], [-s, c]])
+    spots = np.vstack(per_frame)
+    shift = spots.mean(axis=0) - linear @ grid.points.mean(axis=0)
+    return np.hstack([linear, shift[:, None]]), scale
+
+
+def register_region(
+    grid: DotGrid, frames: np.ndarray, region, scale: float, input_hw: tuple[int, int]
+) -> Registered:
+    """Register one sub-image from its split-grid frames (dark removed); GeometryError if not."""
+    separation = 0.8 * 2 * grid.spacing * scale
+    per_frame = region_spots(frames, region, max(separation, 2.0))
+    guess, scale = guess_affine(grid, per_frame, 2 * grid.spacing)
+    spots = np.vstack(per_frame)
+    spacing_px = grid.spacing * scale
+    reg = register_tile(
+        grid,
+        spots,
+        guess,
+        region=region,
+        max_rms_px=max(0.5, 0.1 * spacing_px),
+        outlier_px=max(1.0, 0.25 * spacing_px),
+    )
+    predicted = grid.points @ reg.affine[:, :2].T + reg.affine[:, 2]
+    dist, idx = cKDTree(spots).query(predicted, distance_upper_bound=0.3 * spacing_px)
+    ok = np.isfinite(dist) & ~np.isnan(reg.residuals_px)
+    tile, err = fit_tilemap(grid.points[ok], spots[idx[ok]], reg.affine, input_hw)
+    return Registered(tile, grid.points[ok], spots[idx[ok]], err, reg.orientation)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -19,7 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from hil.data.placement import to_display
 from hil.errors import UserError
 
-IDENTITY_VERSION = 1
+if TYPE_CHECKING:
+    from calibration import calfile
+
+# 2: images are placed on the input grid, shown on the display at a scale and origin
+IDENTITY_VERSION = 2
 
 
 class StoreIdentity(BaseModel):
@@ -27,14 +31,17 @@ class StoreIdentity(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    version: Literal[1] = IDENTITY_VERSION
+    version: Literal[2] = IDENTITY_VERSION
     dataset: str
     split: str
     fraction: float = Field(ge=0, le=1)
     seed: int
     data_digest: str = Field(description="digest of the dataset's images and labels")
     indices_digest: str = Field(description="digest of the planned dataset indices, in order")
-    display_shape: tuple[int, ...] = Field(description="display the patterns were made for")
+    input_shape: tuple[int, int] = Field(description="input grid (h, w) the images were placed on")
+    display_scale: int = Field(ge=1, description="display pixels per input pixel")
+    display_origin: tuple[int, int] = Field(description="(x, y) of the grid's top-left on it")
+    display_shape: tuple[int, ...] = Field(description="the physical display they were shown on")
     calibration_id: str
     bench_fingerprint: str
     simulated: bool
@@ -70,9 +77,15 @@ def pattern_hash(shown: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(shown, np.float32).tobytes()).hexdigest()
 
 
-def as_shown(images: np.ndarray, display_hw: tuple[int, int]) -> np.ndarray:
-    """Dataset images (N, C, h, w) as display levels: (N, H, W) or (N, H, W, 3)."""
-    shown = to_display(images, display_hw)
+def input_hw_of(cal: calfile.Calibration) -> tuple[int, int]:
+    """The calibration's input grid (h, w): the grid its feature maps are sampled on."""
+    return tuple(cal.display_shape[:2])
+
+
+def as_shown(images: np.ndarray, input_hw: tuple[int, int]) -> np.ndarray:
+    """Dataset images (N, C, ·, ·) placed on the input grid (h, w), channels last: (N, h, w) or
+    (N, h, w, 3), what `Design.on_display` turns into the display's levels."""
+    shown = to_display(images, input_hw)
     return shown[:, 0] if shown.shape[1] == 1 else shown.transpose(0, 2, 3, 1)
 
 
@@ -88,7 +101,7 @@ def check_source(
             f"{store}: dataset index {int(index.max())} is beyond dataset {data.name!r} "
             f"({len(data.images)} images): the store and the dataset disagree"
         )
-    shown = as_shown(data.images[index], tuple(identity.display_shape[:2]))
+    shown = as_shown(data.images[index], identity.input_shape)
     pairs = enumerate(zip(hashes, shown, strict=True))
     wrong = [i for i, (h, s) in pairs if _text(h) != pattern_hash(s)]
     if wrong:

@@ -18,11 +18,33 @@ from hil.models.checkpoint import load_onn
 from sim.layout import TileLayout
 from sim.psf_frontend import PSFFrontend
 
+GRID_KEYS = "[frontend] input_px, display_scale, display_origin_px"
+
 
 def input_hw(config: BenchConfig) -> tuple[int, int]:
     """The input grid the design images onto each tile: `[frontend] input_px`."""
     h, w = config.frontend.input_px
     return int(h), int(w)
+
+
+def square_side(config: BenchConfig, command: str) -> int:
+    """The side of the square input grid a student of `command` is sized to."""
+    h, w = input_hw(config)
+    if h != w:
+        raise UserError(
+            f"[frontend] input_px = [{h}, {w}]: {command} sizes its student to a square input "
+            "grid; give input_px = [n, n]"
+        )
+    return h
+
+
+def grid_origin(design: Design, display_shape: tuple[int, ...], display: str) -> tuple[int, int]:
+    """(x, y) of the input grid's top-left pixel on `display` (shape (H, W[, 3])): a user error
+    naming the bench-file keys when the grid at its scale and origin does not fit it."""
+    try:
+        return design.origin_on(tuple(display_shape[:2]))
+    except ValueError as e:
+        raise UserError(f"{GRID_KEYS}: {e} ({display})") from None
 
 
 def tile_layout(frontend: FrontendConfig, hw: tuple[int, int]) -> TileLayout:
@@ -71,6 +93,14 @@ def design_with(config: BenchConfig, psfs: torch.Tensor | np.ndarray) -> Design:
 
 
 def load_design(config: BenchConfig) -> Design:
-    """The design the bench file describes: its checkpoint's PSFs, or the seeded random ones."""
+    """The design the bench file describes: its checkpoint's PSFs, or the seeded random ones.
+
+    On a simulated display, whose size the bench file gives, an input grid that does not fit it
+    is refused here; a real display reports its size when opened (see `grid_origin`).
+    """
     f = config.frontend
-    return design_with(config, design_from_student(f) if f.design else random_psfs(f))
+    design = design_with(config, design_from_student(f) if f.design else random_psfs(f))
+    if config.devices.display.driver == "sim":
+        d = config.sim.display
+        grid_origin(design, (d.height, d.width), "[sim.display] height, width")
+    return design

@@ -34,7 +34,7 @@ SensorOpt = Annotated[str | None, typer.Option(help="Sensor height,width in pixe
 MapsBenchOpt = Annotated[
     Path | None,
     typer.Option(
-        help=r"Bench file whose \[sim.display] size and \[sim.sensor] noise the maps have; "
+        help=r"Bench file whose \[frontend] input_px and \[sim.sensor] noise the maps have; "
         "default: the simulated bench's.",
         metavar="FILE",
     ),
@@ -165,12 +165,14 @@ def _progress(row: dict[str, Any]) -> None:
 def _estimate(args: dict[str, Any], bench: Path | None, data_root: Path | None) -> dict[str, Any]:
     """The estimate of the command line's `args` (parsed), on the bench file's maps."""
     from hil.bench.config import load_bench
+    from hil.bench.design import square_side
     from hil.design.estimate import EstimateSettings
     from hil.design.regression import MapNoise
     from hil.jobs.estimate import LayoutConstraints, run_estimate
 
     counts, ms, sensor = args["kernels"], args["metasurface_um"], args["sensor_px"]
-    sim = load_bench(bench).sim
+    config = load_bench(bench)
+    sim = config.sim
     settings = EstimateSettings(
         kernels=counts,
         kernel_size=args["kernel_size"],
@@ -178,7 +180,7 @@ def _estimate(args: dict[str, Any], bench: Path | None, data_root: Path | None) 
         train_size=args["train_size"],
         seeds=args["seeds"],
         noise=MapNoise.from_sensor(sim.sensor) if args["noise"] else None,
-        image_size=sim.display.height,
+        image_size=square_side(config, "hil estimate"),
     )
     layout = LayoutConstraints.from_options(
         metasurface_um=tuple(ms) if ms else None,

@@ -17,7 +17,7 @@ TilesOpt = Annotated[
     Path | None, typer.Option("--tiles", help="Also write the cropped tiles as a PNG sheet.")
 ]
 FillOpt = Annotated[
-    float, typer.Option(min=0.05, max=1.0, help="Fraction of the display the image fills.")
+    float, typer.Option(min=0.05, max=1.0, help="Fraction of the input grid the image fills.")
 ]
 
 

@@ -17,6 +17,7 @@ from calibration import calfile
 from calibration.pipeline import STEPS, Plan, calibrate
 from hil.bench.assembly import Bench
 from hil.bench.config import BenchConfig
+from hil.bench.design import grid_origin
 from hil.bench.truth import ground_truth
 from hil.output.figures import save_calibration_plots
 from hil.output.records import environment
@@ -37,6 +38,7 @@ def run_calibrate(
 
         done: list[str] = []
         design = bench.design
+        grid_origin(design, bench.display.shape, f"display {bench.display.name!r}")
         cal = calibrate(
             bench,
             design,

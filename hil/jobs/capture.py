@@ -28,6 +28,7 @@ from hil.acquire.identity import StoreIdentity, array_digest, as_shown, pattern_
 from hil.acquire.store import CaptureStore, Row
 from hil.bench.assembly import Bench
 from hil.bench.config import BenchConfig
+from hil.bench.design import grid_origin
 from hil.data.datasets import Dataset, load_dataset
 from hil.data.sampling import stratified_fraction
 
@@ -60,7 +61,7 @@ class _Capture:
     bench: Bench
     store: CaptureStore
     plan: np.ndarray  # dataset indices, in capture order
-    shown: np.ndarray  # the plan's images on the display grid
+    shown: np.ndarray  # the plan's images on the input grid
     labels: np.ndarray  # the whole dataset's
     cal: calfile.Calibration
     extract: FeatureExtractor
@@ -83,9 +84,10 @@ def run_capture(
     if data is None:
         data = load_dataset(r.dataset, r.data_root)
     plan = stratified_fraction(data.labels, data.split(r.split), r.fraction, r.seed)
-    shown = as_shown(data.images[plan], bench.display.shape[:2])
+    shown = as_shown(data.images[plan], bench.design.hw)
     with bench:
         design = bench.design
+        origin = grid_origin(design, bench.display.shape, f"display {bench.display.name!r}")
         inputs = calfile.fingerprint_inputs(
             design, bench.camera.shape, bench.display.shape, bench.camera.bit_depth
         )
@@ -93,7 +95,7 @@ def run_capture(
         if check is not None:
             check(cal)
         extract = FeatureExtractor(cal, design.psfs.sum(axis=(1, 2, 3)))
-        with _open_store(bench, r, plan, data, cal, extract) as store:
+        with _open_store(bench, r, plan, data, cal, extract, origin) as store:
             start = store.count
             job = _Capture(
                 bench, store, plan, shown, data.labels, cal, extract, r.seed, r.keep_frames
@@ -123,8 +125,11 @@ def _open_store(
     data: Dataset,
     cal: calfile.Calibration,
     extract: FeatureExtractor,
+    origin: tuple[int, int],
 ) -> CaptureStore:
-    """A new store for `plan`, or the one a previous run of the same request left to resume."""
+    """A new store for `plan`, or the one a previous run of the same request left to resume;
+    `origin` is the (x, y) of the input grid's top-left on the display."""
+    design = bench.design
     identity = StoreIdentity(
         dataset=r.dataset,
         split=r.split,
@@ -132,6 +137,9 @@ def _open_store(
         seed=r.seed,
         data_digest=array_digest(data.images, data.labels),
         indices_digest=array_digest(plan),
+        input_shape=design.hw,
+        display_scale=design.display_scale,
+        display_origin=origin,
         display_shape=tuple(bench.display.shape),
         calibration_id=cal.id,
         bench_fingerprint=cal.fingerprint,
@@ -179,7 +187,8 @@ def _show_and_snap(
     job: _Capture, start: int, todo: queue.Queue, failure: list, console: Console
 ) -> int:
     """Hand (plan position, frame) pairs to the writer; returns how many frames were taken."""
-    cam, display = job.bench.camera, job.bench.display
+    cam, display, design = job.bench.camera, job.bench.display, job.bench.design
+    display_hw = display.shape[:2]
     timeout_s = cam.frame_timeout_s()  # the exposure is fixed for the whole capture
     t0, taken = time.perf_counter(), 0
     columns = (
@@ -194,7 +203,7 @@ def _show_and_snap(
         for i in range(start, len(job.plan)):
             if failure:
                 break
-            display.show(pre_compensate(job.shown[i], job.cal))
+            display.show(design.on_display(pre_compensate(job.shown[i], job.cal), display_hw))
             cam.seed_noise(job.seed * 1_000_003 + int(job.plan[i]))  # same noise on a rerun
             frame = cam.snap(timeout_s)
             while not failure:  # a writer that died takes nothing more

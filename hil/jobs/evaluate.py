@@ -3,8 +3,8 @@
 After fabrication the frontend is the optic on the bench, so live inference is the backend applied
 to captured feature maps. Classification is scored by accuracy and a confusion matrix;
 segmentation by mean IoU, as training scores it: the feature maps, and so the predicted masks,
-cover the display, so the truth is the mask placed where its image was shown, and the display
-around it (IGNORE) is not counted.
+cover the input grid, so the truth is the mask placed where its image was on the grid, and the
+grid around it (IGNORE) is not counted.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from rich.console import Console
 
 from hil.acquire import store as capture_store
-from hil.acquire.identity import as_shown, check_source
+from hil.acquire.identity import as_shown, check_source, input_hw_of
 from hil.bench.config import BenchConfig
 from hil.data.datasets import Dataset, load_dataset
 from hil.data.placement import place_masks
@@ -132,7 +132,7 @@ def run_evaluate(
 
     def readable(cal) -> None:  # before capturing: a student that cannot read it fails now
         source = f"{r.checkpoint} with {r.calibration}"
-        check_maps(model, (cal.kernels, *cal.display_shape[:2]), source)
+        check_maps(model, (cal.kernels, *input_hw_of(cal)), source)
 
     capture = run_capture(config, capture_request, console, data=data, check=readable)
     rows = capture_store.read(store)

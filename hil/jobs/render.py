@@ -11,6 +11,7 @@ import torch
 from drivers.protocols import Frame
 from hil.bench.assembly import Bench
 from hil.bench.config import BenchConfig
+from hil.bench.design import grid_origin
 from hil.data.images import read_image
 from hil.data.placement import place_on_display
 from hil.output.figures import save_frame_png, save_map_sheet
@@ -51,7 +52,8 @@ def raw_feature_maps(bench: Bench, frame: np.ndarray, dark: np.ndarray) -> np.nd
 
 
 def designed_feature_maps(bench: Bench, levels: np.ndarray) -> np.ndarray:
-    """The design's noise-free feature maps of a display image: what the ONN was trained on."""
+    """The design's noise-free feature maps of an input-grid image: what the ONN was trained
+    on."""
     d = bench.design
     optic = PSFFrontend(
         d.kernels,
@@ -72,9 +74,11 @@ def render_image(
 ) -> dict[str, Any]:
     channels = config.frontend.channels
     with Bench(config) as bench:
-        levels = place_on_display(read_image(image, channels), bench.display.shape[:2], fill)
+        design, display = bench.design, bench.display
+        grid_origin(design, display.shape, f"display {display.name!r}")
+        levels = place_on_display(read_image(image, channels), design.hw, fill)
         dark = snap_dark(bench)
-        (frame,) = snap_levels(bench, [levels])
+        (frame,) = snap_levels(bench, [design.on_display(levels, display.shape[:2])])
         save_frame_png(frame.image, bench.camera.bit_depth, out)
         if tiles is not None:
             rows = [
@@ -89,7 +93,7 @@ def render_image(
             "bit_depth": bench.camera.bit_depth,
             "png_scale": 2 ** (16 - bench.camera.bit_depth),
             "max_dn": int(frame.image.max()),
-            "saturated_fraction": frame.meta["saturated_fraction"],
+            "saturated_fraction": float((frame.image >= bench.camera.max_dn).mean()),
             "simulated": bench.simulated,
             "bench": bench.snapshot(),
         }

@@ -13,6 +13,7 @@ from typing import Any
 from rich.console import Console
 
 from hil.bench.config import BenchConfig
+from hil.bench.design import square_side
 from hil.data.datasets import Dataset, load_dataset
 from hil.models.onn import StudentSpec
 from hil.ntkd.augment import FabricationAugment
@@ -102,14 +103,14 @@ class StudentPlan:
 
 
 def plan_student(request: StudentRequest, config: BenchConfig, console: Console) -> StudentPlan:
-    """Load the dataset and the teacher, size the student to the display."""
+    """Load the dataset and the teacher, size the student to the input grid."""
     r = request
     data = load_dataset(r.dataset, r.data_root)
     backend = r.spec.backend
     if data.task == "segmentation" and backend != "updecoder":
         console.print(f"{r.dataset} is a segmentation dataset: using --backend updecoder")
         backend = "updecoder"
-    sim = config.sim  # the display the student's images are shown on
+    sim = config.sim  # the fabrication errors the augmentation draws around
     augment = None
     if r.augment_noise is not None:
         augment = FabricationAugment.from_fabrication(
@@ -118,7 +119,7 @@ def plan_student(request: StudentRequest, config: BenchConfig, console: Console)
     spec = replace(
         r.spec,
         backend=backend,
-        image_size=sim.display.height,
+        image_size=square_side(config, "hil train"),
         channels=int(data.images.shape[1]),
         classes=data.classes,
     )

@@ -17,6 +17,7 @@ import pytest
 import xvfb
 from contracts import DisplayContract
 
+from calibration.design import Design
 from drivers.errors import DeviceDisconnected, DeviceError
 from drivers.screen_display import ScreenDisplay
 
@@ -82,6 +83,22 @@ def test_colour_images_are_shown_exactly_in_rgb_order(xdisplay):
         np.testing.assert_array_equal(screenshot(display), image)
         display.show(np.zeros((120, 160, 3), np.float32) + np.array([1.0, 0.0, 0.0], np.float32))
         assert (screenshot(display) == [255, 0, 0]).all()
+
+
+@pytest.mark.parametrize("color", [False, True])
+def test_a_scaled_input_grid_is_shown_pixel_exactly_at_its_origin(xdisplay, color):
+    """`Design.on_display` of a 30×40 input grid at display_scale 3, origin (11, 17) off-centre:
+    every screen pixel is its input pixel's 8-bit value or black, nothing interpolated."""
+    h, w, s, (ox, oy) = 30, 40, 3, (11, 17)
+    design = Design(1, 1, False, 1, ((0, 0, h, w),), np.ones((1, 1, 1, 1)), (h, w), s, (ox, oy))
+    image = np.random.default_rng(6).integers(0, 256, size=(h, w, 3)[: 3 if color else 2])
+    expected = np.zeros((120, 160, 3), np.uint8)
+    for i in range(h):
+        for j in range(w):
+            expected[oy + s * i : oy + s * i + s, ox + s * j : ox + s * j + s] = image[i, j]
+    with make_display(xdisplay, color=color) as display:
+        display.show(design.on_display(image.astype(np.float32) / 255, (120, 160)))
+        np.testing.assert_array_equal(screenshot(display), expected)
 
 
 def test_lower_bit_depths_span_the_full_grey_range(xdisplay):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from identities import identity
 
+from hil.acquire.identity import as_shown, check_source, pattern_hash
 from hil.acquire.store import CaptureStore, Row, committed, read
 from hil.data.datasets import load_dataset
 from hil.data.sampling import stratified_fraction
@@ -104,6 +105,18 @@ def test_an_interrupted_capture_resumes_to_exactly_the_uninterrupted_store(
     assert np.array_equal(resumed.labels, reference.labels)
     np.testing.assert_array_equal(resumed.features, reference.features)
     assert not cut.with_name("cut.h5.lock").exists()
+
+
+def test_the_store_records_the_input_grid_and_where_the_display_showed_it(uninterrupted):
+    store = uninterrupted()
+    ident = store.identity
+    assert (ident.input_shape, ident.display_scale) == ((32, 32), 1)
+    assert (ident.display_origin, ident.display_shape) == ((0, 0), (32, 32))
+    assert store.features.shape[-2:] == ident.input_shape
+    data = load_dataset("digits")
+    shown = as_shown(data.images[store.index], ident.input_shape)
+    assert [h.decode() for h in store.meta["pattern_hash"]] == [pattern_hash(s) for s in shown]
+    check_source("whole.h5", ident, store.index, store.meta["pattern_hash"], data)
 
 
 def row(i: int, m: int = 2) -> Row:

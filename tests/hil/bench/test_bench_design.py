@@ -14,7 +14,7 @@ from drivers import registry
 from drivers.protocols import BackendOptions, Camera, Display, Frame, LightSource
 from hil.bench.assembly import Bench
 from hil.bench.config import BenchConfig, load_bench, parse_bench
-from hil.bench.design import load_design
+from hil.bench.design import load_design, square_side
 from hil.bench.truth import has_truth
 from hil.errors import UserError
 from hil.models.checkpoint import save_model
@@ -113,6 +113,41 @@ def test_both_frontend_sections_at_once_is_one_line_naming_both():
     message = str(info.value)
     assert "\n" not in message and message.startswith("b.toml: ")
     assert "[frontend]" in message and "[sim.frontend]" in message
+
+
+def test_an_input_grid_that_overflows_the_simulated_display_is_refused_naming_the_keys():
+    fits = {"input_px": [16, 20], "display_scale": 2}  # 32×40 on a 32×40 display, centred
+    design = load_design(parse_bench({"frontend": fits, "sim": {"display": {"width": 40}}}))
+    assert design.origin_on((32, 40)) == (0, 0)
+    with pytest.raises(UserError) as info:  # the default display is 32×32
+        load_design(parse_bench({"frontend": fits}))
+    message = str(info.value)
+    assert message.startswith("[frontend] input_px, display_scale, display_origin_px: ")
+    assert "32×40 display pixels" in message and "32×32 display" in message
+    assert "[sim.display] height, width" in message and "\n" not in message
+    shifted = {"input_px": [16, 16], "display_origin_px": [17, 0]}  # 17 + 16 > 32
+    with pytest.raises(UserError, match=r"at display_origin_px \[17, 0\] does not fit"):
+        load_design(parse_bench({"frontend": shifted}))
+
+
+def test_a_student_is_sized_to_the_input_grid_not_the_display():
+    config = parse_bench({"frontend": {"input_px": [24, 24]}, "sim": {"display": {"width": 64}}})
+    assert square_side(config, "hil train") == 24
+    wide = parse_bench({"frontend": {"input_px": [16, 20]}})
+    with pytest.raises(UserError, match=r"input_px = \[16, 20\]: hil train sizes its student"):
+        square_side(wide, "hil train")
+
+
+def test_the_cli_refuses_an_overflowing_grid_with_one_line_and_exit_2(
+    tmp_path, monkeypatch, capsys
+):
+    bench, image = tmp_path / "big.toml", tmp_path / "img.npy"
+    bench.write_text("[frontend]\ninput_px = [16, 16]\ndisplay_scale = 3\n")
+    np.save(image, np.ones((16, 16), np.float32))
+    args = ["sim", "render", image, "--out", tmp_path / "f.png", "--bench", bench]
+    code, _, err = run_hil(monkeypatch, capsys, *args, "--runs-dir", tmp_path / "runs")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "input_px, display_scale, display_origin_px" in err and "32×32 display" in err
 
 
 def test_the_cli_prints_the_deprecation_as_a_warning_line(tmp_path, monkeypatch, capsys):

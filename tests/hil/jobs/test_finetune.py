@@ -44,7 +44,7 @@ def bench(tmp_path_factory):
             plan=idx,
             feature_shape=maps.shape[1:],
             label_shape=(),
-            identity=identity(split=split, display_shape=(16, 16)),
+            identity=identity(split=split, input_shape=(16, 16), display_shape=(16, 16)),
         )
         with store:
             shown = as_shown(data.images[idx], (16, 16))

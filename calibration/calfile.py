@@ -86,6 +86,7 @@ _ARRAYS: dict[str, np.dtype] = {
     "dark_dn": np.dtype(np.float32),
     "read_noise_dn": np.dtype(np.float32),
     "background_dn_per_s": np.dtype(np.float32),
+    "bright_field_dn_per_s": np.dtype(np.float32),
     "display_levels": np.dtype(np.float32),
     "display_response": np.dtype(np.float32),
     "illumination": np.dtype(np.float32),
@@ -321,6 +322,7 @@ class Calibration:
     conversion_gain_e_per_dn: float
     black_level_dn: float
     background_dn_per_s: np.ndarray  # (H, W) float32, stray-light rate
+    bright_field_dn_per_s: np.ndarray  # (H, W) float32, a white input grid's signal
     # display
     display_levels: np.ndarray  # (L,) float32, strictly increasing
     display_response: np.ndarray  # (L,) float32, 1 at level 1
@@ -423,6 +425,7 @@ class Calibration:
             "dark_dn": ((h, w), "frame_shape"),
             "read_noise_dn": ((h, w), "frame_shape"),
             "background_dn_per_s": ((h, w), "frame_shape"),
+            "bright_field_dn_per_s": ((h, w), "frame_shape"),
             "display_levels": ((n_levels,), "1-D"),
             "display_response": ((n_levels,), "display_levels"),
             "illumination": (tuple(self.input_shape), "input_shape"),

@@ -39,14 +39,19 @@ class Kernels:
     residual: np.ndarray  # (P,)
     illumination: np.ndarray  # (h, w) on the input grid, 1 at its centre
     vignetting: np.ndarray  # (P,)
-    maps: list[TileMap]
+    registered: list[Registered]
     regions: list[tuple[int, int, int, int]]
     registration_rms_px: np.ndarray  # (P,) sensor px
     registration_rms_input_px: np.ndarray  # (P,)
     assignment: Assignment
 
+    @property
+    def maps(self) -> list[TileMap]:
+        return [reg.map for reg in self.registered]
+
     def record(self) -> dict:
         return {
+            "dots": [reg.record() for reg in self.registered],
             "psf_residual_mean": float(self.residual.mean()),
             "registration_rms_px": float(np.mean(self.registration_rms_px)),
             "registration_rms_input_px": float(np.mean(self.registration_rms_input_px)),
@@ -162,7 +167,7 @@ def measure_kernels(
         residual=residual,
         illumination=illumination,
         vignetting=vignetting,
-        maps=[reg.map for reg in final],
+        registered=final,
         regions=[m.region for m in models],
         registration_rms_px=rms,
         registration_rms_input_px=rms / scales,

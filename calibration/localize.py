@@ -35,6 +35,11 @@ class Registered:
     def rms_px(self) -> float:
         return float(np.sqrt(np.mean(self.residual_px**2)))
 
+    def record(self) -> dict:
+        """Where each dot's spot is on the sensor and how far the map misses it (px)."""
+        miss = self.spots - self.map.to_sensor(self.points)
+        return {"spots_px": np.round(self.spots, 3).tolist(), "miss_px": np.round(miss, 4).tolist()}
+
     def refit(self, lead: np.ndarray, input_hw: tuple[int, int]) -> Registered:
         """The map with the PSF's centroid `lead` (input px) taken out of the translation: the
         spots sit at the dots' images plus the PSF's centroid, and the kernel keeps the latter."""
@@ -52,10 +57,22 @@ def spot_region(sub: SubImage, scale: float, reach_px: float, frame_hw) -> tuple
     return y0, x0, y1 - y0, x1 - x0
 
 
-def region_spots(frames: np.ndarray, region, separation_px: float) -> list[np.ndarray]:
-    """Spots (K, 2) in frame coordinates of each split-grid frame, within `region`."""
+def region_spots(
+    frames: np.ndarray, region, separation_px: float, window: int, centres: np.ndarray, own: int
+) -> list[np.ndarray]:
+    """Spots (K, 2) in frame coordinates of each split-grid frame, within `region`, searched
+    only where sub-image `own` is the nearest of `centres` (N, 2): a neighbour's dots reach
+    into the region, and a bright neighbour's would set the threshold for a dim one's."""
     y0, x0, h, w = region
-    return [find_spots(f[y0 : y0 + h, x0 : x0 + w], separation_px) + [x0, y0] for f in frames]
+    ys, xs = np.mgrid[y0 : y0 + h, x0 : x0 + w]
+    d2 = (xs[..., None] - centres[:, 0]) ** 2 + (ys[..., None] - centres[:, 1]) ** 2
+    foreign = np.argmin(d2, axis=-1) != own
+    out = []
+    for f in frames:
+        crop = f[y0 : y0 + h, x0 : x0 + w].copy()
+        crop[foreign] = np.median(crop[~foreign])
+        out.append(find_spots(crop, separation_px, window=window) + [x0, y0])
+    return out
 
 
 def guess_affine(grid: DotGrid, per_frame: list[np.ndarray], spacing_in_frame: float):
@@ -80,11 +97,22 @@ def guess_affine(grid: DotGrid, per_frame: list[np.ndarray], spacing_in_frame: f
 
 
 def register_region(
-    grid: DotGrid, frames: np.ndarray, region, scale: float, input_hw: tuple[int, int]
+    grid: DotGrid,
+    frames: np.ndarray,
+    region,
+    scale: float,
+    psf_px: int,
+    centres: np.ndarray,
+    own: int,
 ) -> Registered:
-    """Register one sub-image from its split-grid frames (dark removed); GeometryError if not."""
-    separation = 0.8 * 2 * grid.spacing * scale
-    per_frame = region_spots(frames, region, max(separation, 2.0))
+    """Register sub-image `own` (of those centred at `centres` (N, 2)) from its split-grid
+    frames (dark removed); GeometryError if it cannot be trusted. Spots' centroid windows are
+    as wide as a `psf_px`-wide PSF at this scale: in a tightly packed layout a neighbouring
+    sub-image's dot can be nearer than two spacings."""
+    separation = max(0.9 * 2 * grid.spacing * scale, 2.0)
+    window = 2 * math.ceil((psf_px / 2 + 2) * scale) + 1
+    input_hw = (grid.image.shape[0], grid.image.shape[1])
+    per_frame = region_spots(frames, region, separation, window, centres, own)
     guess, scale = guess_affine(grid, per_frame, 2 * grid.spacing)
     spots = np.vstack(per_frame)
     spacing_px = grid.spacing * scale
@@ -92,7 +120,7 @@ def register_region(
         grid,
         spots,
         guess,
-        region=region,
+        region=(region, window / 2 + 1),
         max_rms_px=max(0.5, 0.1 * spacing_px),
         outlier_px=max(1.0, 0.25 * spacing_px),
     )

@@ -248,7 +248,9 @@ class _GridShots:
 
     def __init__(self, ctx: _Context, phot: _Photometry) -> None:
         self.ctx, self.phot = ctx, phot
-        self.grid = geometry.dot_grid(ctx.design.hw, grid_spacing(ctx.design.kernel_size, ctx.design.hw))
+        self.grid = geometry.dot_grid(
+            ctx.design.hw, grid_spacing(ctx.design.kernel_size, ctx.design.hw)
+        )
         self._taken: dict[float, np.ndarray] = {}
 
     def __call__(self, factor: float) -> np.ndarray:
@@ -269,8 +271,8 @@ def _geometry_step(ctx: _Context, phot: _Photometry, found: _Found) -> tuple[lis
     shots = _GridShots(ctx, phot)
     shots(ctx.plan.grid_exposure_factor)
     regs, longer = [], {}
-    for r, sub in enumerate(found.subimages):
-        reg, factor = _register_dim(ctx, shots, r, sub)
+    for r in range(len(found.subimages)):
+        reg, factor = _register_dim(ctx, shots, r, found.subimages)
         if factor != ctx.plan.grid_exposure_factor:
             longer[str(r)] = factor
         regs.append(reg)
@@ -286,17 +288,20 @@ def _geometry_step(ctx: _Context, phot: _Photometry, found: _Found) -> tuple[lis
     return regs, record
 
 
-def _register_dim(ctx: _Context, shots: _GridShots, r: int, sub: SubImage) -> tuple:
+def _register_dim(ctx: _Context, shots: _GridShots, r: int, subimages: list[SubImage]) -> tuple:
     """Register sub-image `r`, exposing 4x longer while its dots are too dim to be found
     (sub-optics differ in throughput): (registration, exposure factor used)."""
-    hw, spacing = ctx.design.hw, shots.grid.spacing
+    hw, spacing, sub = ctx.design.hw, shots.grid.spacing, subimages[r]
+    centres = np.asarray([s.centre for s in subimages])
     scale = sub.scale(hw)
     region = spot_region(sub, scale, spacing + ctx.design.kernel_size, ctx.frame_hw)
     longest = ctx.cam.exposure_range_s[1] / shots.phot.exposure
     factor = ctx.plan.grid_exposure_factor
     while True:
         try:
-            return register_region(shots.grid, shots(factor), region, scale, hw), factor
+            frames, k = shots(factor), ctx.design.kernel_size
+            reg = register_region(shots.grid, frames, region, scale, k, centres, r)
+            return reg, factor
         except geometry.GeometryError as e:
             dim = "found" in str(e) or "matched" in str(e) or "fewer" in str(e)
             if dim and factor < min(longest, 64 * ctx.plan.grid_exposure_factor):
@@ -315,6 +320,7 @@ def _kernel_step(ctx: _Context, phot: _Photometry, found: _Found, regs, patterns
 def _calibration(
     ctx: _Context,
     phot: _Photometry,
+    found: _Found,
     kern: Kernels,
     *,
     bench_name: str,
@@ -348,6 +354,7 @@ def _calibration(
         conversion_gain_e_per_dn=float(phot.gain),
         black_level_dn=float(np.median(phot.dark)),
         background_dn_per_s=phot.background.astype(np.float32),
+        bright_field_dn_per_s=found.white.astype(np.float32),
         display_levels=phot.levels.astype(np.float32),
         display_response=phot.response.astype(np.float32),
         display_gamma=float(phot.gamma),

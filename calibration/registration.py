@@ -96,18 +96,18 @@ def _evidence_against(
     pairs: np.ndarray,
     spots: np.ndarray,
     radius: float,
-    region: tuple[int, int, int, int] | None,
+    search: tuple[tuple[int, int, int, int], float] | None,
 ) -> int:
     """Dots a variant puts where a spot should have been seen but none was (a turned grid
     predicts one at the real gap), plus the spots it leaves unexplained (a grid shifted by a
     spacing leaves a row of them). Dots near the edge of the searched region (or, without one,
     outside the spots' bounding box) may just have been cut off."""
-    if region is None:
+    if search is None:
         lo, hi = spots.min(axis=0) - radius / 2, spots.max(axis=0) + radius / 2
     else:
-        y0, x0, h, w = region
-        lo = np.array([x0 - 0.5, y0 - 0.5]) + 1.5 * radius
-        hi = np.array([x0 + w - 0.5, y0 + h - 0.5]) - 1.5 * radius
+        (y0, x0, h, w), edge = search
+        lo = np.array([x0 - 0.5, y0 - 0.5]) + edge
+        hi = np.array([x0 + w - 0.5, y0 + h - 0.5]) - edge
     missed = int(((pairs < 0) & (pred >= lo).all(axis=1) & (pred <= hi).all(axis=1)).sum())
     return missed + len(spots) - int((pairs >= 0).sum())
 
@@ -120,7 +120,7 @@ def _fit_variant(
     tree: cKDTree,
     radius: float,
     outlier_px: float,
-    region: tuple[int, int, int, int] | None,
+    search: tuple[tuple[int, int, int, int], float] | None,
 ) -> _Candidate | None:
     """Shift, match, fit and re-match one orientation of the guess; None if nothing fits."""
     affine = start.copy()
@@ -147,7 +147,7 @@ def _fit_variant(
         if affine is None:
             return None
     used, err = _errors(affine, grid, spots, pairs)
-    against = _evidence_against(apply_affine(affine, grid.points), pairs, spots, radius, region)
+    against = _evidence_against(apply_affine(affine, grid.points), pairs, spots, radius, search)
     gap_lit = False
     if grid.gap_point is not None:
         gap = apply_affine(affine, np.asarray([grid.gap_point]))[0]
@@ -217,7 +217,7 @@ def register_tile(
     max_rms_px: float = 0.5,
     outlier_px: float = 1.0,
     orientations: tuple[str, ...] | None = None,
-    region: tuple[int, int, int, int] | None = None,
+    region: tuple[int, int, int, int] | tuple[tuple[int, int, int, int], float] | None = None,
 ) -> Registration:
     """Match detected spots (K, 2) to the grid's dots and fit the display→frame affine.
 
@@ -231,8 +231,10 @@ def register_tile(
     less the dots that should have been seen but were not (a turned grid predicts one at the real
     gap) and the spots it leaves unexplained, wins; then the lowest RMS. `region` (y0, x0, h, w),
     the frame area the spots were searched in, tells which dots may have been lost at its edge
-    (within 3/4 spacing); without it, dots outside the spots' bounding box may. A lost dot that a
-    turn or mirror would put the gap on makes the orientation ambiguous: an error, not a guess.
+    (within 3/4 spacing, or the distance given as `region = (box, edge_px)`: as far as a
+    spot's centroid window reaches); without it, dots outside the spots' bounding box may. A
+    lost dot that a turn or mirror would put the gap on makes the orientation ambiguous: an
+    error, not a guess.
 
     Raises GeometryError when the answer is not trustworthy: fewer than `min_matched` dots, more
     than one orientation fitting equally well, or an RMS above `max_rms_px`.
@@ -254,10 +256,11 @@ def register_tile(
         raise ValueError("guess is singular")
     radius = 0.5 * grid.spacing * scale
     tree = cKDTree(spots)
+    search = region if region is None or len(region) == 2 else (region, 1.5 * radius)
     candidates = []
     for name in names:
         start = _oriented(guess, ORIENTATIONS[name], grid.centre)
-        cand = _fit_variant(name, start, grid, spots, tree, radius, outlier_px, region)
+        cand = _fit_variant(name, start, grid, spots, tree, radius, outlier_px, search)
         if cand is not None:
             candidates.append(cand)
     best = _trusted(_choose(candidates, need, len(spots), n_dots), max_rms_px)

@@ -1,4 +1,4 @@
-"""Frames into feature maps: the calibration's registration, dark and stray light undone.
+"""Frames into feature maps: each sub-image resampled onto the design's input grid.
 
 What `hil capture` runs on every frame, and the display pre-compensation it shows images with.
 """
@@ -7,54 +7,65 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse
+import scipy.sparse.linalg
 
 from calibration import calfile
+from calibration.model import padded_grid, tile_models
 
 
 class FeatureExtractor:
-    """Frame (DN) → feature maps on the design's grid (m, Hd, Wd), in the design's units.
+    """Frame (DN) → feature maps on the design's grid (m, h, w), in the design's units.
 
-    Each tile is sampled (bilinearly, edges clamped) at the registered position of every display
-    pixel, so maps from all tiles line up with each other and with the simulated frontend's
-    output; dividing by the bench's throughput (measured kernel sums over designed ones) puts them
-    in its units. Sampling and the ± subtraction are one sparse matrix, built once, so a frame
-    costs one product instead of a resampling per tile.
+    The calibration's forward model says how each feature map F, on the padded input grid,
+    reaches the sensor: B F (area integration through the registered map, with distortion and
+    vignetting, every tile's light overlap-added). Capture inverts it: F = argmin ||B F − y||²
+    + λ||F||² for the frame's signal y, so a magnified sub-image is read at its own sampling and
+    a neighbour's spilt light is given back to the neighbour. BᵀB is sparse and factorised once;
+    a frame costs one sparse product and one sparse solve. Dividing by the bench's throughput
+    (measured kernel sums over designed ones) puts the maps in the design's units.
     """
 
     def __init__(self, cal: calfile.Calibration, design_psf_sums: np.ndarray) -> None:
-        self.cal = cal
-        h, w = cal.display_shape[:2]
-        ys, xs = np.mgrid[:h, :w].astype(np.float64)
-        points = np.stack([xs.ravel(), ys.ravel(), np.ones(h * w)])
-        sample = [bilinear_weights((a @ points)[::-1], cal.frame_shape) for a in cal.affines]
-        if cal.signed:
-            sample = [p - n for p, n in zip(sample[0::2], sample[1::2], strict=True)]
-        self.weights = scipy.sparse.vstack(sample, format="csr")
-        self.shape = (h, w)
+        self.cal, self.grid = cal, padded_grid(cal)
+        blocks = [
+            _placed(m, v, cal.frame_shape)
+            for m, v in zip(tile_models(cal), cal.vignetting, strict=True)
+        ]
+        self.forward = scipy.sparse.hstack(blocks, format="csr")  # (H·W, P·Hp·Wp)
+        normal = (self.forward.T @ self.forward).tocsc()
+        ridge = 1e-6 * float(normal.diagonal().mean())
+        normal = normal + ridge * scipy.sparse.identity(normal.shape[0], format="csc")
+        self._solve = scipy.sparse.linalg.factorized(normal)
+        self.shape = tuple(cal.input_shape)
         ratio = cal.psfs.sum(axis=(1, 2, 3)) / design_psf_sums
         self.scale = float(np.median(ratio))
         self._dark = cal.dark_dn.astype(np.float64).ravel()
         self._background = cal.background_dn_per_s.astype(np.float64).ravel()
 
-    def __call__(self, frame: np.ndarray) -> np.ndarray:
+    def maps(self, frame: np.ndarray) -> np.ndarray:
+        """Every tile's map (P, h, w) in DN/s per unit light, before the ± subtraction."""
         signal = (frame.ravel() - self._dark) / self.cal.exposure_s - self._background
-        maps = self.weights @ signal / self.scale
-        return maps.reshape(-1, *self.shape).astype(np.float32)
+        padded = self._solve(self.forward.T @ signal).reshape(-1, *self.grid.shape)
+        return self.grid.crop(padded)
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray:
+        maps = self.maps(frame) / self.scale
+        if self.cal.signed:
+            maps = maps[0::2] - maps[1::2]
+        return maps.astype(np.float32)
 
 
-def bilinear_weights(yx: np.ndarray, shape: tuple[int, int]) -> scipy.sparse.csr_matrix:
-    """Rows of weights that sample an image of `shape` bilinearly at points (2, n) (y, x), clamped
-    to the image like `scipy.ndimage.map_coordinates(order=1, mode="nearest")`."""
-    h, w = shape
-    y, x = np.clip(yx[0], 0, h - 1), np.clip(yx[1], 0, w - 1)
-    y0 = np.minimum(np.floor(y).astype(np.int64), max(h - 2, 0))
-    x0 = np.minimum(np.floor(x).astype(np.int64), max(w - 2, 0))
-    fy, fx = y - y0, x - x0
-    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
-    rows = np.tile(np.arange(len(y)), 4)
-    cols = np.concatenate([y0 * w + x0, y0 * w + x1, y1 * w + x0, y1 * w + x1])
-    vals = np.concatenate([(1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx])
-    return scipy.sparse.csr_matrix((vals, (rows, cols)), shape=(len(y), h * w))
+def _placed(model, vignetting: float, frame_shape) -> scipy.sparse.csr_matrix:
+    """A tile's operator (region pixels × padded grid) as rows of the whole frame."""
+    y0, x0, h, w = model.region
+    fh, fw = frame_shape
+    ys, xs = np.mgrid[y0 : y0 + h, x0 : x0 + w]
+    rows = (ys * fw + xs).ravel()
+    local = scipy.sparse.diags(model.vignette(vignetting)) @ model.operator
+    coo = local.tocoo()
+    return scipy.sparse.csr_matrix(
+        (coo.data, (rows[coo.row], coo.col)), shape=(fh * fw, local.shape[1])
+    )
 
 
 def pre_compensate(levels: np.ndarray, cal: calfile.Calibration) -> np.ndarray:

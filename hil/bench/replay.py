@@ -14,7 +14,7 @@ import torch
 
 from calibration import calfile
 from calibration.design import Design
-from calibration.model import predict_signal
+from calibration.model import emitted_light, predict_signal, tile_models
 from sim.clock import RealClock, VirtualClock
 from sim.layout import TileLayout
 from sim.params import SimParams
@@ -40,13 +40,23 @@ class ReplayWorld(SimWorld):
         )
         self.calibration = calfile.load(calibration, expect_fingerprint=inputs)
         self._rng = np.random.default_rng(params.fabrication.seed)
+        self._models = None
+
+    def _grid_levels(self) -> np.ndarray:
+        """What the display shows on the input grid (1, h, w[, 3]): each s×s block's mean."""
+        cal = self.calibration
+        (h, w), s, (x, y) = cal.input_shape, cal.display_scale, cal.display_origin
+        block = self.levels.numpy().astype(np.float64)[:, y : y + s * h, x : x + s * w]
+        grid = block.reshape(block.shape[0], h, s, w, s).mean(axis=(2, 4))
+        return grid[0][None] if grid.shape[0] == 1 else grid.transpose(1, 2, 0)[None]
 
     def mean_frame(self, exposure_s: float) -> np.ndarray:
         """Expected DN for what the display shows now, under the current light."""
         cal, light = self.calibration, self.light_level
-        levels = self.levels.numpy().astype(np.float64)
-        emitted = np.interp(levels, cal.display_levels, cal.display_response) * cal.illumination
-        signal = predict_signal(cal, emitted[None] * light)[0]
+        if self._models is None:
+            self._models = tile_models(cal)
+        emitted = emitted_light(cal, self._grid_levels()) * light
+        signal = predict_signal(cal, emitted, self._models)[0]
         return cal.dark_dn + exposure_s * (cal.background_dn_per_s * light + signal)
 
     @torch.no_grad()

@@ -14,12 +14,14 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from calibration import calfile
+from calibration.discovery import DiscoveryError
+from calibration.errors import CalibrationError
 from calibration.pipeline import STEPS, Plan, calibrate
 from hil.bench.assembly import Bench
 from hil.bench.config import BenchConfig
 from hil.bench.design import grid_origin
 from hil.bench.truth import ground_truth
-from hil.output.figures import save_calibration_plots
+from hil.output.figures import save_calibration_plots, save_subimages_png
 from hil.output.records import environment
 
 
@@ -39,14 +41,20 @@ def run_calibrate(
         done: list[str] = []
         design = bench.design
         grid_origin(design, bench.display.shape, f"display {bench.display.name!r}")
-        cal = calibrate(
-            bench,
-            design,
-            plan,
-            bench_name=config.name,
-            versions=environment()["packages"],
-            progress=progress,
-        )
+        try:
+            cal = calibrate(
+                bench,
+                design,
+                plan,
+                bench_name=config.name,
+                versions=environment()["packages"],
+                progress=progress,
+            )
+        except DiscoveryError as e:
+            picture = out_dir / "subimages-found.png"
+            labels = [str(i) for i in range(len(e.found))]
+            save_subimages_png(e.frame, [s.box for s in e.found], labels, picture, str(e)[:90])
+            raise CalibrationError(f"{e} — picture: {picture}") from None
         bar.update(task, description="done", completed=len(STEPS))
         cal.truth = ground_truth(bench, cal, design)
         snapshot = bench.snapshot()

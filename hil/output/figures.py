@@ -6,6 +6,7 @@ from pathlib import Path
 
 import cv2
 import matplotlib
+import matplotlib.patches
 
 from calibration.atomic import atomic_path
 
@@ -55,7 +56,15 @@ def save_calibration_plots(cal, design_psfs: np.ndarray, out_dir: Path) -> dict[
         "psfs": out_dir / "psfs.png",
         "residuals": out_dir / "residuals.png",
         "photometry": out_dir / "photometry.png",
+        "subimages": out_dir / "subimages.png",
+        "registration": out_dir / "registration.png",
     }
+    tiles = range(cal.tiles)
+    labels = [f"{p // 2}{'+-'[p % 2]}" if cal.signed else str(p) for p in tiles]
+    title = "bright field: each sub-image's region, labelled by its kernel"
+    save_subimages_png(cal.bright_field_dn_per_s, cal.tile_boxes, labels, paths["subimages"], title)
+    kernels = next(s for s in cal.steps if s["name"] == "kernels")
+    save_registration_png(kernels, cal.frame_shape, paths["registration"])
     design = design_psfs.sum(axis=1)
     measured = cal.psfs.sum(axis=1)
     norm = measured.sum(axis=(1, 2), keepdims=True) / design.sum(axis=(1, 2), keepdims=True)
@@ -87,7 +96,7 @@ def save_calibration_plots(cal, design_psfs: np.ndarray, out_dir: Path) -> dict[
             title=f"photon transfer: {cal.conversion_gain_e_per_dn:.2f} e-/DN",
         )
     im = axes[2].imshow(cal.illumination, cmap="viridis")
-    axes[2].set(title="display illumination", xticks=[], yticks=[])
+    axes[2].set(title="display illumination (input grid)", xticks=[], yticks=[])
     fig.colorbar(im, ax=axes[2], fraction=0.046)
     save_figure(fig, paths["photometry"])
     return paths
@@ -158,4 +167,50 @@ def save_overlay_png(
                 ax.set_title(label, fontsize=9)
     if title:
         fig.suptitle(title, fontsize=9)
+    return save_figure(fig, path)
+
+
+def save_subimages_png(
+    signal: np.ndarray, boxes, labels: list[str], path: Path | str, title: str = ""
+) -> Path:
+    """The bright-field frame with every found sub-image boxed and labelled (by its kernel
+    once assigned, by its found order when calibration stopped before)."""
+    fig = Figure(figsize=(8, 8 * signal.shape[0] / max(signal.shape[1], 1) + 0.6))
+    ax = fig.add_subplot()
+    ax.imshow(signal, cmap="gray", vmin=0, vmax=max(float(np.percentile(signal, 99.5)), 1e-12))
+    for (y0, x0, h, w), label in zip(boxes, labels, strict=True):
+        ax.add_patch(
+            matplotlib.patches.Rectangle(
+                (x0 - 0.5, y0 - 0.5), w, h, fill=False, ec="tab:orange", lw=1
+            )
+        )
+        ax.text(x0, y0 - 1, label, color="tab:orange", fontsize=7, va="bottom")
+    ax.set(title=title or "bright field: sub-images found", xticks=[], yticks=[])
+    return save_figure(fig, path)
+
+
+def save_registration_png(geometry: dict, frame_hw, path: Path | str, gain: float = 0.0) -> Path:
+    """Registration residuals on the sensor: an arrow per dot from the map's prediction to its
+    spot, magnified (`gain`, default so that the largest is a tenth of the frame)."""
+    spots = [np.asarray(d["spots_px"]).reshape(-1, 2) for d in geometry["dots"]]
+    miss = [np.asarray(d["miss_px"]).reshape(-1, 2) for d in geometry["dots"]]
+    top = max((float(np.abs(m).max()) for m in miss if m.size), default=0.0)
+    gain = gain or (0.1 * max(frame_hw) / top if top > 0 else 1.0)
+    fig = Figure(figsize=(8, 8 * frame_hw[0] / max(frame_hw[1], 1) + 0.6))
+    ax = fig.add_subplot()
+    for s, m in zip(spots, miss, strict=True):
+        if s.size:
+            ax.quiver(
+                s[:, 0],
+                s[:, 1],
+                m[:, 0] * gain,
+                m[:, 1] * gain,
+                angles="xy",
+                scale_units="xy",
+                scale=1,
+                width=0.002,
+                color="tab:blue",
+            )
+    ax.set(xlim=(-0.5, frame_hw[1] - 0.5), ylim=(frame_hw[0] - 0.5, -0.5), aspect="equal")
+    ax.set_title(f"registration residuals, ×{gain:.0f} (largest {top:.3f} px)", fontsize=9)
     return save_figure(fig, path)

@@ -27,7 +27,10 @@ from calibration.errors import CalibrationError
 H, W, HD, WD, K = 40, 40, 16, 16, 5
 BENCH = {
     "frame_shape": (H, W),
-    "display_shape": (HD, WD),
+    "display_shape": (HD + 8, WD + 4),
+    "input_shape": (HD, WD),
+    "display_scale": 1,
+    "display_origin": (2, 4),
     "kernels": 2,
     "kernel_size": K,
     "signed": True,
@@ -36,7 +39,15 @@ BENCH = {
 }
 
 
-def _design(kernels: int = 2, kernel_size: int = K, signed: bool = True, channels: int = 1):
+def _design(
+    kernels: int = 2,
+    kernel_size: int = K,
+    signed: bool = True,
+    channels: int = 1,
+    input_shape=(HD, WD),
+    display_scale: int = 1,
+    display_origin=(2, 4),
+):
     """A design with that geometry (what the fingerprint reads of it; PSFs and boxes are not)."""
     p = kernels * (2 if signed else 1)
     return Design(
@@ -46,7 +57,9 @@ def _design(kernels: int = 2, kernel_size: int = K, signed: bool = True, channel
         channels=channels,
         tile_boxes=[(0, 0, HD, WD)] * p,
         psfs=np.ones((p, channels, kernel_size, kernel_size)),
-        hw=(HD, WD),
+        hw=input_shape,
+        display_scale=display_scale,
+        display_origin=display_origin,
     )
 
 
@@ -76,11 +89,16 @@ def _cal(seed: int = 0, **over) -> Calibration:
         "conversion_gain_e_per_dn": 2.4,
         "black_level_dn": 32.0,
         "background_dn_per_s": rng.uniform(0, 5, (h, w)).astype(np.float32),
+        "bright_field_dn_per_s": rng.uniform(0, 500, (h, w)).astype(np.float32),
         "display_levels": levels,
         "display_response": levels**2.2,
         "display_gamma": 2.2,
-        "illumination": rng.uniform(0.9, 1.0, geometry["display_shape"][:2]).astype(np.float32),
+        "illumination": rng.uniform(0.9, 1.0, geometry["input_shape"]).astype(np.float32),
+        "vignetting": rng.uniform(0, 0.1, p).astype(np.float32),
         "affines": affines,
+        "distortion_k1": rng.uniform(-0.02, 0.02, p),
+        "distortion_centre_px": rng.uniform(0, 40, (p, 2)),
+        "distortion_radius_px": rng.uniform(10, 12, p),
         "registration_rms_px": rng.uniform(0, 0.1, p).astype(np.float32),
         "tile_boxes": np.array([[2 + 20 * (i // 2), 2 + 20 * (i % 2), 12, 12] for i in range(p)]),
         "psfs": rng.uniform(0, 1, (p, c, geometry["kernel_size"], geometry["kernel_size"])),
@@ -114,7 +132,7 @@ def saved(tmp_path: Path) -> tuple[Calibration, Path]:
 def test_round_trip_is_exact(tmp_path: Path, variant: str) -> None:
     over = {} if variant == "signed" else {"signed": False, "kernels": 3, "channels": 3}
     if variant == "unsigned_rgb":
-        over |= {"display_shape": (HD, WD, 3), "truth": None, "bench_name": ""}
+        over |= {"display_shape": (HD + 8, WD + 4, 3), "truth": None, "bench_name": ""}
     cal = _cal(**over)
     path = save(cal, tmp_path / "cal.h5")
     back = load(path, expect_fingerprint=cal.fingerprint)
@@ -209,6 +227,15 @@ def test_hdf5_that_is_not_a_calibration(tmp_path: Path) -> None:
     assert "not a calibration file" in _load_error(path)
 
 
+def test_a_schema_1_file_is_refused_with_what_changed(saved) -> None:
+    _, path = saved
+    with h5py.File(path, "a") as f:
+        f.attrs["schema_version"] = 1
+    message = _load_error(path)
+    assert "older hil (schema 1, without the physical display" in message
+    assert "run `hil calibrate` again" in message
+
+
 def test_newer_schema(saved) -> None:
     _, path = saved
     with h5py.File(path, "r+") as f:
@@ -274,13 +301,20 @@ def test_other_bench_names_what_differs(saved) -> None:
 
 def test_fingerprint_is_stable_and_canonical() -> None:
     fp = _fingerprint(BENCH)
-    assert fp == "9ff6044719c49e3e"  # a change here orphans every calibration file on disk
+    assert fp == "2bdac29a7144eab9"  # a change here orphans every calibration file on disk
     numpy_typed = {**BENCH, "frame_shape": np.array([H, W]), "kernels": np.int64(2)}
     assert _fingerprint(numpy_typed) == fp
     inputs = _fingerprint(BENCH, fingerprint_inputs)
     assert _fingerprint(numpy_typed, fingerprint_inputs) == json.loads(json.dumps(inputs))
     assert inputs == _cal().bench_inputs
-    changed = {"camera_bit_depth": 10, "signed": False, "channels": 3, "display_shape": (16, 17)}
+    changed = {
+        "camera_bit_depth": 10,
+        "signed": False,
+        "channels": 3,
+        "display_shape": (26, 21),
+        "input_shape": (12, 16),
+        "display_origin": (0, 0),
+    }
     for key, value in changed.items():
         assert _fingerprint({**BENCH, key: value}) != fp, key
     assert _cal().fingerprint == fp

@@ -208,18 +208,3 @@ def test_a_tampered_or_truncated_store_is_one_clear_error(tmp_path):
         read(cut)
     with pytest.raises(UserError, match=r"cut\.h5: cannot resume"):
         open_store(cut, 4)
-
-
-def test_frame_sampling_weights_equal_scipy_bilinear_interpolation():
-    from scipy.ndimage import map_coordinates
-
-    from hil.acquire.features import bilinear_weights
-
-    rng = np.random.default_rng(0)
-    image = rng.random((9, 13))
-    yx = np.stack([rng.uniform(-2, 11, 200), rng.uniform(-2, 15, 200)])
-    yx[:, :4] = [[0, 8, 8, 3.5], [0, 12, 0.25, 12]]  # corners and edges exactly
-    expected = map_coordinates(image, yx, order=1, mode="nearest")
-    np.testing.assert_allclose(
-        bilinear_weights(yx, image.shape) @ image.ravel(), expected, atol=1e-12
-    )

@@ -5,7 +5,8 @@
 For each case it prints images/s of the frontend's FFT path (cached PSF spectrum), of its `auto`
 choice, and of `torch.nn.functional.conv2d` with the flipped kernel, all in one run, as ratios to
 conv2d, inference and a training step (forward + backward) alike. Numbers depend on the machine;
-the ratios are what the README reports.
+the ratios are what the README reports. Last, the time the simulated bench takes to render one
+camera frame (`SimWorld.irradiance`, and `capture` with the sensor noise) of a lab-like bench.
 """
 
 from __future__ import annotations
@@ -15,15 +16,62 @@ import platform
 import time
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sim.layout import TileLayout
+from sim.params import SimParams
 from sim.psf_frontend import PSFFrontend
+from sim.world import SimWorld
 
 CASES = [
     ("8 signed 7x7 kernels, 28x28 images", 8, 7, 28),
     ("16 signed 28x28 PSFs, 64x64 images", 16, 28, 64),
 ]
+
+
+# 8 signed 7×7 kernels on a 32×32 grid shown 8x on a 1920×1080 display, imaged at 0.31x onto a
+# 1440×1080 sensor: 16 sub-images of ~79 px in a rotated, jittered, distorted grid.
+BENCH = {
+    "display": {"width": 1920, "height": 1080},
+    "sensor": {"width": 1440, "height": 1080},
+    "optics": {
+        "magnification": 0.31,
+        "tile_pitch_px": [340, 260],
+        "grid_rotation_deg": 1.5,
+        "tile_jitter_px": 2.0,
+        "distortion_k1": 0.02,
+        "tile_vignetting": 0.1,
+        "hot_pixels": 1e-4,
+    },
+}
+
+
+def frame_times(trials: int = 30) -> None:
+    """Best and median ms of one noise-free and one noisy frame of the BENCH world."""
+    psfs = PSFFrontend(8, 7, 1, True, trainable=False, seed=0).psfs
+    t0 = time.perf_counter()
+    params, layout = SimParams.model_validate(BENCH), TileLayout.grid(16, (32, 32), 4, True)
+    world = SimWorld(params, psfs, True, layout, display_scale=8)
+    build = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    (h, w), (ox, oy) = world.display_shape, world.display_origin
+    levels = np.zeros((h, w), np.float32)
+    levels[oy : oy + 256, ox : ox + 256] = np.kron(rng.random((32, 32)), np.ones((8, 8)))
+    world.show(levels)
+    world.set_source("light", True, 1.0)
+    fh, fw = world.frame_shape
+    print(f"\nsimulated bench frame {fw}x{fh}, 16 sub-images at magnification 0.31 x scale 8")
+    print(f"{'':38s} built in {build:.2f} s, render matrix {world.render_lit.nnz} non-zeros")
+    for name, fn in (("irradiance", world.irradiance), ("capture", lambda: world.capture(0.01))):
+        fn()
+        times = []
+        for _ in range(trials):
+            t = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t))
+        print(f"{name:38s} best {min(times):6.1f} ms   median {np.median(times):6.1f} ms")
 
 
 def rate(fn, batch: int, seconds: float) -> float:
@@ -71,6 +119,7 @@ def main() -> None:
         for mode, (c, f, a) in (("inference", infer), ("training", train)):
             print(f"{name:38s} {mode:9s} {c:10.0f} {f:10.0f} {a:10.0f} {f / c:11.2f} {a / c:12.2f}")
         print(f"{'':38s} FFT vs conv2d relative error {err:.1e}")
+    frame_times()
 
 
 if __name__ == "__main__":

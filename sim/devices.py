@@ -47,7 +47,7 @@ class SimCamera(Camera):
 
     def __init__(self, world: SimWorld, name: str = "sim-camera") -> None:
         sp = world.params.sensor
-        super().__init__(name, world.layout.frame_shape, sp.bit_depth, (1e-6, 60.0))
+        super().__init__(name, world.frame_shape, sp.bit_depth, (1e-6, 60.0))
         self.world = world
         self._exposure_s = sp.exposure_s
         self._next_start = -float("inf")
@@ -60,7 +60,7 @@ class SimCamera(Camera):
         return cls(context.sim_world(), name)
 
     def seed_noise(self, key: int) -> None:
-        self.world.noise.manual_seed(key)
+        self.world.seed_noise(key)
 
     def inject(
         self, stall: bool = False, timeouts: int = 0, disconnect: bool = False, corrupt: int = 0

@@ -170,11 +170,17 @@ def perturb_psfs(
 class Fabrication:
     """One fabricated frontend: its seed fixes δ, so a bench sees the same optic every run."""
 
-    def __init__(self, params: FabricationParams, display: DisplayParams) -> None:
+    def __init__(
+        self,
+        params: FabricationParams,
+        display: DisplayParams,
+        grid_hw: tuple[int, int] | None = None,
+    ) -> None:
         self.params = params
         self.display = display
         self.gain = params.gain
         self.background = params.background
+        self.grid_shape = (display.height, display.width) if grid_hw is None else tuple(grid_hw)
 
     @property
     def display_shape(self) -> tuple[int, int]:
@@ -206,5 +212,7 @@ class Fabrication:
         return warp_image(images, self.params.shift_px, self.params.rotation_deg)
 
     def warp_points(self, xy: Tensor) -> Tensor:
-        """Ground-truth landing points of display pixels (x, y) for this optic's misalignment."""
-        return warp_points(xy, self.display_shape, self.params.shift_px, self.params.rotation_deg)
+        """Ground-truth landing points of input-grid points (x, y) for this optic's misalignment
+        (the warp turns about the centre of `grid_shape`: the input grid, by default the display).
+        """
+        return warp_points(xy, self.grid_shape, self.params.shift_px, self.params.rotation_deg)

@@ -8,7 +8,10 @@ design, which real and simulated benches share.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+import math
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Section(BaseModel):
@@ -52,6 +55,12 @@ class SensorParams(_Section):
     flux_e_per_s: float = Field(
         1.0e6, gt=0, description="electrons per second per pixel for unit irradiance"
     )
+    width: int | None = Field(
+        None, ge=1, le=32768, description="sensor width in pixels; default: just fits the tiles"
+    )
+    height: int | None = Field(
+        None, ge=1, le=32768, description="sensor height in pixels; default: just fits the tiles"
+    )
 
 
 class DisplayParams(_Section):
@@ -63,6 +72,55 @@ class DisplayParams(_Section):
     bit_depth: int = Field(8, ge=1, le=16, description="bits per pixel the display accepts")
 
 
+_Pitch = Annotated[float, Field(gt=0, le=1e5)]
+_Position = Annotated[float, Field(ge=-1e5, le=1e5)]
+
+
+class OpticsParams(_Section):
+    """Where the glass images each sub-optic on the sensor: the bench's physical geometry.
+
+    Sensor px per physical display px, a grid of tile centres that may be rotated, jittered,
+    distorted and vignetted, and hot pixels; see the geometry spec in `sim.bench_geometry`.
+    """
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    magnification: float = Field(
+        1.0,
+        ge=-100,
+        le=100,
+        description="sensor px per physical display px (negative: inverted image), |m| ≥ 0.01",
+    )
+    tile_pitch_px: tuple[_Pitch, _Pitch] | None = Field(
+        None, description="[x, y] sensor px between tile centres; default: packed with the gap"
+    )
+    grid_center_px: tuple[_Position, _Position] | None = Field(
+        None, description="[x, y] sensor px of the tile grid's centre; default: sensor centre"
+    )
+    grid_rotation_deg: float = Field(
+        0.0, ge=-180, le=180, description="rotation of the tile grid and every image (ccw)"
+    )
+    tile_jitter_px: float = Field(
+        0.0, ge=0, le=1e4, description="σ in sensor px of each tile centre's random offset"
+    )
+    distortion_k1: float = Field(
+        0.0, ge=-0.3, le=0.3, description="radial distortion k1 at the grid's half-diagonal"
+    )
+    tile_vignetting: float = Field(
+        0.0, ge=0, le=0.9, description="relative irradiance drop at each tile's corners"
+    )
+    hot_pixels: float = Field(
+        0.0, ge=0, le=0.01, description="fraction of pixels with 0.2 full well of extra dark"
+    )
+
+    @field_validator("magnification")
+    @classmethod
+    def _magnification_not_tiny(cls, m: float) -> float:
+        if not math.isfinite(m) or abs(m) < 0.01:
+            raise ValueError(f"|magnification| must be in [0.01, 100], got {m}")
+        return m
+
+
 class SimParams(_Section):
     """The simulated bench: its fabricated glass, sensor and display, or a replayed calibration."""
 
@@ -72,3 +130,4 @@ class SimParams(_Section):
     fabrication: FabricationParams = FabricationParams()
     sensor: SensorParams = SensorParams()
     display: DisplayParams = DisplayParams()
+    optics: OpticsParams = OpticsParams()

@@ -71,7 +71,15 @@ class Bench:
                 self._world = ReplayWorld(sim, design, layout, sim.replay, self._clock)
             else:
                 psfs = torch.from_numpy(design.psfs.astype(np.float32))
-                self._world = SimWorld(sim, psfs, design.signed, layout, self._clock)
+                self._world = SimWorld(
+                    sim,
+                    psfs,
+                    design.signed,
+                    layout,
+                    self._clock,
+                    display_scale=design.display_scale,
+                    display_origin=design.display_origin,
+                )
         return self._world
 
     world = property(sim_world)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
-from scipy.stats import norm
+from scipy.stats import norm, poisson
 
 from sim.params import SensorParams
 from sim.sensor import Sensor
@@ -105,3 +108,82 @@ def test_exposure_scales_signal_linearly(sensor: Sensor) -> None:
         return dn * sensor.gain_e_per_dn - PARAMS.dark_e
 
     assert signal_e(2 * base) / signal_e(base) == pytest.approx(2.0, rel=0.01)
+
+
+# -- the simulated camera's fast draws ------------------------------------------------------
+
+
+def _table_pmf(sensor: Sensor, irradiance: float) -> tuple[np.ndarray, np.ndarray]:
+    rate = float(sensor.electrons(irradiance)) + sensor.params.dark_e
+    lo, cdf, _ = sensor._code_table(rate)
+    return lo + np.arange(cdf.size), np.diff(cdf, prepend=0.0)
+
+
+def test_without_read_noise_the_code_table_is_the_poisson_cdf() -> None:
+    """DN = round(N/g + black): P(DN ≤ c) = P(N ≤ (c + ½ − black)·g), a Poisson CDF."""
+    sensor = Sensor(SensorParams(read_noise_e=0.0))
+    rate = 0.02 * E_PER_UNIT + sensor.params.dark_e
+    lo, cdf, _ = sensor._code_table(rate)
+    codes = lo + np.arange(cdf.size)
+    bound = np.floor((codes + 0.5 - PARAMS.black_level_dn) * sensor.gain_e_per_dn)
+    np.testing.assert_allclose(cdf[:-1], poisson.cdf(bound, rate)[:-1], atol=1e-12)
+
+
+@pytest.mark.parametrize("signal_e", [0.0, 100.0, 3000.0])
+def test_the_code_table_has_the_photon_transfer_mean_and_variance(sensor, signal_e) -> None:
+    irradiance = signal_e / E_PER_UNIT
+    codes, pmf = _table_pmf(sensor, irradiance)
+    mean = float(sensor.mean_dn(torch.tensor(irradiance, dtype=torch.float64)))
+    var = float(sensor.var_dn(torch.tensor(irradiance, dtype=torch.float64)))
+    assert pmf.sum() == pytest.approx(1.0, abs=1e-12)
+    assert (codes * pmf).sum() == pytest.approx(mean, abs=1e-6)
+    assert ((codes - mean) ** 2 * pmf).sum() == pytest.approx(var, rel=1e-4)
+
+
+def test_the_code_table_clips_at_the_full_well_before_read_noise(sensor: Sensor) -> None:
+    codes, pmf = _table_pmf(sensor, 10.0)  # 10x the full well
+    read_dn = PARAMS.read_noise_e / sensor.gain_e_per_dn
+    assert pmf[codes == sensor.max_dn].item() == pytest.approx(norm.cdf(0.5 / read_dn), abs=1e-9)
+
+
+def test_draw_samples_the_table_and_each_listed_pixel_its_own_rate(sensor: Sensor) -> None:
+    shape, base = (600, 800), 100.0 / E_PER_UNIT
+    index = np.arange(0, shape[0] * shape[1], 2)  # every other pixel at its own irradiance
+    frame = sensor.draw(np.random.default_rng(0), shape, base, index, np.full(index.size, base))
+    codes, pmf = _table_pmf(sensor, base)
+    for sample in (np.delete(frame.ravel(), index), frame.ravel()[index]):  # table, Poisson
+        counts = np.bincount(sample, minlength=codes[-1] + 1)[codes]
+        expected = pmf * sample.size
+        keep = expected > 20
+        chi2 = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum()
+        assert chi2 < keep.sum() + 6 * math.sqrt(2 * keep.sum())  # χ² within 6σ of its mean
+    bright = sensor.draw(np.random.default_rng(1), shape, base, index, np.full(index.size, 0.5))
+    mean = float(sensor.mean_dn(torch.tensor(0.5, dtype=torch.float64)))
+    assert bright.ravel()[index].mean() == pytest.approx(mean, abs=0.1)
+
+
+def test_draw_is_seeded() -> None:
+    sensor = Sensor(PARAMS)
+    index, irr = np.array([5, 17]), np.array([0.4, 0.2])
+    a, b, c = (sensor.draw(np.random.default_rng(s), (64, 64), 0.01, index, irr) for s in (3, 3, 4))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_a_dark_map_adds_to_every_frame_and_to_the_model() -> None:
+    dark = torch.zeros(50, 60)
+    dark[::7, ::5] = 2000.0
+    sensor = Sensor(PARAMS, dark_map_e=dark)
+    zero = torch.zeros(50, 60, dtype=torch.float64)
+    mean = sensor.mean_dn(zero)
+    torch.testing.assert_close(
+        mean - Sensor(PARAMS).mean_dn(zero), dark.double() / sensor.gain_e_per_dn
+    )
+    frames = torch.stack([sensor.capture(zero, _gen(s)) for s in range(30)])
+    hot = dark > 0
+    assert float(frames[:, hot].mean()) == pytest.approx(float(mean[hot][0]), abs=1.0)
+    hot_index = np.flatnonzero(hot.numpy())
+    drawn = np.stack(
+        [sensor.draw(np.random.default_rng(s), (50, 60), 0.0, hot_index, np.zeros(hot_index.size))
+         for s in range(30)]
+    )  # fmt: skip
+    assert drawn[:, hot.numpy()].mean() == pytest.approx(float(mean[hot][0]), abs=1.0)

@@ -26,7 +26,7 @@ class Registered:
     """One sub-image's map and the dots it was fitted to (input-grid points, sensor spots)."""
 
     map: TileMap
-    points: np.ndarray  # (M, 2) input-grid (x, y) of the matched dots
+    points: np.ndarray  # (M, 2) input-grid (x, y) the map takes to the spots: dot + PSF lead
     spots: np.ndarray  # (M, 2) sensor (x, y) of their spots
     residual_px: np.ndarray  # (M,) sensor px
     orientation: str
@@ -45,7 +45,7 @@ class Registered:
         spots sit at the dots' images plus the PSF's centroid, and the kernel keeps the latter."""
         shifted = self.points + lead
         tile, err = fit_tilemap(shifted, self.spots, self.map.affine, input_hw)
-        return Registered(tile, self.points, self.spots, err, self.orientation)
+        return Registered(tile, shifted, self.spots, err, self.orientation)
 
 
 def spot_region(sub: SubImage, scale: float, reach_px: float, frame_hw) -> tuple:

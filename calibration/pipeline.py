@@ -174,7 +174,7 @@ def calibrate(
     patterns = (rng.random((plan.patterns, *design.hw)) < 0.5).astype(np.float32)
     kern, _ = steps.run("kernels", _kernel_step, ctx, phot, found, regs, patterns)
     cal = _calibration(
-        ctx, phot, kern, bench_name=bench_name, versions=versions, steps=steps.records
+        ctx, phot, found, kern, bench_name=bench_name, versions=versions, steps=steps.records
     )
     steps.run("validation", _validation_step, ctx, cal, rng)
     photometry.set_lights(bench, False)

@@ -57,8 +57,11 @@ class BenchGeometry:
         display_scale: int = 1,
         sensor_hw: tuple[int | None, int | None] = (None, None),
         seed: int = 0,
+        misalignment: tuple[tuple[float, float], float] = ((0.0, 0.0), 0.0),
     ) -> None:
         self.optics, self.layout = optics, layout
+        (dx, dy), turn = misalignment
+        self.misalign_shift, self.misalign_rotation = np.array([dx, dy], float), rotation(turn)
         h, w = self.grid_hw = (layout.tile_h, layout.tile_w)
         self.scale = optics.magnification * display_scale  # sensor px per input px, signed
         self.matrix = self.scale * rotation(optics.grid_rotation_deg)
@@ -98,10 +101,22 @@ class BenchGeometry:
 
     # -- the map x (input grid) → u (undistorted) → d (sensor) and back ----------------------
 
-    def undistorted(self, p: int, xy) -> np.ndarray:
-        """u = c_p + M·(x − c_in) of input-grid points (..., 2)."""
+    def misaligned(self, xy) -> np.ndarray:
+        """W(x): where the image of input-grid point x sits on the sub-optics, after the
+        fabrication's misalignment (`shift_px`, `rotation_deg` about the grid's centre, in
+        input px; `sim.fabrication.warp_points`' convention)."""
+        c = self.input_center
         xy = np.asarray(xy, dtype=np.float64)
-        return self.centres[p] + (xy - self.input_center) @ self.matrix.T
+        return c + (xy - c) @ self.misalign_rotation.T + self.misalign_shift
+
+    def aligned(self, xy) -> np.ndarray:
+        """W⁻¹: the input-grid point whose image sits at x."""
+        c = self.input_center
+        return c + (np.asarray(xy, np.float64) - self.misalign_shift - c) @ self.misalign_rotation
+
+    def undistorted(self, p: int, xy) -> np.ndarray:
+        """u = c_p + M·(W(x) − c_in) of input-grid points (..., 2)."""
+        return self.centres[p] + (self.misaligned(xy) - self.input_center) @ self.matrix.T
 
     def distort(self, p: int, u) -> np.ndarray:
         """d = c_p + (u − c_p)·(1 + k1·|u − c_p|²/r²) of undistorted sensor points (..., 2)."""
@@ -128,7 +143,7 @@ class BenchGeometry:
     def from_sensor(self, p: int, d) -> np.ndarray:
         """Input-grid points (..., 2) that sub-optic p images at sensor points d (NaN: none)."""
         u, valid = self.undistort(p, d)
-        x = self.input_center + (u - self.centres[p]) @ np.linalg.inv(self.matrix).T
+        x = self.aligned(self.input_center + (u - self.centres[p]) @ np.linalg.inv(self.matrix).T)
         return np.where(valid[..., None], x, np.nan)
 
     def vignetting(self, p: int, u) -> np.ndarray:
@@ -214,7 +229,8 @@ class BenchGeometry:
         (h, w), fw = self.grid_hw, self.frame_shape[1]
         hp, wp = h + 2 * margin, w + 2 * margin
         u, valid = self.undistort(p, pts)
-        x = self.input_center + (u - self.centres[p]) @ np.linalg.inv(self.matrix).T + margin
+        x = self.aligned(self.input_center + (u - self.centres[p]) @ np.linalg.inv(self.matrix).T)
+        x = x + margin
         inside = valid & (x[:, 0] > -1) & (x[:, 0] < wp) & (x[:, 1] > -1) & (x[:, 1] < hp)
         pts, u, x = pts[inside], u[inside], x[inside]
         light = self.vignetting(p, u) / self.sensor_per_input_area(p, u)

@@ -74,6 +74,7 @@ class SimWorld:
             self.display_scale,
             (params.sensor.height, params.sensor.width),
             params.fabrication.seed,
+            (params.fabrication.shift_px, params.fabrication.rotation_deg),
         )
         self.frame_shape: tuple[int, int] = self.geometry.frame_shape
         self.sensor = Sensor(params.sensor, dark_map_e=self._hot_pixel_map())
@@ -181,7 +182,7 @@ class SimWorld:
         block = self._padded_block(self.levels)
         emitted = display_response(block, self.params.display.gamma) * self._illumination
         binned = (emitted * self.light_level).reshape(-1, hp, s, wp, s).mean(dim=(2, 4))
-        return self.frontend.intensities(self.fabrication.warp(binned[None]), mode="same")[0]
+        return self.frontend.intensities(binned[None], mode="same")[0]
 
     def _lit_signal(self) -> np.ndarray:
         """The glass's irradiance (before gain and stray light) at the reachable pixels."""

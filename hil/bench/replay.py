@@ -34,9 +34,17 @@ class ReplayWorld(SimWorld):
         clock: RealClock | VirtualClock | None = None,
     ) -> None:
         psfs = torch.from_numpy(design.psfs.astype(np.float32))
-        super().__init__(params, psfs, design.signed, layout, clock)
+        super().__init__(
+            params,
+            psfs,
+            design.signed,
+            layout,
+            clock,
+            display_scale=design.display_scale,
+            display_origin=design.display_origin,
+        )
         inputs = calfile.fingerprint_inputs(
-            design, self.layout.frame_shape, self.display_shape, params.sensor.bit_depth
+            design, self.frame_shape, self.display_shape, params.sensor.bit_depth
         )
         self.calibration = calfile.load(calibration, expect_fingerprint=inputs)
         self._rng = np.random.default_rng(params.fabrication.seed)

@@ -11,7 +11,6 @@ import math
 from typing import Any
 
 import numpy as np
-import torch
 from scipy.ndimage import shift as subpixel_shift
 
 from calibration import calfile
@@ -20,7 +19,6 @@ from calibration.model import emitted_light, predict_signal, tile_maps
 from calibration.psf import psf_centroid
 from hil.bench.assembly import Bench
 from sim.devices import SimCamera
-from sim.fabrication import warp_points
 
 
 def has_truth(bench: Bench) -> bool:
@@ -28,17 +26,16 @@ def has_truth(bench: Bench) -> bool:
     return isinstance(bench.camera, SimCamera) and not bench.config.sim.replay
 
 
-def _true_points(world, design: Design, p: int, points: np.ndarray, delta: np.ndarray):
+def _true_points(world, p: int, points: np.ndarray, delta: np.ndarray):
     """Where the world puts input-grid points of tile p on the sensor, in the calibration's
     convention (the PSF keeps its design's centroid: the map moves by the fabricated PSF's
     centroid shift δ)."""
-    fp = world.params.fabrication
-    warped = warp_points(torch.as_tensor(points), design.hw, fp.shift_px, fp.rotation_deg)
-    return np.asarray(world.geometry.to_sensor(p, warped.numpy() + delta), np.float64)
+    return np.asarray(world.geometry.to_sensor(p, points + delta), np.float64)
 
 
 def _white_field_error(world, cal: calfile.Calibration, scale: float) -> float:
-    """The calibrated model's white-field signal against the world's noise-free irradiance."""
+    """The calibrated model's white-field signal against the world's noise-free irradiance
+    (which holds the glass's gain already: `scale` is DN/s per unit irradiance)."""
     levels, sources = world.levels.clone(), dict(world.sources)
     try:
         world.sources = {"truth": (True, 1.0)}
@@ -81,9 +78,9 @@ def ground_truth(bench: Bench, cal: calfile.Calibration, design: Design) -> dict
     psf_err, reg_sq, gain_err, centre_err, input_per_sensor = [], [], [], [], []
     for p, tile in enumerate(maps):
         delta = psf_centroid(fabricated[p]) - psf_centroid(design.psfs[p])
-        truth_pts = _true_points(world, design, p, points, delta)
+        truth_pts = _true_points(world, p, points, delta)
         reg_sq.append(np.mean(np.sum((tile.to_sensor(points) - truth_pts) ** 2, 1)))
-        truth_centre = _true_points(world, design, p, centre, delta)
+        truth_centre = _true_points(world, p, centre, delta)
         centre_err.append(float(np.hypot(*(tile.to_sensor(centre) - truth_centre)[0])))
         input_per_sensor.append(1 / math.sqrt(abs(np.linalg.det(tile.affine[:, :2]))))
         back = (0, -delta[1], -delta[0])
@@ -102,5 +99,5 @@ def ground_truth(bench: Bench, cal: calfile.Calibration, design: Design) -> dict
         "gain_rel_error": float(np.mean(gain_err)),
         "display_gamma_error": float(cal.display_gamma - world.params.display.gamma),
         "conversion_gain_rel_error": float(cal.conversion_gain_e_per_dn / sensor.gain_e_per_dn - 1),
-        "white_field_rel_error": _white_field_error(world, cal, scale),
+        "white_field_rel_error": _white_field_error(world, cal, scale / fab.gain),
     }

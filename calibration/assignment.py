@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.signal import correlate
 
 # (row, col) → (row', col') on a grid of shape (R, C); the transposing ones swap the shape
 _SYMMETRIES = {
@@ -53,7 +52,8 @@ class Assignment:
 
 def grid_cells(centres: np.ndarray) -> tuple[np.ndarray, tuple[int, int], float]:
     """(row, col) of each centre (N, 2) on the grid they lie on, the grid's shape, and its
-    rotation in degrees (within ±45°): centres are turned upright, then ranked by gaps."""
+    rotation in degrees (within ±45°, counter-clockwise as displayed like `sim.fabrication`):
+    centres are turned upright, then ranked by gaps."""
     centres = np.asarray(centres, np.float64)
     if len(centres) == 1:
         return np.zeros((1, 2), int), (1, 1), 0.0
@@ -67,7 +67,8 @@ def grid_cells(centres: np.ndarray) -> tuple[np.ndarray, tuple[int, int], float]
     pitch = float(np.median(dist.min(1)))
     cols = _ranks(upright[:, 0], pitch)
     rows = _ranks(upright[:, 1], pitch)
-    return np.stack([rows, cols], 1), (int(rows.max()) + 1, int(cols.max()) + 1), np.degrees(theta)
+    shape = (int(rows.max()) + 1, int(cols.max()) + 1)
+    return np.stack([rows, cols], 1), shape, -float(np.degrees(theta))  # counter-clockwise
 
 
 def _ranks(values: np.ndarray, pitch: float) -> np.ndarray:
@@ -78,18 +79,20 @@ def _ranks(values: np.ndarray, pitch: float) -> np.ndarray:
     return rank
 
 
-def psf_similarity(measured: np.ndarray, designed: np.ndarray) -> float:
-    """Normalised cross-correlation of two PSFs (C, k, k), at the best shift of up to 2 px
-    (the registration and the kernel share a translation)."""
+def psf_similarity(measured: np.ndarray, designed: np.ndarray, reach: int = 2) -> float:
+    """Pearson correlation of two PSFs (C, k, k) summed over channels, over their overlap at
+    the best shift of up to `reach` px (the registration and the kernel share a translation)."""
     a, b = measured.sum(0), designed.sum(0)
-    a, b = a - a.mean(), b - b.mean()
-    denom = float(np.linalg.norm(a) * np.linalg.norm(b))
-    if denom == 0:
-        return 0.0
-    xc = correlate(a, b, mode="full")
     k = a.shape[-1]
-    r = min(2, k - 1)
-    return float(xc[k - 1 - r : k + r, k - 1 - r : k + r].max() / denom)
+    r = min(reach, k - 2)
+    best = -1.0
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            x = a[max(dy, 0) : k + min(dy, 0), max(dx, 0) : k + min(dx, 0)].ravel()
+            y = b[max(-dy, 0) : k + min(-dy, 0), max(-dx, 0) : k + min(-dx, 0)].ravel()
+            if x.std() > 0 and y.std() > 0:
+                best = max(best, float(np.corrcoef(x, y)[0, 1]))
+    return best
 
 
 def assign(

@@ -8,6 +8,7 @@ calibration stops and says what it saw.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -49,7 +50,7 @@ def find_subimages(signal: np.ndarray, noise: np.ndarray, expected: int) -> list
     """The lit regions of a bright-field signal (dark and stray light removed), in raster order
     of their centres; `noise` (H, W) is each pixel's σ in the same units.
 
-    A pixel is lit 8 σ above zero, above 2% of the frame's bright level and above a fraction
+    A pixel is lit 8 σ above zero, above 0.5% of the frame's bright level and above a fraction
     (½, then 0.7, then 0.85) of the brightest pixel within a window around it: sub-optics differ
     in throughput, and a dim sub-image beside a bright one's PSF tail is still the brightest
     thing near its own centre, while closely packed sub-images touch in their PSFs' tails and
@@ -61,29 +62,44 @@ def find_subimages(signal: np.ndarray, noise: np.ndarray, expected: int) -> list
     dropped. DiscoveryError names what was found when nothing gives the count.
     """
     bright = float(np.percentile(signal, 99.5))
-    candidate = (signal > 8 * noise) & (signal > 0.02 * bright)
+    candidate = (signal > 8 * noise) & (signal > 0.005 * bright)
     tries = []
     for ratio in (0.5, 0.7, 0.85):
         for window in (5, 9, 17, 33, 65, 129, 257):
             local = ndimage.maximum_filter(signal, size=window, mode="nearest")
             found = _regions(signal, candidate & (signal >= ratio * local))
-            areas = np.asarray([f.area_px for f in found])
-            if len(found) == expected and areas.max() <= 2.5 * areas.min():
+            if len(found) == expected and _alike(found):
                 return found
             tries.append(found)
-    closest = min(tries, key=lambda f: abs(len(f) - expected))
+    closest = min(tries, key=lambda f: (abs(len(f) - expected), not _alike(f)))
     raise DiscoveryError(_message(expected, closest), closest, signal)
 
 
 def _regions(signal: np.ndarray, lit: np.ndarray) -> list[SubImage]:
-    lit = cv2.morphologyEx(lit.astype(np.uint8), cv2.MORPH_OPEN, np.ones((2, 2), np.uint8))
+    lit = ndimage.binary_opening(lit, np.ones((2, 2), bool)).astype(np.uint8)
     _, labels, stats, _ = cv2.connectedComponentsWithStats(lit, connectivity=8)
     areas = stats[1:, cv2.CC_STAT_AREA]
     if not len(areas):
         return []
     keep = [i + 1 for i, a in enumerate(areas) if a >= 0.1 * np.median(areas)]
-    found = [_describe(signal, labels == i, stats[i]) for i in keep]
-    return sorted(found, key=lambda s: (round(s.centre[1]), s.centre[0]))
+    found = sorted((_describe(signal, labels == i, stats[i]) for i in keep), key=_y)
+    gaps = [b.centre[1] - a.centre[1] > _half_side(a) for a, b in itertools.pairwise(found)]
+    rows = np.cumsum([0, *gaps])  # raster order: rows by the gaps between them, then x
+    return [found[i] for i in np.lexsort(([s.centre[0] for s in found], rows))]
+
+
+def _y(sub: SubImage) -> float:
+    return sub.centre[1]
+
+
+def _half_side(sub: SubImage) -> float:
+    return 0.5 * min(sub.box[2], sub.box[3])
+
+
+def _alike(found: list[SubImage]) -> bool:
+    """Whether every region is about the median's size: sub-optics share one magnification."""
+    areas = np.asarray([f.area_px for f in found], np.float64)
+    return bool(len(areas)) and bool(np.all(np.abs(np.log(areas / np.median(areas))) < np.log(1.8)))
 
 
 def _describe(signal: np.ndarray, region: np.ndarray, stat: np.ndarray) -> SubImage:
@@ -106,13 +122,18 @@ def _message(expected: int, found: list[SubImage]) -> str:
         return f"sub-images: {what}: nothing is lit; check the light, shutter and exposure"
     median = float(np.median([s.area_px for s in found]))
     big = [i for i, s in enumerate(found) if s.area_px > 1.6 * median]
+    odd = [i for i, s in enumerate(found) if not 1 / 1.8 < s.area_px / median < 1.8]
     listed = "; ".join(f"{i}: {s.describe()}" for i, s in enumerate(found[:24]))
-    hint = (
-        f" — region{'s' if len(big) > 1 else ''} {', '.join(map(str, big))} "
-        f"{'are' if len(big) > 1 else 'is'} larger than the others: two sub-images overlap"
-        if big and n < expected
-        else " — a sub-optic may be blocked or outside the sensor"
-        if n < expected
-        else " — stray light or a ghost image: check baffles and the display's surroundings"
-    )
-    return f"sub-images: {what}{hint} (found: {listed})"
+    return f"sub-images: {what}{_hint(n, expected, big, odd)} (found: {listed})"
+
+
+def _hint(n: int, expected: int, big: list[int], odd: list[int]) -> str:
+    """What the count and the sizes of the regions suggest is wrong on the bench."""
+    regions = ", ".join(map(str, big or odd))
+    if big and n <= expected:
+        return f" — region(s) {regions} larger than the others: two sub-images overlap"
+    if odd and n == expected:
+        return f" — region(s) {regions} not the others' size: sub-images overlap, or a ghost"
+    if n < expected:
+        return " — a sub-optic may be blocked or outside the sensor"
+    return " — stray light or a ghost image: check baffles and the display's surroundings"

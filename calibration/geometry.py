@@ -85,8 +85,14 @@ class DotGrid:
         return images
 
 
+def dots_per_axis(size: int, spacing: int, margin: int | None = None) -> int:
+    """How many dots `dot_grid` puts along an axis of `size` px at this spacing."""
+    margin = (spacing - 1) // 2 if margin is None else margin
+    return (size - 1 - 2 * margin) // spacing + 1
+
+
 def _axis_positions(size: int, spacing: int, margin: int) -> np.ndarray:
-    n = (size - 1 - 2 * margin) // spacing + 1
+    n = dots_per_axis(size, spacing, margin)
     if n < 2:
         raise ValueError(
             f"a display of {size} px holds fewer than 2 dots at spacing {spacing} and margin "

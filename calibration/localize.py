@@ -15,7 +15,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from calibration.discovery import SubImage
-from calibration.geometry import DotGrid, GeometryError
+from calibration.geometry import ORIENTATIONS, DotGrid, GeometryError
 from calibration.registration import register_tile
 from calibration.spots import find_spots
 from calibration.tilemap import TileMap, fit_tilemap
@@ -96,6 +96,13 @@ def guess_affine(grid: DotGrid, per_frame: list[np.ndarray], spacing_in_frame: f
     return np.hstack([linear, shift[:, None]]), scale
 
 
+def _closest_orientation(guess: np.ndarray, grid: DotGrid, prefer: np.ndarray) -> str:
+    """The turn or mirror of the guess whose linear part is nearest `prefer` (both unit scale)."""
+    unit = guess[:, :2] / np.sqrt(abs(np.linalg.det(guess[:, :2])))
+    target = prefer / np.sqrt(abs(np.linalg.det(prefer)))
+    return min(ORIENTATIONS, key=lambda n: float(np.linalg.norm(unit @ ORIENTATIONS[n] - target)))
+
+
 def register_region(
     grid: DotGrid,
     frames: np.ndarray,
@@ -104,13 +111,16 @@ def register_region(
     psf_px: int,
     centres: np.ndarray,
     own: int,
+    prefer: np.ndarray | None = None,
 ) -> Registered:
     """Register sub-image `own` (of those centred at `centres` (N, 2)) from its split-grid
     frames (dark removed); GeometryError if it cannot be trusted. Spots' centroid windows are
     as wide as a `psf_px`-wide PSF at this scale: in a tightly packed layout a neighbouring
-    sub-image's dot can be nearer than two spacings."""
+    sub-image's dot can be nearer than two spacings. `prefer` (2, 2), a linear part the
+    sub-image's map should resemble (its neighbours': one optic turns or mirrors all its
+    sub-images alike), settles an orientation the parity gap cannot (its dots lost at an edge)."""
     separation = max(0.9 * 2 * grid.spacing * scale, 2.0)
-    window = 2 * math.ceil((psf_px / 2 + 2) * scale) + 1
+    window = 2 * math.ceil((psf_px + 1) / 2 * scale + 1) + 1
     input_hw = (grid.image.shape[0], grid.image.shape[1])
     per_frame = region_spots(frames, region, separation, window, centres, own)
     guess, scale = guess_affine(grid, per_frame, 2 * grid.spacing)
@@ -120,6 +130,7 @@ def register_region(
         grid,
         spots,
         guess,
+        orientations=None if prefer is None else (_closest_orientation(guess, grid, prefer),),
         region=(region, window / 2 + 1),
         max_rms_px=max(0.5, 0.1 * spacing_px),
         outlier_px=max(1.0, 0.25 * spacing_px),

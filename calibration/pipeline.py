@@ -236,10 +236,14 @@ def _ramp_step(ctx: _Context, dark, background, lit, levels) -> tuple:
 
 
 def grid_spacing(kernel_size: int, input_hw: tuple[int, int]) -> int:
-    """Dot spacing in input px: k + 1, so that in a split(2) frame (dots two spacings apart) a
-    spot's centroid window holds its whole PSF with dark around it; smaller on a small grid, so
-    that at least four dots fit each way."""
-    return max(3, min(kernel_size + 1, (min(input_hw) - 1) // 3))
+    """Dot spacing in input px: k + 1 where the grid holds four dots a side at it (fewer leave
+    the parity gap's place symmetric), smaller on a small grid, but never so small that a split(2)
+    frame's spots (two spacings apart, k + 1 wide) touch."""
+    least = max(3, math.ceil((kernel_size + 2) / 2))
+    fits = [
+        s for s in range(least, kernel_size + 2) if geometry.dots_per_axis(min(input_hw), s) >= 4
+    ]
+    return max(fits, default=least)
 
 
 class _GridShots:
@@ -265,30 +269,49 @@ class _GridShots:
         return self._taken[factor]
 
 
+class _Ambiguous(Exception):
+    """A sub-image whose orientation its own dots cannot settle."""
+
+
 def _geometry_step(ctx: _Context, phot: _Photometry, found: _Found) -> tuple[list, dict]:
-    """Register every found sub-image against the dot grid, in the order they were found."""
+    """Register every found sub-image against the dot grid, in the order they were found; one
+    whose parity gap is lost at an edge takes the orientation its neighbours agree on."""
     # a dot carries a small fraction of a white field's light: expose longer (see _register_dim)
     shots = _GridShots(ctx, phot)
     shots(ctx.plan.grid_exposure_factor)
-    regs, longer = [], {}
+    regs, longer, unsettled = {}, {}, []
     for r in range(len(found.subimages)):
-        reg, factor = _register_dim(ctx, shots, r, found.subimages)
+        try:
+            regs[r], factor = _register_dim(ctx, shots, r, found.subimages)
+        except _Ambiguous:
+            unsettled.append(r)
+            continue
         if factor != ctx.plan.grid_exposure_factor:
             longer[str(r)] = factor
-        regs.append(reg)
-    rms = [reg.rms_px for reg in regs]
+    if unsettled and not regs:
+        raise CalibrationError(
+            "geometry: no sub-image's orientation is settled by its dots (each lost the dots "
+            "near its parity gap): leave more room between the sub-images and the sensor's edge"
+        )
+    if unsettled:
+        prefer = np.median([reg.map.affine[:, :2] for reg in regs.values()], axis=0)
+        for r in unsettled:
+            regs[r], _ = _register_dim(ctx, shots, r, found.subimages, prefer)
+    ordered = [regs[r] for r in range(len(found.subimages))]
     record = {
-        "registration_rms_px": float(np.mean(rms)),
+        "registration_rms_px": float(np.mean([reg.rms_px for reg in ordered])),
         "spacing_input_px": shots.grid.spacing,
-        "orientations": [reg.orientation for reg in regs],
-        "distortion_k1": [round(reg.map.k1, 5) for reg in regs],
+        "orientations": [reg.orientation for reg in ordered],
+        "distortion_k1": [round(reg.map.k1, 5) for reg in ordered],
     }
+    if unsettled:
+        record["orientation_from_neighbours"] = unsettled
     if longer:
         record["grid_exposure_factor_for_dim_subimages"] = longer
-    return regs, record
+    return ordered, record
 
 
-def _register_dim(ctx: _Context, shots: _GridShots, r: int, subimages: list[SubImage]) -> tuple:
+def _register_dim(ctx: _Context, shots: _GridShots, r: int, subimages, prefer=None) -> tuple:
     """Register sub-image `r`, exposing 4x longer while its dots are too dim to be found
     (sub-optics differ in throughput): (registration, exposure factor used)."""
     hw, spacing, sub = ctx.design.hw, shots.grid.spacing, subimages[r]
@@ -300,13 +323,16 @@ def _register_dim(ctx: _Context, shots: _GridShots, r: int, subimages: list[SubI
     while True:
         try:
             frames, k = shots(factor), ctx.design.kernel_size
-            reg = register_region(shots.grid, frames, region, scale, k, centres, r)
+            reg = register_region(shots.grid, frames, region, scale, k, centres, r, prefer)
             return reg, factor
         except geometry.GeometryError as e:
-            dim = "found" in str(e) or "matched" in str(e) or "fewer" in str(e)
+            # too few spots, or spots so faint that noise moves them: more light helps both
+            dim = any(w in str(e) for w in ("found", "matched", "fewer", "residuals"))
             if dim and factor < min(longest, 64 * ctx.plan.grid_exposure_factor):
                 factor *= 4
                 continue
+            if "ambiguous" in str(e) and prefer is None:
+                raise _Ambiguous from None
             raise CalibrationError(f"geometry: sub-image {r} at {sub.describe()}: {e}") from None
 
 

@@ -41,11 +41,6 @@ def test_grid_cells_reads_rows_and_cols_of_a_jittered_rotated_grid():
     assert abs(angle) == pytest.approx(10.0, abs=1.0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="assignment.py:63-64 grid_cells returns atan2 in image coordinates (clockwise as "
-    "displayed): −9.5° for a grid turned +10° counter-clockwise as displayed (sim's R(θ))",
-)
 def test_grid_cells_angle_is_counter_clockwise_as_displayed():
     centres = centres_of(cells_of((4, 4)), rot(10), jitter=1.5, seed=0)
     _, _, angle = grid_cells(centres)
@@ -150,11 +145,6 @@ def test_psf_similarity_prefers_the_right_shift_of_a_shifted_copy(shift):
     assert psf_similarity(moved, psf) > 0.9 > psf_similarity(other, psf)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="assignment.py:85 removes each PSF's mean before the zero-padded correlation: the "
-    "shifted copy's −mean border falls off the overlap, so 1–2 px shifts score 0.94–0.98",
-)
 @pytest.mark.parametrize("shift", [(0, 1), (2, -1), (-2, 2)])
 def test_psf_similarity_is_one_for_a_shifted_copy(shift):
     moved, psf = shifted_pair(*shift)

@@ -123,6 +123,8 @@ def _message(expected: int, found: list[SubImage]) -> str:
     median = float(np.median([s.area_px for s in found]))
     big = [i for i, s in enumerate(found) if s.area_px > 1.6 * median]
     odd = [i for i, s in enumerate(found) if not 1 / 1.8 < s.area_px / median < 1.8]
+    big += [i for i, s in enumerate(found) if max(s.box[2:]) > 1.5 * min(s.box[2:])]  # elongated
+    big = sorted(set(big))
     listed = "; ".join(f"{i}: {s.describe()}" for i, s in enumerate(found[:24]))
     return f"sub-images: {what}{_hint(n, expected, big, odd)} (found: {listed})"
 
@@ -131,7 +133,7 @@ def _hint(n: int, expected: int, big: list[int], odd: list[int]) -> str:
     """What the count and the sizes of the regions suggest is wrong on the bench."""
     regions = ", ".join(map(str, big or odd))
     if big and n <= expected:
-        return f" — region(s) {regions} larger than the others: two sub-images overlap"
+        return f" — region(s) {regions} larger or longer than a sub-image: sub-images overlap"
     if odd and n == expected:
         return f" — region(s) {regions} not the others' size: sub-images overlap, or a ghost"
     if n < expected:

@@ -108,19 +108,20 @@ def register_region(
     frames: np.ndarray,
     region,
     scale: float,
-    psf_px: int,
+    psf_reach: float,
     centres: np.ndarray,
     own: int,
     prefer: np.ndarray | None = None,
 ) -> Registered:
     """Register sub-image `own` (of those centred at `centres` (N, 2)) from its split-grid
-    frames (dark removed); GeometryError if it cannot be trusted. Spots' centroid windows are
-    as wide as a `psf_px`-wide PSF at this scale: in a tightly packed layout a neighbouring
+    frames (dark removed); GeometryError if it cannot be trusted. Spots' centroid windows hold
+    the light `psf_reach` input px around a spot's centroid at this scale (a cut spot's centroid
+    is biased), and no more: in a tightly packed layout a neighbouring
     sub-image's dot can be nearer than two spacings. `prefer` (2, 2), a linear part the
     sub-image's map should resemble (its neighbours': one optic turns or mirrors all its
     sub-images alike), settles an orientation the parity gap cannot (its dots lost at an edge)."""
     separation = max(0.9 * 2 * grid.spacing * scale, 2.0)
-    window = 2 * math.ceil((psf_px + 1) / 2 * scale + 1) + 1
+    window = 2 * math.ceil(psf_reach * scale + 1) + 1
     input_hw = (grid.image.shape[0], grid.image.shape[1])
     per_frame = region_spots(frames, region, separation, window, centres, own)
     guess, scale = guess_affine(grid, per_frame, 2 * grid.spacing)

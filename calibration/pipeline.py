@@ -269,6 +269,14 @@ class _GridShots:
         return self._taken[factor]
 
 
+def _psf_reach(design: Design) -> float:
+    """Input px from a spot's centroid to the edge of its light: half the kernel, plus how far
+    the designed PSFs' centroids sit off their windows' centres."""
+    k = design.kernel_size
+    leads = [np.abs(design.centroid_offset(p)).max() for p in range(design.tiles)]
+    return (k + 1) / 2 + float(max(leads))
+
+
 class _Ambiguous(Exception):
     """A sub-image whose orientation its own dots cannot settle."""
 
@@ -322,8 +330,9 @@ def _register_dim(ctx: _Context, shots: _GridShots, r: int, subimages, prefer=No
     factor = ctx.plan.grid_exposure_factor
     while True:
         try:
-            frames, k = shots(factor), ctx.design.kernel_size
-            reg = register_region(shots.grid, frames, region, scale, k, centres, r, prefer)
+            reg = register_region(
+                shots.grid, shots(factor), region, scale, _psf_reach(ctx.design), centres, r, prefer
+            )
             return reg, factor
         except geometry.GeometryError as e:
             # too few spots, or spots so faint that noise moves them: more light helps both

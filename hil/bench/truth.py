@@ -78,10 +78,15 @@ def ground_truth(bench: Bench, cal: calfile.Calibration, design: Design) -> dict
     psf_err, reg_sq, gain_err, centre_err, input_per_sensor = [], [], [], [], []
     for p, tile in enumerate(maps):
         delta = psf_centroid(fabricated[p]) - psf_centroid(design.psfs[p])
-        truth_pts = _true_points(world, p, points, delta)
-        reg_sq.append(np.mean(np.sum((tile.to_sensor(points) - truth_pts) ** 2, 1)))
-        truth_centre = _true_points(world, p, centre, delta)
-        centre_err.append(float(np.hypot(*(tile.to_sensor(centre) - truth_centre)[0])))
+        # where a lit input pixel's spot (its light's centroid) lands, the quantity the dot
+        # grid measures: the calibrated map at the point plus its design PSF's lead, against
+        # the world's map at the point plus the fabricated PSF's lead
+        lead = design.centroid_offset(p)
+        truth_pts = _true_points(world, p, points + lead, delta)
+        reg_sq.append(np.mean(np.sum((tile.to_sensor(points + lead) - truth_pts) ** 2, 1)))
+        truth_centre = _true_points(world, p, centre + lead, delta)
+        found = tile.to_sensor(centre + lead)
+        centre_err.append(float(np.hypot(*(found - truth_centre)[0])))
         input_per_sensor.append(1 / math.sqrt(abs(np.linalg.det(tile.affine[:, :2]))))
         back = (0, -delta[1], -delta[0])
         truth_psf = subpixel_shift(fabricated[p], back, order=3, mode="grid-constant") * scale

@@ -16,7 +16,7 @@ from calibration.psf import kernel_offset, psf_centroid
 
 @dataclass(frozen=True, eq=False)
 class Design:
-    """The frontend as designed: where its tiles should be and what its PSFs should look like.
+    """The frontend as designed: how its tiles are arranged and what its PSFs should look like.
 
     Measured kernels are aligned to it: the translation a PSF and a misalignment share cannot be
     told apart, so each measured PSF keeps its design's centroid and the registration takes the
@@ -28,7 +28,9 @@ class Design:
     kernel_size: int
     signed: bool
     channels: int
-    tile_boxes: tuple[tuple[int, int, int, int], ...]  # (y0, x0, h, w) on the sensor, tile order
+    # (y0, x0, h, w) of the designed packed grid, tile order: the arrangement and order the
+    # sub-images are assigned by (calibration finds where they really land)
+    tile_boxes: tuple[tuple[int, int, int, int], ...]
     psfs: np.ndarray
     hw: tuple[int, int]  # the input grid (h, w): what the student was trained on
     display_scale: int = 1  # physical display pixels per input pixel

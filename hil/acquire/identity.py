@@ -20,7 +20,7 @@ from hil.data.placement import to_display
 from hil.errors import UserError
 
 if TYPE_CHECKING:
-    from calibration import calfile
+    pass
 
 # 2: images are placed on the input grid, shown on the display at a scale and origin
 IDENTITY_VERSION = 2
@@ -75,11 +75,6 @@ def array_digest(*arrays: np.ndarray) -> str:
 def pattern_hash(shown: np.ndarray) -> str:
     """The hash each row records of the display levels it was captured with."""
     return hashlib.sha1(np.ascontiguousarray(shown, np.float32).tobytes()).hexdigest()
-
-
-def input_hw_of(cal: calfile.Calibration) -> tuple[int, int]:
-    """The calibration's input grid (h, w): the grid its feature maps are sampled on."""
-    return tuple(cal.display_shape[:2])
 
 
 def as_shown(images: np.ndarray, input_hw: tuple[int, int]) -> np.ndarray:

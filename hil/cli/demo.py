@@ -23,16 +23,17 @@ def demo(
     """The whole pipeline on the bundled digits and a simulated bench, in a few minutes.
 
     Trains a resnet18 teacher, trains the optical student with NTKD in simulation, fabricates it
-    (the bench's \\[sim.fabrication] errors), calibrates the bench, captures 10% of the train
-    split and the test split, fine-tunes the backend with CE and with NTKD, and writes
-    OUT/REPORT.md with the accuracy table and the pictures.
+    (with a smooth 60% error per PSF, unless the bench's \\[sim.fabrication] sets kernel_error),
+    calibrates the bench, captures 10% of the train split and the test split, fine-tunes the
+    backend with CE and with NTKD, and writes OUT/REPORT.md with the accuracy table and the
+    pictures.
     """
     from hil.bench.config import load_bench
     from hil.jobs.demo import DemoPlan, run_demo
 
     config = load_bench(bench)
-    # a bench file brings its own fabrication errors; the built-in bench gets the plan's
-    plan = DemoPlan(seed=seed) if bench is None else DemoPlan.of_bench_file(seed)
+    # a bench file may bring its own kernel errors; where it does not, it gets the plan's
+    plan = DemoPlan(seed=seed) if bench is None else DemoPlan.of_bench_file(config, seed)
     result = recorded(
         "demo",
         runs_dir,

@@ -52,9 +52,13 @@ class DemoPlan:
     kernel_error_corr_px: float | None = 2.0
 
     @classmethod
-    def of_bench_file(cls, seed: int = 0) -> DemoPlan:
-        """The plan for a bench file: its own `[sim.fabrication]` errors, none of the plan's."""
-        return cls(seed=seed, kernel_error=None, kernel_error_corr_px=None)
+    def of_bench_file(cls, config: BenchConfig, seed: int = 0) -> DemoPlan:
+        """The plan for a bench file: the kernel errors its `[sim.fabrication]` section sets,
+        the plan's where it sets none (so a bench that only moves the glass, as the foreign
+        benches in examples/ do, is compared with the built-in one like for like)."""
+        given = config.sim.fabrication.model_fields_set
+        errors = {k: None for k in ("kernel_error", "kernel_error_corr_px") if k in given}
+        return cls(seed=seed, **errors)
 
 
 @contextmanager

@@ -18,7 +18,7 @@ import torch
 from rich.console import Console
 
 from hil.acquire import store as capture_store
-from hil.acquire.identity import as_shown, check_source, input_hw_of
+from hil.acquire.identity import as_shown, check_source
 from hil.bench.config import BenchConfig
 from hil.data.datasets import Dataset, load_dataset
 from hil.data.placement import place_masks
@@ -132,7 +132,7 @@ def run_evaluate(
 
     def readable(cal) -> None:  # before capturing: a student that cannot read it fails now
         source = f"{r.checkpoint} with {r.calibration}"
-        check_maps(model, (cal.kernels, *input_hw_of(cal)), source)
+        check_maps(model, (cal.kernels, *cal.input_shape), source)
 
     capture = run_capture(config, capture_request, console, data=data, check=readable)
     rows = capture_store.read(store)

@@ -11,8 +11,9 @@ On-disk layout, flat, every entry named exactly as the `Calibration` field it ho
 
 - root attributes: `format` ("hil-calibration"), `checksum` (SHA-256 hex), and the scalars
   `schema_version`, `id`, `created`, `bench_name`, `fingerprint`, `simulated`, `frame_shape`,
-  `display_shape` (int64 vectors), `kernels`, `kernel_size`, `signed`, `channels`,
-  `camera_bit_depth`, `exposure_s`, `conversion_gain_e_per_dn`, `black_level_dn`, `display_gamma`;
+  `display_shape`, `input_shape`, `display_origin` (int64 vectors), `display_scale`, `kernels`,
+  `kernel_size`, `signed`, `channels`, `camera_bit_depth`, `exposure_s`,
+  `conversion_gain_e_per_dn`, `black_level_dn`, `display_gamma`;
 - datasets: the arrays (gzip + shuffle from 1024 elements up), in their declared dtypes;
 - scalar UTF-8 string datasets: `devices`, `versions`, `steps`, `truth` as JSON text.
 """

@@ -131,11 +131,13 @@ def _message(expected: int, found: list[SubImage]) -> str:
 
 def _hint(n: int, expected: int, big: list[int], odd: list[int]) -> str:
     """What the count and the sizes of the regions suggest is wrong on the bench."""
-    regions = ", ".join(map(str, big or odd))
-    if big and n <= expected:
+    if big and n < expected:
+        regions = ", ".join(map(str, big))
         return f" — region(s) {regions} larger or longer than a sub-image: sub-images overlap"
-    if odd and n == expected:
-        return f" — region(s) {regions} not the others' size: sub-images overlap, or a ghost"
+    if (big or odd) and n == expected:
+        regions = ", ".join(map(str, sorted(set(big + odd))))
+        what = "sub-images overlap, or a ghost"
+        return f" — region(s) {regions} not a sub-image's size or shape: {what}"
     if n < expected:
         return " — a sub-optic may be blocked or outside the sensor"
     return " — stray light or a ghost image: check baffles and the display's surroundings"

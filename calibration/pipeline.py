@@ -106,10 +106,6 @@ class _Context:
     def frame_hw(self) -> tuple[int, int]:
         return self.cam.shape
 
-    @property
-    def display_hw(self) -> tuple[int, int]:
-        return self.disp.shape[:2]
-
     def show_frames(self, images: list[np.ndarray], per_image: int = 1) -> np.ndarray:
         """Lights on, each image shown in turn: its mean of `per_image` frames."""
         photometry.set_lights(self.bench, True)

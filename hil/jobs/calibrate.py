@@ -21,7 +21,7 @@ from hil.bench.assembly import Bench
 from hil.bench.config import BenchConfig
 from hil.bench.design import grid_origin
 from hil.bench.truth import ground_truth
-from hil.output.figures import save_calibration_plots, save_subimages_png
+from hil.output.figures import box_outline, save_calibration_plots, save_subimages_png
 from hil.output.records import environment
 
 
@@ -53,7 +53,8 @@ def run_calibrate(
         except DiscoveryError as e:
             picture = out_dir / "subimages-found.png"
             labels = [str(i) for i in range(len(e.found))]
-            save_subimages_png(e.frame, [s.box for s in e.found], labels, picture, str(e)[:90])
+            boxes = [box_outline(s.box) for s in e.found]
+            save_subimages_png(e.frame, boxes, labels, picture, str(e)[:90])
             raise CalibrationError(f"{e} — picture: {picture}") from None
         bar.update(task, description="done", completed=len(STEPS))
         cal.truth = ground_truth(bench, cal, design)

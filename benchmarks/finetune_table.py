@@ -23,6 +23,7 @@ from rich.console import Console
 
 from hil.bench.config import load_bench
 from hil.data.datasets import digits
+from hil.device import add_device_argument
 from hil.jobs.calibrate import run_calibrate
 from hil.jobs.demo import (
     DemoPlan,
@@ -39,8 +40,10 @@ from hil.models.checkpoint import load_onn
 COLUMNS = ("ONN in simulation", "no compensation", "CE fine-tune", "NTKD fine-tune")
 
 
-def one_seed(seed: int, teacher: Path, out: Path, console: Console) -> dict[str, float]:
-    plan = DemoPlan(seed=seed)
+def one_seed(
+    seed: int, teacher: Path, out: Path, console: Console, device: str = "cpu"
+) -> dict[str, float]:
+    plan = DemoPlan(seed=seed, device=device)
     data = digits()
     out.mkdir(parents=True, exist_ok=True)
     student = out / "onn.pt"
@@ -62,22 +65,25 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--out", type=Path, default=Path("bench-runs/finetune_table"))
     ap.add_argument("--json", type=Path, help="also write the rows and summary here")
+    add_device_argument(ap)
     args = ap.parse_args()
+    device = str(args.device)
     console = Console(stderr=True)
     t0 = time.perf_counter()
     teacher = args.out / "teacher-resnet18.pt"
     if not teacher.exists():
-        train_demo_teacher(digits(), teacher, DemoPlan(), console)
+        train_demo_teacher(digits(), teacher, DemoPlan(device=device), console)
     rows = []
     for seed in range(args.seeds):
         console.print(f"[bold]seed {seed}[/]")
-        rows.append(one_seed(seed, teacher, args.out / f"seed{seed}", console))
+        rows.append(one_seed(seed, teacher, args.out / f"seed{seed}", console, device))
         console.print(rows[-1])
     stats = {c: (statistics.mean(r[c] for r in rows), _std([r[c] for r in rows])) for c in COLUMNS}
     means = {c: m for c, (m, _) in stats.items()}
     rec = recovered(means[COLUMNS[0]], means[COLUMNS[1]], means[COLUMNS[3]])
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.seeds} seeds, "
+        f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
+        f"{args.seeds} seeds, "
         f"{time.perf_counter() - t0:.0f} s"
     )
     print("| " + " | ".join(COLUMNS) + " | NTKD recovers (of the mean loss) |")

@@ -25,6 +25,7 @@ from rich.console import Console
 
 from hil.bench.config import load_bench
 from hil.data.datasets import LOADERS, NEEDS_ROOT, load_dataset
+from hil.device import add_device_argument
 from hil.jobs.calibrate import run_calibrate
 from hil.jobs.demo import (
     DemoPlan,
@@ -44,9 +45,9 @@ COLUMNS = ("ONN in simulation", "no compensation", "CE fine-tune", "NTKD fine-tu
 
 
 def one_seed(
-    dataset: str, seed: int, teacher: Path, out: Path, console: Console
+    dataset: str, seed: int, teacher: Path, out: Path, console: Console, device: str = "cpu"
 ) -> dict[str, float]:
-    plan = DemoPlan(seed=seed)
+    plan = DemoPlan(seed=seed, device=device)
     data = load_dataset(dataset)
     out.mkdir(parents=True, exist_ok=True)
     student = out / "onn.pt"
@@ -70,23 +71,26 @@ def main() -> None:
     ap.add_argument("--dataset", default="digits", choices=DATASETS, help="default: digits")
     ap.add_argument("--out", type=Path, default=Path("bench-runs/finetune_table"))
     ap.add_argument("--json", type=Path, help="also write the rows and summary here")
+    add_device_argument(ap)
     args = ap.parse_args()
+    device = str(args.device)
     console = Console(stderr=True)
     t0 = time.perf_counter()
     teacher = args.out / f"teacher-{args.dataset}-resnet18.pt"
     if not teacher.exists():
-        train_demo_teacher(load_dataset(args.dataset), teacher, DemoPlan(), console)
+        train_demo_teacher(load_dataset(args.dataset), teacher, DemoPlan(device=device), console)
     rows = []
     for seed in range(args.seeds):
         console.print(f"[bold]seed {seed}[/]")
-        rows.append(one_seed(args.dataset, seed, teacher, args.out / f"seed{seed}", console))
+        out = args.out / f"seed{seed}"
+        rows.append(one_seed(args.dataset, seed, teacher, out, console, device))
         console.print(rows[-1])
     stats = {c: (statistics.mean(r[c] for r in rows), _std([r[c] for r in rows])) for c in COLUMNS}
     means = {c: m for c, (m, _) in stats.items()}
     rec = recovered(means[COLUMNS[0]], means[COLUMNS[1]], means[COLUMNS[3]])
     print(
-        f"{args.dataset}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{args.seeds} seeds, {time.perf_counter() - t0:.0f} s"
+        f"{args.dataset}, torch {torch.__version__}, device {device}, "
+        f"{torch.get_num_threads()} threads, {args.seeds} seeds, {time.perf_counter() - t0:.0f} s"
     )
     print("| " + " | ".join(COLUMNS) + " | NTKD recovers (of the mean loss) |")
     print("| " + " | ".join("---:" for _ in range(len(COLUMNS) + 1)) + " |")

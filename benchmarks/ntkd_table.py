@@ -8,7 +8,8 @@ Classification reports test accuracy, segmentation (shapes, carvana) test mIoU. 
 the paper's shape for the dataset (MNIST/digits: 8 signed 7x7 PSF kernels + fc2; CIFAR-10: 16
 signed 7x7x3 + fc3; Carvana and shapes: 56 signed 3x3 + the up-convolution decoder), trained
 jointly in simulation; the teacher is the dataset's stored resnet18 (unet for segmentation),
-trained here first when missing, as `hil teacher train` would.
+trained here first when missing, as `hil teacher train` would. Its logits (KD) and projected
+features (NTKD) of the training set are computed once, cached beside it, and read by every seed.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import time
 import torch
 
 from hil.data.datasets import NEEDS_ROOT, load_dataset
+from hil.device import add_device_argument
 from hil.models.onn import StudentSpec
 from hil.training.loop import Settings
 from hil.training.student import train_student
@@ -50,6 +52,7 @@ def _arguments() -> argparse.Namespace:
     ap.add_argument("--pool", type=int, default=4, help="segmentation NTK: pooled logit grid")
     ap.add_argument("--teacher-epochs", type=int, default=15)
     ap.add_argument("--json", type=str, default=None, help="also write the results here")
+    add_device_argument(ap)
     args = ap.parse_args()
     if args.dataset in NEEDS_ROOT and args.data_root is None:
         ap.error(f"--dataset {args.dataset} reads its files from --data-root")
@@ -61,7 +64,12 @@ def _teacher(args: argparse.Namespace, data, arch: str, metric: str, batch_size:
     path = teacher_path(arch, args.dataset)
     if not path.exists():
         print(f"training the {arch} teacher for {args.dataset} ...", flush=True)
-        settings = Settings(epochs=args.teacher_epochs, lr=1e-3, batch_size=min(batch_size, 32))
+        settings = Settings(
+            epochs=args.teacher_epochs,
+            lr=1e-3,
+            batch_size=min(batch_size, 32),
+            device=str(args.device),
+        )
         model, record = train_teacher(arch, data, settings)
         save_teacher(model, record, path)
     teacher, info, path = load_teacher(arch, args.dataset)
@@ -85,8 +93,8 @@ def _print_table(args, label: str, results: dict, spec: StudentSpec, batch_size,
     print(
         f"\n{args.dataset}, {args.seeds} seeds, {args.epochs} epochs, batch {batch_size}, student "
         f"{spec.kernels} x {spec.kernel_size}x{spec.kernel_size} {spec.backend}; torch "
-        f"{torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads; "
-        f"{time.perf_counter() - t_start:.0f} s"
+        f"{torch.__version__}, {platform.machine()}, device {args.device}, "
+        f"{torch.get_num_threads()} threads; {time.perf_counter() - t_start:.0f} s"
     )
     print(f"| method | {label} (mean ± std) |\n| --- | --- |")
     for method, values in results.items():
@@ -106,7 +114,6 @@ def main() -> None:
         "kd": {"temperature": 4.0},
         "ntkd": {"beta": 1.0, "norm": "diag", **({"pool": args.pool} if segmentation else {})},
     }
-    pool = f"-p{args.pool}" if segmentation else ""
     results: dict[str, list[float]] = {m: [] for m in methods}
     t_start = time.perf_counter()
     for seed in range(args.seeds):
@@ -117,13 +124,17 @@ def main() -> None:
                 spec,
                 data,
                 method,
-                Settings(epochs=args.epochs, lr=args.lr, batch_size=batch_size, seed=seed),
+                Settings(
+                    epochs=args.epochs,
+                    lr=args.lr,
+                    batch_size=batch_size,
+                    seed=seed,
+                    device=str(args.device),
+                ),
                 teacher=teacher,
                 loss_options=options,
                 projections=args.projections,
-                teacher_cache=path.with_name(
-                    f"{path.stem}.ntk-R{args.projections}{pool}-s{seed}.pt"
-                ),
+                teacher_cache=path,  # logits and features cached beside it, for every seed
             )
             results[method].append(record[f"test_{metric}"])
             print(
@@ -139,6 +150,7 @@ def main() -> None:
                 {
                     f"teacher_test_{metric}": info[f"test_{metric}"],
                     "metric": metric,
+                    "device": str(args.device),
                     "results": results,
                 },  # fmt: skip
                 f,

@@ -96,22 +96,32 @@ ProjectionsOpt = Annotated[
     int, typer.Option("--projections", min=1, help="Teacher NTK projections.")
 ]
 TemperatureOpt = Annotated[float, typer.Option("--temperature", min=0.1, help="KD temperature.")]
+DeviceOpt = Annotated[
+    str,
+    typer.Option(
+        "--device",
+        help="Where to compute: auto (CUDA when present, else MPS, else the CPU), cpu, cuda, "
+        "cuda:N or mps.",
+    ),
+]
 
 
-def recorded(
+def recorded(  # noqa: PLR0913  the run record's parts, each named at every call
     command: str,
     runs_dir: Path,
     config: BenchConfig | None,
     args: dict[str, Any],
     job: Callable[[Path], dict[str, Any]],
+    device: Any = None,
 ) -> dict[str, Any]:
     """`job(run folder)` inside a run record; its result object, with the run's bookkeeping.
 
     A `history` in the result (metrics per epoch) goes to the run's metrics.json instead.
+    `device` (the resolved `--device`) is recorded as the result's "device".
     """
     from hil.output.records import Run, write_json
 
-    with Run(command, runs_dir, config, args) as run:
+    with Run(command, runs_dir, config, args, device=device) as run:
         result = job(run.dir)
         if "history" in result:
             write_json(run.dir / "metrics.json", result.pop("history"))

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from hil.cli.common import BenchOpt, JsonOpt, RunsOpt, emit, err, recorded
+from hil.cli.common import BenchOpt, DeviceOpt, JsonOpt, RunsOpt, emit, err, recorded
 
 ReportOpt = Annotated[Path, typer.Option("--out", help="Folder for the demo's report.")]
 DemoSeedOpt = Annotated[int, typer.Option(help="Seed of training and of the fabrication errors.")]
@@ -17,6 +17,7 @@ def demo(
     out_dir: ReportOpt = Path("demo-output"),
     bench: BenchOpt = None,
     seed: DemoSeedOpt = 0,
+    device: DeviceOpt = "auto",
     runs_dir: RunsOpt = Path("runs"),
     as_json: JsonOpt = False,
 ) -> None:
@@ -29,17 +30,24 @@ def demo(
     pictures.
     """
     from hil.bench.config import load_bench
+    from hil.device import resolve_device
     from hil.jobs.demo import DemoPlan, run_demo
 
+    on = str(resolve_device(device))
     config = load_bench(bench)
     # a bench file may bring its own kernel errors; where it does not, it gets the plan's
-    plan = DemoPlan(seed=seed) if bench is None else DemoPlan.of_bench_file(config, seed)
+    plan = (
+        DemoPlan(seed=seed, device=on)
+        if bench is None
+        else DemoPlan.of_bench_file(config, seed, device=on)
+    )
     result = recorded(
         "demo",
         runs_dir,
         config,
-        {"out": str(out_dir), "seed": seed},
+        {"out": str(out_dir), "seed": seed, "device": device},
         lambda _: run_demo(config, out_dir, err, plan),
+        on,
     )
     table = "\n".join(f"  {k:<32} {100 * v:5.1f}%" for k, v in result["accuracy"].items())
     emit(result, as_json, f"test accuracy on digits:\n{table}\nreport: {out_dir / 'REPORT.md'}")

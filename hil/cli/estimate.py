@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from hil.cli.common import DATASETS_HELP, JsonOpt, RunsOpt, emit, err, out, recorded
+from hil.cli.common import DATASETS_HELP, DeviceOpt, JsonOpt, RunsOpt, emit, err, out, recorded
 from hil.design.defaults import DEFAULT_SEEDS, DEFAULT_TRAIN_SIZE
 from hil.errors import UserError
 
@@ -110,6 +110,7 @@ def estimate_cmd(  # noqa: PLR0913  typer: one parameter per command-line option
     seeds: SeedsOpt = DEFAULT_SEEDS,
     train_size: TrainSizeOpt = str(DEFAULT_TRAIN_SIZE),
     out_dir: OutOpt = Path("estimate-output"),
+    device: DeviceOpt = "auto",
     runs_dir: RunsOpt = Path("runs"),
     as_json: JsonOpt = False,
 ) -> None:
@@ -130,6 +131,9 @@ def estimate_cmd(  # noqa: PLR0913  typer: one parameter per command-line option
     Writes OUT/estimate.md (the table), OUT/estimate.png (accuracy against kernel count),
     OUT/estimate.json (everything), and with a layout OUT/layouts.json and OUT/frontend-M.toml.
     """
+    from hil.device import resolve_device
+
+    on = resolve_device(device)
     args = {
         "dataset": dataset,
         "data_root": str(data_root) if data_root else None,
@@ -147,8 +151,11 @@ def estimate_cmd(  # noqa: PLR0913  typer: one parameter per command-line option
         "seeds": seeds,
         "train_size": _train_size(train_size),
         "out": str(out_dir),
+        "device": str(on),
     }
-    result = recorded("estimate", runs_dir, None, args, lambda _: _estimate(args, bench, data_root))
+    result = recorded(
+        "estimate", runs_dir, None, args, lambda _: _estimate(args, bench, data_root), on
+    )
     if as_json:
         return emit(result, True)
     _print_estimate(result)
@@ -181,6 +188,7 @@ def _estimate(args: dict[str, Any], bench: Path | None, data_root: Path | None) 
         seeds=args["seeds"],
         noise=MapNoise.from_sensor(sim.sensor) if args["noise"] else None,
         image_size=square_side(config, "hil estimate"),
+        device=args["device"],
     )
     layout = LayoutConstraints.from_options(
         metasurface_um=tuple(ms) if ms else None,

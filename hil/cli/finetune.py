@@ -11,6 +11,7 @@ from hil.cli.common import (
     BatchSizeOpt,
     BetaOpt,
     DataRootOpt,
+    DeviceOpt,
     EpochsOpt,
     JsonOpt,
     LrOpt,
@@ -71,6 +72,7 @@ def finetune_cmd(  # noqa: PLR0913  typer: one parameter per command-line option
     seed: int = 0,
     data_root: DataRootOpt = None,
     resume: ResumeOpt = False,
+    device: DeviceOpt = "auto",
     runs_dir: RunsOpt = Path("runs"),
     as_json: JsonOpt = False,
 ) -> None:
@@ -84,11 +86,13 @@ def finetune_cmd(  # noqa: PLR0913  typer: one parameter per command-line option
         hil finetune --captures train.h5 --checkpoint onn.pt --teacher resnet18 \\
             --method ntkd --test-captures test.h5 --out onn-ntkd.pt
     """
+    from hil.device import resolve_device
     from hil.jobs.finetune import FinetuneRequest, run_finetune
     from hil.jobs.train import Teaching
     from hil.ntkd.losses import FINETUNE_METHODS, loss_options
     from hil.training.loop import Settings
 
+    on = resolve_device(device)
     options = loss_options(
         method, choices=FINETUNE_METHODS, temperature=temperature, beta=beta, norm=norm
     )
@@ -103,12 +107,12 @@ def finetune_cmd(  # noqa: PLR0913  typer: one parameter per command-line option
         data_root=data_root,
         resume=resume,
     )
-    settings = Settings(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    settings = Settings(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=str(on))
 
     def job(_) -> dict:
         return run_finetune(request, settings, epoch_printer(err)) | {"checkpoint": str(out)}
 
-    result = recorded("finetune", runs_dir, None, request.args(settings), job)
+    result = recorded("finetune", runs_dir, None, request.args(settings), job, on)
     emit(result, as_json, f"{method} fine-tune: {_scores(result)}; {out}")
 
 

@@ -9,6 +9,7 @@ import typer
 
 from hil.cli.common import (
     DataRootOpt,
+    DeviceOpt,
     EpochsOpt,
     JsonOpt,
     LrOpt,
@@ -39,14 +40,17 @@ def teacher_train(  # noqa: PLR0913  typer: one parameter per command-line optio
     seed: int = 0,
     out: CheckpointOpt = None,
     data_root: DataRootOpt = None,
+    device: DeviceOpt = "auto",
     runs_dir: RunsOpt = Path("runs"),
     as_json: JsonOpt = False,
 ) -> None:
     """Train an electronic teacher on the raw images and store it for `--teacher ARCH`."""
+    from hil.device import resolve_device
     from hil.jobs.train import TeacherRequest, run_teacher_train
     from hil.training.loop import Settings
 
-    settings = Settings(epochs=epochs, lr=lr, seed=seed)
+    on = resolve_device(device)
+    settings = Settings(epochs=epochs, lr=lr, seed=seed, device=str(on))
     request = TeacherRequest(arch, dataset, settings, out, data_root)
     result = recorded(
         "teacher train",
@@ -54,5 +58,6 @@ def teacher_train(  # noqa: PLR0913  typer: one parameter per command-line optio
         None,
         request.args(),
         lambda _: run_teacher_train(request, on_epoch=epoch_printer(err)),
+        device=on,
     )
     emit(result, as_json, f"{arch} on {dataset}: {score(result)}; stored {result['checkpoint']}")

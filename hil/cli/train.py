@@ -12,6 +12,7 @@ from hil.cli.common import (
     BenchOpt,
     BetaOpt,
     DataRootOpt,
+    DeviceOpt,
     EpochsOpt,
     JsonOpt,
     LrOpt,
@@ -72,6 +73,7 @@ def train_cmd(  # noqa: PLR0913  typer: one parameter per command-line option
     noise: NoiseOpt = 0.01,
     bench: BenchOpt = None,
     data_root: DataRootOpt = None,
+    device: DeviceOpt = "auto",
     runs_dir: RunsOpt = Path("runs"),
     as_json: JsonOpt = False,
 ) -> None:
@@ -80,11 +82,13 @@ def train_cmd(  # noqa: PLR0913  typer: one parameter per command-line option
     Also runs under `torchrun --nproc_per_node N -m hil train ...` as DistributedDataParallel.
     """
     from hil.bench.config import load_bench
+    from hil.device import resolve_device
     from hil.jobs.train import StudentRequest, Teaching, plan_student, run_train
     from hil.models.onn import StudentSpec
     from hil.ntkd.losses import loss_options
     from hil.training.loop import Settings, ddp_rank_size
 
+    on = resolve_device(device)
     options = loss_options(method, temperature=temperature, beta=beta, norm=norm, variant=variant)
     request = StudentRequest(
         dataset=dataset,
@@ -92,7 +96,7 @@ def train_cmd(  # noqa: PLR0913  typer: one parameter per command-line option
         spec=StudentSpec(
             frontend=frontend, kernels=kernels, kernel_size=kernel_size, backend=backend, seed=seed
         ),
-        settings=Settings(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed),
+        settings=Settings(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=str(on)),
         out=out,
         resume=resume,
         augment_noise=noise if augment else None,
@@ -102,7 +106,7 @@ def train_cmd(  # noqa: PLR0913  typer: one parameter per command-line option
     rank, _ = ddp_rank_size()
     runs = runs_dir if rank == 0 else runs_dir / f"rank{rank}"
     result = recorded(
-        "train", runs, None, plan.args(), lambda _: run_train(plan, epoch_printer(err))
+        "train", runs, None, plan.args(), lambda _: run_train(plan, epoch_printer(err)), on
     )
     if rank == 0:
         emit(result, as_json, f"{method}: {score(result)}; {out}")

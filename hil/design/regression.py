@@ -179,10 +179,16 @@ def noisy_inputs(
     return torch.cat([patches, draw.transpose(1, 2)], -1), snr
 
 
+def _cpu64(k: Tensor) -> Tensor:
+    return k.to("cpu").double()
+
+
 def ntk_blocks(
     model: torch.nn.Module, x_train: Tensor, x_eval: Tensor, block: int = 2048
 ) -> tuple[Tensor, Tensor]:
-    """(Θ(X_tr, X_tr), Θ(X_ev, X_tr)) in float64, Jacobian passes of at most ``block`` samples.
+    """(Θ(X_tr, X_tr), Θ(X_ev, X_tr)) in float64 on the CPU, Jacobian passes of at most
+    ``block`` samples on the device of the model and the inputs (float64 after each pass: MPS
+    has none).
 
     When everything fits one pass, one call takes each sample's Jacobian once (the unused eval x
     eval part is a cheap contraction). Otherwise rows and columns go in chunks of ``block``:
@@ -193,18 +199,18 @@ def ntk_blocks(
     n_tr, step = len(x_train), max(1, int(block))
     with torch.no_grad():  # jacrev inside still differentiates; no graph to the parameters
         if n_tr + len(x_eval) <= step:
-            k = factored_ntk(model, torch.cat([x_train, x_eval])).double()
+            k = _cpu64(factored_ntk(model, torch.cat([x_train, x_eval])))
             return k[:n_tr, :n_tr], k[n_tr:, :n_tr]
 
         def cross(rows: Tensor, same: bool) -> Tensor:
             if same and len(rows) <= step:
-                return factored_ntk(model, rows).double()
+                return _cpu64(factored_ntk(model, rows))
             out = torch.empty(len(rows), n_tr, dtype=torch.float64)
             for i in range(0, len(rows), step):
                 for j in range(0, n_tr, step):
-                    out[i : i + step, j : j + step] = factored_ntk(
-                        model, rows[i : i + step], x2=x_train[j : j + step]
-                    ).double()
+                    out[i : i + step, j : j + step] = _cpu64(
+                        factored_ntk(model, rows[i : i + step], x2=x_train[j : j + step])
+                    )
             return out
 
         return cross(x_train, True), cross(x_eval, False)

@@ -50,15 +50,20 @@ class DemoPlan:
     # field per PSF. None keeps the bench file's [sim.fabrication] value.
     kernel_error: float | None = 0.6
     kernel_error_corr_px: float | None = 2.0
+    device: str = "cpu"  # where the teacher, the student and the fine-tunes train
 
     @classmethod
-    def of_bench_file(cls, config: BenchConfig, seed: int = 0) -> DemoPlan:
+    def of_bench_file(cls, config: BenchConfig, seed: int = 0, device: str = "cpu") -> DemoPlan:
         """The plan for a bench file: the kernel errors its `[sim.fabrication]` section sets,
         the plan's where it sets none (so a bench that only moves the glass, as the foreign
         benches in examples/ do, is compared with the built-in one like for like)."""
         given = config.sim.fabrication.model_fields_set
         errors = {k: None for k in ("kernel_error", "kernel_error_corr_px") if k in given}
-        return cls(seed=seed, **errors)
+        return cls(seed=seed, device=device, **errors)
+
+    def settings(self, epochs: int, lr: float) -> Settings:
+        """The training settings of one of the demo's steps: its seed and device."""
+        return Settings(epochs=epochs, lr=lr, seed=self.seed, device=self.device)
 
 
 @contextmanager
@@ -71,9 +76,7 @@ def step(console: Console, what: str, timings: dict[str, float]):
 
 
 def train_demo_teacher(data: Dataset, path: Path, plan: DemoPlan, console: Console) -> dict:
-    model, record = train_teacher(
-        "resnet18", data, Settings(epochs=plan.teacher_epochs, lr=1e-3, seed=plan.seed)
-    )
+    model, record = train_teacher("resnet18", data, plan.settings(plan.teacher_epochs, 1e-3))
     save_teacher(model, record, path)
     console.print(f"  resnet18 teacher: test accuracy {record['test_accuracy']:.4f}")
     return record
@@ -89,9 +92,9 @@ def train_demo_student(
         StudentSpec(seed=plan.seed),
         data,
         "ntkd",
-        Settings(epochs=plan.student_epochs, lr=plan.student_lr, seed=plan.seed),
+        plan.settings(plan.student_epochs, plan.student_lr),
         teacher=teacher,
-        teacher_cache=out.with_name(f"{out.stem}.teacher-features.pt"),
+        teacher_cache=teacher_path,
         projections=plan.projections,
     )
     save_model(out, "student", model, {k: v for k, v in record.items() if k != "history"})
@@ -149,7 +152,7 @@ def compensate(
 ) -> dict[str, dict]:
     """Fine-tune the backend with each method on all of the captured train rows, keeping the
     epoch that scores best on the captured val split."""
-    settings = Settings(epochs=plan.finetune_epochs, lr=plan.finetune_lr, seed=plan.seed)
+    settings = plan.settings(plan.finetune_epochs, plan.finetune_lr)
     return {
         method: run_finetune(
             FinetuneRequest(

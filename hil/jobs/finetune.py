@@ -24,7 +24,7 @@ from hil.jobs.train import Teaching
 from hil.models.checkpoint import check_maps, load_onn, save_model
 from hil.models.onn import ONN
 from hil.ntkd.losses import FINETUNE_METHODS, build_loss, check_method
-from hil.ntkd.teacher_cache import teacher_features
+from hil.ntkd.teacher_cache import cache_file, teacher_features, teacher_logits
 from hil.training.loop import Settings, accuracy, fit, resume_path
 from hil.training.teacher import load_teacher
 
@@ -81,18 +81,21 @@ class FinetuneRequest:
             "lr": settings.lr,
             "options": self.teaching.loss_options,
             "seed": settings.seed,
+            "device": settings.device,
         }
 
 
 @dataclass(frozen=True)
 class Lesson:
     """What the backend learns from: captured rows, the rows its curve watches, and for KD and
-    NTKD the teacher with the raw images of the training rows."""
+    NTKD the teacher with the raw images of the training rows (and the teacher's checkpoint,
+    beside which its logits and features of those rows are cached; None: not cached)."""
 
     train: Tensors
     watched: Tensors
     teacher: torch.nn.Module | None = None
     raw: torch.Tensor | None = None
+    cache: Path | None = None
 
 
 class _KeepBest:
@@ -114,18 +117,21 @@ class _KeepBest:
             self.on_epoch(metrics)
 
 
-def teacher_extras(loss, lesson: Lesson, projections: int, seed: int):
-    """What the loss needs of the teacher per batch (its logits or its NTK features), or None."""
+def teacher_extras(loss, lesson: Lesson, teaching: Teaching, device: str = "cpu"):
+    """What the loss needs of the teacher per batch (rows of its cached logits or NTK features,
+    computed on `device`), or None. The projections are seeded by `teaching.projection_seed`."""
     needs = getattr(loss, "needs", frozenset())
     if needs and (lesson.teacher is None or lesson.raw is None):
         raise ValueError("this method needs a teacher and the raw images")
+    teacher, raw, beside = lesson.teacher, lesson.raw, lesson.cache
     if "teacher_logits" in needs:
-        lesson.teacher.eval()
-        with torch.no_grad():
-            logits = lesson.teacher(lesson.raw)
+        path = None if beside is None else cache_file(beside, "logits", raw)
+        logits = teacher_logits(teacher, raw, path, device=device)
         return lambda idx: {"teacher_logits": logits[idx]}
     if "teacher_features" in needs:
-        feats = teacher_features(lesson.teacher, lesson.raw, None, projections, seed)
+        r, seed = teaching.projections, teaching.projection_seed
+        path = None if beside is None else cache_file(beside, "ntk", raw, R=r, p=seed)
+        feats = teacher_features(teacher, raw, path, r, seed, device=device)
         return lambda idx: {"teacher_features": feats[idx]}
     return None
 
@@ -141,15 +147,17 @@ def finetune(
     keep_best: bool = False,
     on_epoch=None,
 ) -> tuple[list[dict[str, float]], int]:
-    """Train `model.backend` in place on captured feature maps; the frontend stays frozen.
-    Returns the metrics of every epoch and the epoch the backend ends with.
+    """Train `model.backend` in place on captured feature maps, on `settings.device` (where the
+    whole model moves); the frontend stays frozen. Returns the metrics of every epoch and the
+    epoch the backend ends with.
 
     `keep_best`: end with the epoch (or the untouched backend, -1) that scores best on the
     watched rows, so a fine-tune that does not help on validation captures changes nothing.
     """
     model.freeze_frontend()
+    model.to(settings.device)
     loss = build_loss(teaching.method, **teaching.loss_options)
-    extras = teacher_extras(loss, lesson, teaching.projections, settings.seed)
+    extras = teacher_extras(loss, lesson, teaching, settings.device)
     watch = _KeepBest(model.backend, lesson.watched, on_epoch)
     history = fit(
         model.backend,
@@ -204,11 +212,11 @@ def _lesson(request: FinetuneRequest, found, train_rows, scored, val) -> tuple[L
     if request.teaching.method == "ce":
         return Lesson(train, watched), name
     dataset = found.identity.dataset
-    teacher, _, _ = load_teacher(request.teaching.teacher, dataset)
+    teacher, _, t_path = load_teacher(request.teaching.teacher, dataset)
     data = load_dataset(dataset, request.data_root)
     check_source(request.captures, found.identity, found.index, found.meta["pattern_hash"], data)
     raw = torch.as_tensor(data.images[found.index[train_rows]])
-    return Lesson(train, watched, teacher, raw), name
+    return Lesson(train, watched, teacher, raw, t_path), name
 
 
 def run_finetune(request: FinetuneRequest, settings: Settings, on_epoch=None) -> dict[str, Any]:
@@ -253,6 +261,7 @@ def run_finetune(request: FinetuneRequest, settings: Settings, on_epoch=None) ->
         "curve_watches": watched,
         "kept_epoch": kept,
         "fraction_of_store": used,
+        "device": str(settings.device),
         "before": before,
         "after": _accuracies(model, scored),
         "history": history,

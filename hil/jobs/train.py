@@ -17,6 +17,7 @@ from hil.bench.design import square_side
 from hil.data.datasets import Dataset, load_dataset
 from hil.models.onn import StudentSpec
 from hil.ntkd.augment import FabricationAugment
+from hil.ntkd.teacher_cache import PROJECTION_SEED
 from hil.training.loop import Settings
 from hil.training.student import train_student
 from hil.training.teacher import load_teacher, save_teacher, teacher_path, train_teacher
@@ -30,6 +31,7 @@ class Teaching:
     teacher: str = "resnet18"  # an architecture stored for the dataset, or a checkpoint
     loss_options: dict[str, Any] = field(default_factory=dict)
     projections: int = 64  # of the teacher's NTK
+    projection_seed: int = PROJECTION_SEED  # of those projections; not the run's seed
 
     @property
     def needs_teacher(self) -> bool:
@@ -50,6 +52,7 @@ class TeacherRequest:
             "epochs": s.epochs,
             "lr": s.lr,
             "seed": s.seed,
+            "device": s.device,
         }
 
 
@@ -85,7 +88,7 @@ class StudentPlan:
     data: Dataset
     augment: FabricationAugment | None
     teacher: Any  # the teacher module, or None for `none`/`ce`
-    teacher_cache: Path | None
+    teacher_cache: Path | None  # the teacher's checkpoint, beside which its caches are kept
 
     def args(self) -> dict[str, Any]:
         r = self.request
@@ -96,6 +99,7 @@ class StudentPlan:
             "spec": self.spec.to_dict(),
             "epochs": r.settings.epochs,
             "lr": r.settings.lr,
+            "device": r.settings.device,
             "options": r.teaching.loss_options,
             "out": str(r.out),
             "augment": self.augment.to_dict() if self.augment else None,
@@ -123,12 +127,10 @@ def plan_student(request: StudentRequest, config: BenchConfig, console: Console)
         channels=int(data.images.shape[1]),
         classes=data.classes,
     )
-    teacher = cache = None
+    teacher = t_path = None
     if r.teaching.needs_teacher:
         teacher, _, t_path = load_teacher(r.teaching.teacher, r.dataset)
-        projections, seed = r.teaching.projections, r.settings.seed
-        cache = t_path.with_name(f"{t_path.stem}.ntk-R{projections}-s{seed}.pt")
-    return StudentPlan(r, spec, data, augment, teacher, cache)
+    return StudentPlan(r, spec, data, augment, teacher, t_path)
 
 
 def run_train(plan: StudentPlan, on_epoch=None) -> dict[str, Any]:
@@ -143,6 +145,7 @@ def run_train(plan: StudentPlan, on_epoch=None) -> dict[str, Any]:
         teacher_cache=plan.teacher_cache,
         loss_options=r.teaching.loss_options,
         projections=r.teaching.projections,
+        projection_seed=r.teaching.projection_seed,
         out=r.out,
         resume=r.resume,
         on_epoch=on_epoch,

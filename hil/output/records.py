@@ -2,7 +2,8 @@
 
 A run folder holds the resolved bench config, the command and its arguments, package versions and
 git revision, a log file, and `result.json` (written atomically, also when the run fails or is
-interrupted, so an aborted run says so instead of vanishing).
+interrupted, so an aborted run says so instead of vanishing). A command that computes with torch
+records the device it ran on (`"device": "cpu"`) in `command.json` and `result.json`.
 """
 
 from __future__ import annotations
@@ -87,8 +88,11 @@ class Run:
         runs_dir: Path | str = "runs",
         config: BenchConfig | None = None,
         args: dict[str, Any] | None = None,
+        *,
+        device: Any = None,
     ) -> None:
         self.command, self.config, self.args = command, config, dict(args or {})
+        self.device = None if device is None else str(device)  # what it computed on
         self.runs_dir = Path(runs_dir)
         self.result: dict[str, Any] | None = None
 
@@ -112,6 +116,8 @@ class Run:
         if self.config is not None:
             atomic_write_text(folder / "config.toml", to_toml(self.config, comments=False))
         command = {"command": self.command, "argv": sys.argv, "args": self.args}
+        if self.device is not None:
+            command["device"] = self.device
         write_json(folder / "command.json", command)
         write_json(folder / "environment.json", environment())
         log.info("hil %s: run folder %s", self.command, folder)
@@ -130,6 +136,7 @@ class Run:
             "run_dir": str(self.dir),
             "finished": datetime.now(UTC).isoformat(timespec="seconds"),
             "elapsed_s": round(time.time() - self.started, 3),
+            **({"device": self.device} if self.device is not None else {}),
             **result,
         }
 

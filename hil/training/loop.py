@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from calibration.atomic import atomic_path
+from hil.device import to_device
 from hil.errors import UserError
 
 Batch = dict[str, torch.Tensor]
@@ -41,6 +42,7 @@ class Settings:
     lr: float = 3e-3
     weight_decay: float = 0.0
     seed: int = 0
+    device: str = "cpu"  # a name `hil.device.resolve_device` gave: model and batches go there
 
 
 def ddp_rank_size() -> tuple[int, int]:
@@ -86,14 +88,23 @@ def load_resume(path: Path) -> dict[str, Any]:
     return state
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where `model`'s parameters (or buffers) are; the CPU for a model without either."""
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
 @torch.no_grad()
 def predictions(model: nn.Module, x: torch.Tensor, batch_size: int = 512):
-    """(start, argmax over classes (dim 1)) batch by batch, in eval mode."""
+    """(start, argmax over classes (dim 1)) batch by batch, in eval mode, on the CPU: each
+    batch goes to the model's device and its predictions come back."""
     was = model.training
     model.eval()
+    device = model_device(model)
     try:
         for i in range(0, len(x), batch_size):
-            yield i, model(x[i : i + batch_size]).argmax(1)
+            yield i, model(to_device(x[i : i + batch_size], device)).argmax(1).cpu()
     finally:
         model.train(was)
 
@@ -171,8 +182,13 @@ def fit(  # noqa: PLR0913  the one training loop's hooks, keyword-only and named
     resume state is written to `resume_state` after every epoch; with `resume` and an existing
     one, training continues after its last finished epoch. After
     every epoch `metric(model, val x, val y)` is recorded as `val_<metric_name>`.
+
+    The model moves to `settings.device` (and stays there), each batch with its extras goes
+    there step by step; `train` and `val` stay where they are (the CPU).
     """
     rank, size = ddp_rank_size()
+    device = torch.device(settings.device)
+    model = to_device(model, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
     history: list[dict[str, float]] = []
@@ -187,7 +203,7 @@ def fit(  # noqa: PLR0913  the one training loop's hooks, keyword-only and named
         t0 = time.perf_counter()
         model.train()
         batches = _batches(len(train["y"]), settings, epoch, rank, size)
-        means = _train_epoch(net, loss, optimizer, train, batches, batch_extras)
+        means = _train_epoch(net, loss, optimizer, train, batches, batch_extras, device)
         metrics = {"epoch": epoch, **means}
         metrics[f"val_{metric_name}"] = metric(model, val["x"], val["y"])
         metrics["seconds"] = round(time.perf_counter() - t0, 3)
@@ -219,14 +235,16 @@ def _train_epoch(
     train: Batch,
     batches,
     batch_extras: Callable[[torch.Tensor], Batch] | None,
+    device: torch.device,
 ) -> dict[str, float]:
-    """One optimizer step per batch; the mean of every loss term over the epoch."""
+    """One optimizer step per batch on `device`; the mean of every loss term over the epoch."""
     sums: dict[str, float] = {}
     steps = 0
     for idx in batches:
         batch = {k: v[idx] for k, v in train.items()}
         if batch_extras is not None:
             batch |= batch_extras(idx)
+        batch = to_device(batch, device)
         terms = loss(net, batch)
         optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()

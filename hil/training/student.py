@@ -1,9 +1,9 @@
 """`hil train`: the optical student trained in simulation, without transfer, with KD or with NTKD.
 
-The student sees each image as the display shows it; the teacher sees the raw image. NTKD's
-teacher kernel comes from fixed random projections of the teacher's Jacobian, computed once per
-training set and cached beside the teacher checkpoint (`hil.ntkd.teacher_cache`), so a step only
-multiplies cached features.
+The student sees each image as the display shows it; the teacher sees the raw image. What the
+teacher says is computed once per training set and cached beside the teacher checkpoint
+(`hil.ntkd.teacher_cache`), whatever the seed: KD's logits, and NTKD's teacher kernel as fixed
+random projections of the teacher's Jacobian, so a step only reads cached rows by sample index.
 
 Segmentation: the student's logit map covers the whole display, so its target is the mask placed
 exactly where `to_display` puts the image (`hil.data.placement`), with the display around it
@@ -29,7 +29,7 @@ from hil.models.checkpoint import save_model
 from hil.models.onn import ONN, StudentSpec
 from hil.ntkd.augment import FabricatedStudent, FabricationAugment
 from hil.ntkd.losses import build_loss
-from hil.ntkd.teacher_cache import teacher_features
+from hil.ntkd.teacher_cache import PROJECTION_SEED, cache_file, teacher_features, teacher_logits
 from hil.training.loop import Settings, accuracy, ddp_rank_size, fit, resume_path, task_metric
 
 Extras = Callable[[torch.Tensor], dict[str, torch.Tensor]]
@@ -60,6 +60,7 @@ def train_student(  # noqa: PLR0913  the `hil train` options, each named at its 
     teacher_cache: Path | None = None,
     loss_options: dict[str, Any] | None = None,
     projections: int = 64,
+    projection_seed: int = PROJECTION_SEED,
     out: Path | None = None,
     resume: bool = False,
     on_epoch=None,
@@ -71,17 +72,29 @@ def train_student(  # noqa: PLR0913  the `hil train` options, each named at its 
     `val_miou`, history `val_miou`; `test_accuracy` is then the pixel accuracy). `augment` trains
     through random fabrication errors; validation and test see the designed optic.
 
+    `teacher_cache`: a path (the teacher's checkpoint) beside which the teacher's logits (KD)
+    and projected features (NTKD) of the training set are cached, named after its stem
+    (`teacher_cache.cache_file`); None computes them afresh. Training runs on `settings.device`.
+
     With `out`, the resume state goes to `resume_path(out)` after every epoch (`resume` continues
     from it), and the finished student to the model file `out`, which removes the resume state.
     """
     model, (train, val, test), loss = _setup(spec, data, method, loss_options)
     hw = (spec.image_size, spec.image_size) if data.task == "segmentation" else None
 
-    def features(pool: int | None) -> torch.Tensor:
-        raw, seed = train["raw"], settings.seed
-        return teacher_features(teacher, raw, teacher_cache, projections, seed, pool=pool)
+    raw, device = train["raw"], settings.device
 
-    extras = _teacher_extras(loss, method, teacher, train["raw"], hw, features)
+    def features(pool: int | None) -> torch.Tensor:
+        tags = {"R": projections, "p": projection_seed, "pool": pool}
+        path = None if teacher_cache is None else cache_file(teacher_cache, "ntk", raw, **tags)
+        args = (teacher, raw, path, projections, projection_seed)
+        return teacher_features(*args, pool=pool, device=device)
+
+    def logits() -> torch.Tensor:
+        path = None if teacher_cache is None else cache_file(teacher_cache, "logits", raw)
+        return teacher_logits(teacher, raw, path, device=device)
+
+    extras = _teacher_extras(loss, method, teacher, hw, features, logits)
     net = model
     if augment is not None:
         net = FabricatedStudent(model, augment)
@@ -105,6 +118,7 @@ def train_student(  # noqa: PLR0913  the `hil train` options, each named at its 
         f"{s}_{name}": metric(model, d["x"], d["y"]) for s, d in (("test", test), ("val", val))
     }
     record = {"method": method, "dataset": data.name, "spec": spec.to_dict(), **scores}
+    record["device"] = str(settings.device)
     record |= {"history": history} | ({"augment": augment.to_dict()} if augment else {})
     if name != "accuracy":
         record["test_accuracy"] = accuracy(model, test["x"], test["y"])
@@ -136,30 +150,29 @@ def _teacher_extras(
     loss: Any,
     method: str,
     teacher: torch.nn.Module | None,
-    raw: torch.Tensor,
     display_hw: tuple[int, int] | None,
     features: Callable[[int | None], torch.Tensor],
+    logits: Callable[[], torch.Tensor],
 ) -> Extras | None:
-    """What the loss needs from the teacher per batch: KD's logits, NTKD's cached features
-    (`features(pool)`, pooled for logit maps), or nothing."""
+    """What the loss needs from the teacher per batch: KD's cached logits (`logits()`), NTKD's
+    cached features (`features(pool)`, pooled for logit maps), or nothing."""
     needs = getattr(loss, "needs", frozenset())
     if needs and teacher is None:
         raise ValueError(f"method {method!r} needs a teacher")
     if "teacher_logits" in needs:
-        return _logit_extras(teacher, raw, display_hw)
+        return _logit_extras(logits(), display_hw)
     if "teacher_features" in needs:
         return _feature_extras(features(loss.pool if display_hw is not None else None))
     return None
 
 
-def _logit_extras(teacher: torch.nn.Module, raw: torch.Tensor, display_hw) -> Extras:
-    """KD's per-batch teacher logits on the raw images, placed on the display for logit maps."""
-    teacher.eval()
+def _logit_extras(logits: torch.Tensor, display_hw: tuple[int, int] | None) -> Extras:
+    """KD's per-batch rows of the cached teacher logits (of the raw images), placed on the
+    display for logit maps."""
 
     def extras(idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            logits = teacher(raw[idx])
-        return {"teacher_logits": logits if display_hw is None else place_maps(logits, display_hw)}
+        rows = logits[idx]
+        return {"teacher_logits": rows if display_hw is None else place_maps(rows, display_hw)}
 
     return extras
 

@@ -116,3 +116,58 @@ def test_sim_render_rejects_a_file_that_is_not_an_image(tmp_path, monkeypatch, c
     assert code == 2 and "bad.png" in err and len(err.strip().splitlines()) == 1
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert json.loads((run_dir / "result.json").read_text())["status"] == "failed"
+
+
+DEVICE_COMMANDS = [
+    ["teacher", "train", "--arch", "lenet"],
+    ["train", "--method", "none"],
+    ["finetune", "--captures", "train.h5", "--checkpoint", "onn.pt"],
+    ["estimate"],
+    ["demo"],
+]
+
+
+@pytest.mark.parametrize("command", DEVICE_COMMANDS, ids=lambda c: " ".join(c[:2]))
+def test_an_unavailable_device_is_one_line_before_any_work(tmp_path, monkeypatch, capsys, command):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    args = [*command, "--device", "cuda", "--runs-dir", tmp_path / "runs"]
+    code, out, err = run_hil(monkeypatch, capsys, *args)
+    assert code == 2, err
+    assert err.strip().splitlines() == [
+        "error: cuda requested but torch.cuda.is_available() is False"
+    ]
+    assert not (tmp_path / "runs").exists() and "Traceback" not in out
+
+
+@pytest.mark.parametrize("command", DEVICE_COMMANDS, ids=lambda c: " ".join(c[:2]))
+def test_every_computing_command_offers_the_device_option(monkeypatch, capsys, command):
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, _ = run_hil(
+        monkeypatch, capsys, *command[: 2 if command[0] == "teacher" else 1], "--help"
+    )
+    assert code == 0 and "--device" in out and "auto (CUDA when present" in out
+
+
+def test_the_run_record_names_the_device(tmp_path, monkeypatch, capsys):
+    """`auto` resolves here (CPU unless a GPU is present) and the record says what it was."""
+    from hil.device import resolve_device
+
+    expected = str(resolve_device("auto"))
+    monkeypatch.setenv("HIL_TEACHERS", str(tmp_path / "teachers"))
+    runs = tmp_path / "runs"
+    teacher = ["teacher", "train", "--arch", "lenet", "--epochs", "1", "--device", "auto"]
+    train = ["train", "--method", "kd", "--teacher", "lenet", "--epochs", "1", "--kernels", "2"]
+    train += ["--kernel-size", "3", "--batch-size", "256", "--out", tmp_path / "onn.pt"]
+    for args in (teacher, train):
+        code, out, err = run_hil(monkeypatch, capsys, *args, "--runs-dir", runs, "--json")
+        assert code == 0, err
+        result = json.loads(out)
+        assert result["device"] == expected
+        run = runs / result["run_dir"].split("/")[-1]
+        assert json.loads((run / "result.json").read_text())["device"] == expected
+        assert json.loads((run / "command.json").read_text())["device"] == expected
+    # KD's teacher logits were cached beside the stored teacher
+    assert len(list((tmp_path / "teachers").glob("digits-lenet.logits-*.pt"))) == 1

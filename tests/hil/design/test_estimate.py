@@ -427,3 +427,33 @@ def test_cli_help_teaches_what_the_estimate_is(monkeypatch, capsys):
     assert code == 0
     for words in ("neural tangent kernel", "diagnostic", "s on 2 CPU cores", "[frontend]"):
         assert words in out, words
+
+
+@pytest.mark.parametrize("image_size", [16, 8])
+def test_the_kernels_are_taken_on_the_settings_device(monkeypatch, image_size):
+    """`device` reaches the Jacobian passes (model and inputs), pooled or not; the noise draws
+    and the regression stay on the CPU. A meta device holds no numbers, so the passes are
+    stubbed: they only report where their inputs live."""
+    import hil.design.estimate
+
+    seen = []
+
+    def passes(net, x_a, x_b, block):
+        seen.append({next(net.parameters()).device.type, x_a.device.type, x_b.device.type})
+        n_tr = len(x_a)
+        return torch.eye(n_tr, dtype=torch.float64), torch.zeros(len(x_b), n_tr).double()
+
+    monkeypatch.setattr(hil.design.estimate, "ntk_blocks", passes)
+    backend = "fc2" if image_size == 16 else "conv"
+    settings = EstimateSettings(
+        kernels=(2,),
+        train_size=None,
+        seeds=2,
+        hidden=8,
+        image_size=image_size,
+        backend=backend,
+        noise=None if backend == "conv" else EstimateSettings().noise,
+        device="meta",
+    )
+    result = estimate(_tiny_dataset(), settings)
+    assert seen == [{"meta"}, {"meta"}] and result["device"] == "meta"

@@ -97,7 +97,7 @@ def test_cli_ntkd_finetune_with_a_teacher_checkpoint(bench, tmp_path, monkeypatc
     out = tmp_path / "ntkd.pt"
     args = ["finetune", "--captures", str(root / "train.h5"), "--checkpoint", str(root / "onn.pt")]
     args += ["--teacher", str(root / "lenet.pt"), "--method", "ntkd", "--epochs", "3"]
-    args += ["--out", str(out), "--runs-dir", str(tmp_path / "runs"), "--json"]
+    args += ["--out", str(out), "--runs-dir", str(tmp_path / "runs"), "--json", "--device", "auto"]
     code, out_text, _ = run_hil(monkeypatch, capsys, *args)
     assert code == 0
     result = json.loads(out_text)
@@ -105,6 +105,43 @@ def test_cli_ntkd_finetune_with_a_teacher_checkpoint(bench, tmp_path, monkeypatc
     assert result["method"] == "ntkd" and abs(result["train_samples"] - 0.1 * n) <= 5
     assert result["train_samples"] + result["held_out_samples"] == n
     assert load_model(out, "student").record["method"] == "ntkd"
+    if not torch.cuda.is_available():
+        assert result["device"] == "cpu"
+    assert list(root.glob("lenet.ntk-R64-p0-*.pt"))  # the teacher's features, beside it
+
+
+def test_kd_finetune_reads_the_teachers_logits_from_its_cache(bench, tmp_path, monkeypatch):
+    """The teacher's logits of the training rows, cached beside it: a rerun never calls it."""
+    import hil.jobs.finetune
+    from hil.training.teacher import load_teacher
+
+    root, _ = bench
+    calls = []
+
+    def counted(*args):
+        teacher, info, path = load_teacher(*args)
+        teacher.register_forward_hook(lambda *_: calls.append(1))
+        return teacher, info, path
+
+    monkeypatch.setattr(hil.jobs.finetune, "load_teacher", counted)
+    request = FinetuneRequest(
+        root / "train.h5",
+        root / "onn.pt",
+        tmp_path / "kd.pt",
+        Teaching("kd", str(root / "lenet.pt")),
+    )
+    first = run_finetune(request, Settings(epochs=2, batch_size=16))
+    assert len(calls) == 1  # one batched pass over the ~108 rows, not one per step
+    (cache,) = root.glob("lenet.logits-*.pt")
+    teacher = load_teacher(str(root / "lenet.pt"), "digits")[0]
+    caps = read(root / "train.h5")
+    rows, _, _ = rows_for_training(caps, None, seed=0)
+    raw = torch.as_tensor(digits().images[caps.index[rows]])
+    with torch.no_grad():
+        expected = teacher(raw)
+    torch.testing.assert_close(torch.load(cache, weights_only=True)["value"], expected)
+    again = run_finetune(request, Settings(epochs=2, batch_size=16))
+    assert len(calls) == 1 and again["after"] == first["after"]
 
 
 def test_a_store_captured_from_other_images_is_refused_naming_store_and_dataset(

@@ -142,7 +142,7 @@ def test_unet_teacher_and_distillation_run_on_masks(tmp_path):
     assert "val_miou" in info["history"][0]
     spec = StudentSpec(kernels=2, kernel_size=3, image_size=16, backend="updecoder", classes=2)
     settings = Settings(epochs=1, batch_size=12)
-    cache = tmp_path / "features.pt"
+    cache = tmp_path / "unet.pt"  # the caches are written beside it
     test = student_inputs(data, "test", spec)
     for method, options in (("kd", {}), ("ntkd", {"pool": 2})):
         student, record = train_student(
@@ -159,5 +159,11 @@ def test_unet_teacher_and_distillation_run_on_masks(tmp_path):
             said = student.eval()(test["x"]).argmax(1).numpy()
         assert record["test_miou"] == pytest.approx(hand_miou(said, test["y"].numpy()), abs=1e-9)
         assert np.isfinite(record["history"][0]["total"])
-    state = torch.load(cache, weights_only=True)  # the teacher's pooled logits: 2 classes x 2x2
-    assert state["pool"] == 2 and state["features"].shape == (len(data.split("train")), 8, 4)
+    n = len(data.split("train"))
+    (features,) = tmp_path.glob("unet.ntk-R4-p0-pool2-*.pt")
+    state = torch.load(features, weights_only=True)  # the teacher's pooled logits: 2 x 2x2
+    assert state["pool"] == 2 and state["value"].shape == (n, 8, 4)
+    (logits,) = tmp_path.glob("unet.logits-*.pt")  # KD's: the teacher's logit maps of raw images
+    raw = torch.as_tensor(data.images[data.split("train")])
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(logits, weights_only=True)["value"], teacher(raw))

@@ -202,3 +202,66 @@ def test_cached_teacher_features_belong_to_one_teacher(tmp_path):
     expected = ProjectedTeacher(second, projections=3, seed=1).features_dataset(raw, batch_size=128)
     torch.testing.assert_close(b, expected)
     assert not torch.allclose(a, b)
+
+
+def test_the_device_reaches_the_model_every_batch_and_the_teacher(monkeypatch):
+    """Everything a step computes with passes `settings.device` on its way: the student, each
+    batch with its cached teacher features (the NTK code's inputs), the validation batches, and
+    the teacher whose features are cached."""
+    import hil.ntkd.teacher_cache
+    import hil.training.loop
+    from hil.device import to_device
+    from hil.models.teachers import build_teacher
+    from hil.ntkd.factored import factored_ntk
+
+    device = torch.device("cpu")
+    seen: list[tuple[str, object]] = []
+
+    def spy(value, to):
+        kind = sorted(value) if isinstance(value, dict) else type(value).__name__
+        seen.append((str(kind), torch.device(to)))
+        return to_device(value, to)
+
+    kernels: list[torch.device] = []
+
+    def watched_ntk(model, x, params=None, **kw):
+        kernels.append(x.device)
+        return factored_ntk(model, x, params, **kw)
+
+    monkeypatch.setattr(hil.training.loop, "to_device", spy)
+    monkeypatch.setattr(hil.ntkd.teacher_cache, "to_device", spy)
+    monkeypatch.setattr("hil.ntkd.losses.factored_ntk", watched_ntk)
+    data = digits()
+    teacher = build_teacher("lenet", 1, 10)
+    settings = Settings(epochs=1, batch_size=512, device=str(device))
+    _, record = train_student(SMALL, data, "ntkd", settings, teacher=teacher, projections=2)
+    batch = str(["teacher_features", "x", "y"])
+    steps = -(-len(data.split("train")) // 512)
+    assert seen.count(("LeNet", device)) == 1  # the teacher, for its features
+    assert seen.count(("ONN", device)) == 1  # the student, once, before its first step
+    assert seen.count((batch, device)) == steps
+    assert seen.count(("Tensor", device)) >= 3  # validation and test batches
+    assert {to for _, to in seen} == {device} and kernels == [device] * steps
+    assert record["device"] == "cpu"
+
+
+def test_hil_train_hands_the_device_it_resolved_to_the_loop(tmp_path, monkeypatch, capsys):
+    """`--device cuda` on a machine that has it: the settings the job trains with name it."""
+    from cli_run import run_hil
+
+    import hil.jobs.train
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    got = {}
+
+    def stop(spec, data, method, settings, **kw):
+        got["device"] = settings.device
+        raise KeyboardInterrupt  # the job stops here: nothing is trained on a missing GPU
+
+    monkeypatch.setattr(hil.jobs.train, "train_student", stop)
+    args = [*SMALL_ARGS, "--device", "cuda", "--runs-dir", tmp_path / "runs"]
+    code, _, _ = run_hil(monkeypatch, capsys, "train", *args, "--out", tmp_path / "onn.pt")
+    assert code == 130 and got == {"device": "cuda"}
+    (run,) = (tmp_path / "runs").iterdir()
+    assert json.loads((run / "command.json").read_text())["device"] == "cuda"
+    assert json.loads((run / "result.json").read_text())["device"] == "cuda"

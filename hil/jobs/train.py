@@ -94,6 +94,7 @@ class StudentPlan:
         r = self.request
         return {
             "dataset": r.dataset,
+            "data": self.data.provenance(),
             "method": r.teaching.method,
             "teacher": r.teaching.teacher,
             "spec": self.spec.to_dict(),

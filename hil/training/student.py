@@ -117,7 +117,8 @@ def train_student(  # noqa: PLR0913  the `hil train` options, each named at its 
     scores = {
         f"{s}_{name}": metric(model, d["x"], d["y"]) for s, d in (("test", test), ("val", val))
     }
-    record = {"method": method, "dataset": data.name, "spec": spec.to_dict(), **scores}
+    record = {"method": method, "dataset": data.name, "data": data.provenance()}
+    record |= {"spec": spec.to_dict(), **scores}
     record["device"] = str(settings.device)
     record |= {"history": history} | ({"augment": augment.to_dict()} if augment else {})
     if name != "accuracy":

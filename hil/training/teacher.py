@@ -81,6 +81,7 @@ def train_teacher(
     record = {
         "arch": arch,
         "dataset": data.name,
+        "data": data.provenance(),
         "task": data.task,
         "in_channels": int(data.images.shape[1]),
         "classes": data.classes,

@@ -62,16 +62,6 @@ class StoreIdentity(BaseModel):
         return sorted(k for k in mine if mine[k] != theirs[k])
 
 
-def array_digest(*arrays: np.ndarray) -> str:
-    """SHA-256 (first 128 bits) over arrays' dtypes, shapes and bytes."""
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()[:32]
-
-
 def pattern_hash(shown: np.ndarray) -> str:
     """The hash each row records of the display levels it was captured with."""
     return hashlib.sha1(np.ascontiguousarray(shown, np.float32).tobytes()).hexdigest()

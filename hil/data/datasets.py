@@ -81,7 +81,7 @@ class Dataset:
 
     def provenance(self) -> dict[str, Any]:
         """What a run record keeps of the data: name, source, a digest of the images and labels
-        (`hil.acquire.identity.array_digest`'s, so it matches a capture store's `data_digest`),
+        (`array_digest`, so it matches a capture store's `data_digest`),
         and the splits: how they were made, their seed and sizes, a digest of their indices."""
         parts = {k: self.split(k) for k in FRACTIONS}
         if self.splits is not None:
@@ -94,18 +94,19 @@ class Dataset:
             "dataset": self.name,
             "source": self.source,
             "samples": len(self.labels),
-            "data_digest": _digest(self.images, self.labels),
+            "data_digest": array_digest(self.images, self.labels),
             "split": {
                 "method": method,
                 "seed": SPLIT_SEED,
                 "sizes": {k: len(v) for k, v in parts.items()},
-                "indices_digest": _digest(*parts.values()),
+                "indices_digest": array_digest(*parts.values()),
             },
         }
 
 
-def _digest(*arrays: np.ndarray) -> str:
-    """SHA-256 (first 128 bits) over arrays' dtypes, shapes and bytes."""
+def array_digest(*arrays: np.ndarray) -> str:
+    """SHA-256 (first 128 bits) over arrays' dtypes, shapes and bytes: the digest run records
+    and capture stores (`hil.acquire.identity`) name data by."""
     h = hashlib.sha256()
     for a in arrays:
         a = np.ascontiguousarray(a)

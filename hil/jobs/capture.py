@@ -24,12 +24,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from calibration import calfile
 from hil.acquire.features import FeatureExtractor, pre_compensate
-from hil.acquire.identity import StoreIdentity, array_digest, as_shown, pattern_hash
+from hil.acquire.identity import StoreIdentity, as_shown, pattern_hash
 from hil.acquire.store import CaptureStore, Row
 from hil.bench.assembly import Bench
 from hil.bench.config import BenchConfig
 from hil.bench.design import grid_origin
-from hil.data.datasets import Dataset, load_dataset
+from hil.data.datasets import Dataset, array_digest, load_dataset
 from hil.data.sampling import stratified_fraction
 
 COMMIT_EVERY_S = 0.2  # a crash loses at most this much capture time (retaken on the rerun)

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from cli_run import run_hil
 
-from hil.acquire.identity import array_digest
 from hil.cli.common import DATASETS_HELP
 from hil.data import embedded
 from hil.data.datasets import (
     LOADERS,
     MNIST5K_SIZES,
     SPLIT_SEED,
+    array_digest,
     load_dataset,
     stratified_split,
 )

@@ -1,7 +1,9 @@
 """The teacher-feature cache against its JVP floor (resnet18), for 8x8 and 28x28 inputs.
 
-    .venv/bin/python benchmarks/teacher_cache_speed.py [--repeats 3] [--steps 10] [--batch 128]
-        [--projections 64] [--projections-28 16] [--only cache|steps]
+    .venv/bin/python benchmarks/teacher_cache_speed.py [--repeats 3] [--batch 128]
+        [--projections 64] [--projections-28 16]
+
+Step times (KD, NTKD, CE) are `benchmarks/ntkd_speed.py`'s.
 
 Cache rows: the time of `ProjectedTeacher` (tangents made once, chunks of tangents outside,
 planned batches inside) computing the projected features of ``--batch`` samples, over the floor,
@@ -11,9 +13,6 @@ the tangents' share is the time spent drawing them (once per call, whatever the 
 samples: over a whole training set it is a few percent). Inputs: the bundled digits (8x8) and
 mnist5k (28x28, R = ``--projections-28``, 16 by default to finish in minutes on 2 cores).
 Repeats are interleaved (floor, cache, next input); min and median over repeats.
-
-Step rows (`--only steps`): an NTKD step against a KD step that runs the teacher every step;
-`benchmarks/ntkd_speed.py` times KD from cached logits, which is what training now does.
 """
 
 from __future__ import annotations
@@ -26,36 +25,8 @@ from collections.abc import Callable
 import torch
 
 from hil.data.datasets import digits, mnist5k
-from hil.data.placement import to_display
-from hil.models.onn import ONN, StudentSpec
 from hil.models.teachers import resnet18
-from hil.ntkd.losses import KD, NTKD
 from hil.ntkd.projected import ProjectedTeacher
-
-
-def stepper(model, loss, batch, extras) -> Callable[[], None]:
-    """One optimiser step of ``loss`` on a fresh copy of the student."""
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-
-    def step() -> None:
-        terms = loss(model, batch | extras())
-        opt.zero_grad()
-        terms["total"].backward()
-        opt.step()
-
-    return step
-
-
-def step_times(steps: dict[str, Callable[[], None]], n: int) -> dict[str, float]:
-    """Median seconds per step of each, run in turn (two warm-up rounds not counted)."""
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for i in range(n + 2):
-        for name, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            if i >= 2:
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, object]:
@@ -119,57 +90,23 @@ def mm(values) -> str:
     return f"{min(values):.3g} / {statistics.median(values):.3g}"
 
 
-def step_rows(teacher, raws: dict[str, torch.Tensor], feats: dict, batch, steps: int) -> None:
-    print("| teacher input | KD step (ms) | NTKD step (ms) | NTKD / KD |")
-    print("| --- | ---: | ---: | ---: |")
-    for name, raw in raws.items():
-
-        def logits(raw=raw):
-            with torch.no_grad():
-                return {"teacher_logits": teacher(raw)}
-
-        features = feats[name]
-        t = step_times(
-            {
-                "kd": stepper(ONN(StudentSpec()), KD(), batch, logits),
-                "ntkd": stepper(
-                    ONN(StudentSpec()), NTKD(), batch, lambda f=features: {"teacher_features": f}
-                ),
-            },
-            steps,
-        )
-        kd, ntkd = t["kd"], t["ntkd"]
-        print(f"| {name} | {1000 * kd:.1f} | {1000 * ntkd:.1f} | {ntkd / kd:.2f} |")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--projections", type=int, default=64)
     ap.add_argument("--projections-28", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--only", choices=["cache", "steps"], default="cache")
     args = ap.parse_args()
     torch.manual_seed(0)
     data, mnist = digits(), mnist5k()
-    batch = {
-        "x": torch.as_tensor(to_display(data.images[: args.batch], (32, 32))),
-        "y": torch.as_tensor(data.labels[: args.batch]),
-    }
     teacher = resnet18(1, 10).eval()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}")
-    print("teacher: resnet18 (random weights); student: 8 signed 7x7 PSF kernels + fc2 on 32x32")
+    print("teacher: resnet18 (random weights)")
     raws = {
         "digits 8x8": (torch.as_tensor(data.images[: args.batch]), args.projections),
         "mnist5k 28x28": (torch.as_tensor(mnist.images[: args.batch]), args.projections_28),
     }
-    if args.only == "steps":
-        feats = {n: ProjectedTeacher(teacher, r).features(x) for n, (x, r) in raws.items()}
-    else:
-        feats = cache_rows(teacher, raws, args.repeats)
-    if args.only != "cache":
-        step_rows(teacher, {n: x for n, (x, _) in raws.items()}, feats, batch, args.steps)
+    cache_rows(teacher, raws, args.repeats)
 
 
 if __name__ == "__main__":

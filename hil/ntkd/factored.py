@@ -8,6 +8,7 @@ which layers the closed forms cover; anything else takes the per-sample vmap pat
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 
 import torch
@@ -18,7 +19,7 @@ from torch.func import functional_call, jacrev, vmap
 from hil.ntkd.exact import check_batch_independent, contract, select_params, student_ntk
 from hil.ntkd.plan import Plan, Segment, Unsupported, make_plan, uniform_block
 
-__all__ = ["factored_ntk"]
+__all__ = ["factored_ntk", "ntk_and_outputs"]
 
 
 def factored_ntk(
@@ -41,14 +42,34 @@ def factored_ntk(
     factorisation. Both are differentiable w.r.t. every parameter (double backward).
     """
     check_batch_independent(model)
-    chosen = select_params(model, params)
-    plan = make_plan(model, chosen)
+    plan = make_plan(model, select_params(model, params))
     if plan is not None:
         try:
-            return _batched_ntk(plan, x, x2)
+            return _batched_ntk(plan, x, x2)[0]
         except Unsupported:
             pass
     return _factored_ntk_vmap(model, x, params, x2=x2)
+
+
+def ntk_and_outputs(
+    model: nn.Module, x: Tensor, params: Iterable[str] | None = None
+) -> tuple[Tensor | None, Tensor]:
+    """(`factored_ntk(model, x, params)`, `model(x)`), both differentiable, from one forward,
+    where the closed form covers the model and its outputs are (N, classes); otherwise (None,
+    `model(x)`), for the caller's own kernel (a segmentation map's is pooled first).
+
+    The closed form's forward already computes the outputs (through the pooled shifted inputs,
+    which equal the pooled convolution exactly), so NTKD's CE term needs no second forward and
+    backward of the student: they were half an NTKD step.
+    """
+    check_batch_independent(model)
+    plan = make_plan(model, select_params(model, params))
+    if plan is not None:
+        try:
+            return _batched_ntk(plan, x, None, flat=True)
+        except Unsupported:
+            pass
+    return None, model(x)
 
 
 def _shifted_inputs(x: Tensor, k: int, block: tuple[int, int] | None) -> Tensor:
@@ -56,8 +77,9 @@ def _shifted_inputs(x: Tensor, k: int, block: tuple[int, int] | None) -> Tensor:
     convolution (conv2d_direct and conv2d_fft cut it alike), block-averaged when pooled.
 
     A PSF output is y_p[h] = Σ_u x[h - (k-1)//2 + u] · kernel_p[k-1-u], so ∂y_p[h]/∂kernel_p
-    is this with the offsets flipped, and the block average of y_p is the same sum over the
-    block-averaged input taken with the block as stride.
+    is this with the offsets flipped (`_flipped` flips the few kernel entries instead of the
+    N·L columns), and the block average of y_p is the same sum over the block-averaged input
+    taken with the block as stride.
     """
     lo = (k - 1) // 2
     xp = F.pad(x, (lo, k - 1 - lo, lo, k - 1 - lo))
@@ -66,8 +88,14 @@ def _shifted_inputs(x: Tensor, k: int, block: tuple[int, int] | None) -> Tensor:
         xp = xp.unfold(2, block[0], 1).mean(-1).unfold(3, block[1], 1).mean(-1)
         stride = block
     cols = xp.unfold(2, k, stride[0]).unfold(3, k, stride[1])  # (N, Cin, h, w, k, k)
-    cols = cols.flip(-2, -1).permute(0, 1, 4, 5, 2, 3)  # flipped: indexed like the kernel
+    cols = cols.permute(0, 1, 4, 5, 2, 3)
     return cols.reshape(x.shape[0], -1, cols.shape[-2] * cols.shape[-1])
+
+
+def _flipped(t: Tensor) -> Tensor:
+    """Per-kernel-entry values (m, Cin, k, k) in the order of `_shifted_inputs`' offsets, flat
+    per PSF: (m, Cin·k·k)."""
+    return t.flip(-2, -1).flatten(1)
 
 
 class _KernelOf(nn.Module):
@@ -81,21 +109,47 @@ class _KernelOf(nn.Module):
         return self.front.kernel
 
 
-def _batched_ntk(plan: Plan, x: Tensor, x2: Tensor | None) -> Tensor:
-    """Σ over sites of per-sample gradient inner products, from `_sample_terms` of each side."""
+class _Gram(torch.autograd.Function):
+    """g diag(w) gᵀ (w None: g gᵀ) with the backward of a symmetric product.
+
+    Autograd would take g's gradient twice, once per factor (two N x N x D products); the two
+    are one: ∂/∂g Σ S ⊙ g W gᵀ = (S + Sᵀ) g W, and ∂/∂w = ½ Σ_i g_i ⊙ ((S + Sᵀ) g)_i. Written
+    with torch ops, so the backward is itself differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, g: Tensor, w: Tensor | None) -> Tensor:
+        ctx.save_for_backward(g, w)
+        return (g if w is None else g * w) @ g.T
+
+    @staticmethod
+    def backward(ctx, dk: Tensor) -> tuple[Tensor, Tensor | None]:
+        g, w = ctx.saved_tensors
+        m = (dk + dk.T) @ g
+        return (m, None) if w is None else (m * w, 0.5 * (g * m).sum(0))
+
+
+def _batched_ntk(
+    plan: Plan, x: Tensor, x2: Tensor | None, *, flat: bool = False
+) -> tuple[Tensor, Tensor]:
+    """(Σ over sites of per-sample gradient inner products, from `_sample_terms` of each side;
+    the chain's outputs of ``x``). ``flat``: outputs other than (N, classes) are `Unsupported`."""
     outer = torch.is_grad_enabled()
     with torch.enable_grad():  # the δ are taken by autograd even under no_grad
-        terms = _sample_terms(plan, x, outer)
-        terms2 = terms if x2 is None else _sample_terms(plan, x2, outer)
+        terms, outputs = _sample_terms(plan, x, outer, flat)
+        terms2 = terms if x2 is None else _sample_terms(plan, x2, outer)[0]
         total: Tensor | int = 0
         for (g, w, a, plain), (g2, _, a2, _) in zip(terms, terms2, strict=True):
-            gg = (g if w is None else g * w) @ g2.T  # (N, N2)
+            if x2 is None:
+                gg, aa = _Gram.apply(g, w), None if a is None else _Gram.apply(a, None)
+            else:
+                gg, aa = (g if w is None else g * w) @ g2.T, None if a is None else a @ a2.T
             if a is not None:
-                total = total + gg * (a @ a2.T)
+                total = total + gg * aa
             if plain:
                 total = total + gg
     assert isinstance(total, Tensor)
-    return total if outer else total.detach()
+    return (total, outputs) if outer else (total.detach(), outputs.detach())
 
 
 # (g, w, a, plain): per-sample factors of one batch whose kernel term is
@@ -103,15 +157,19 @@ def _batched_ntk(plan: Plan, x: Tensor, x2: Tensor | None) -> Tensor:
 _Term = tuple[Tensor, Tensor | None, Tensor | None, bool]
 
 
-def _sample_terms(plan: Plan, x: Tensor, create_graph: bool) -> list[_Term]:
-    """The kernel terms of batch ``x`` (see `_Term`), in the order of the plan.
+def _sample_terms(
+    plan: Plan, x: Tensor, create_graph: bool, flat: bool = False
+) -> tuple[list[_Term], Tensor]:
+    """The kernel terms of batch ``x`` (see `_Term`), in the order of the plan, and its outputs.
 
     δ_c at every site comes from one backward pass of Σ_i f_c(x_i), batched over the classes:
     samples are independent, so its gradient at sample i's activations is sample i's own.
     """
     n = x.shape[0]
-    logits, inputs, probes, segs = _forward(plan, x)
-    logits = logits.reshape(n, -1)
+    outputs, inputs, probes, segs = _forward(plan, x)
+    if flat and outputs.dim() != 2:
+        raise Unsupported
+    logits = outputs.reshape(n, -1)
     sites = probes + [out for _, out in segs]
     classes = logits.shape[1]
     seeds = torch.eye(classes, dtype=logits.dtype, device=logits.device)[:, None, :]
@@ -132,7 +190,7 @@ def _sample_terms(plan: Plan, x: Tensor, create_graph: bool) -> list[_Term]:
         terms.append((d.transpose(0, 1).reshape(n, -1), None, a if w else None, b))
     for ((seg, z, cols), _), d in zip(segs, deltas[len(inputs) :], strict=True):
         terms.extend(_segment_terms(seg, z, cols, d))
-    return terms
+    return terms, outputs
 
 
 _SegmentSite = tuple[tuple[Segment, Tensor, Tensor | None], Tensor]  # (segment, z, cols), output
@@ -179,7 +237,7 @@ def _segment_forward(
     if seg.psf is not None and (block is not None or seg.raw):
         cols = _shifted_inputs(h, seg.psf.kernel_size, block)
     if seg.psf is not None and block is not None:
-        kernel = seg.psf.kernel.to(h.dtype).flatten(1)  # (m, Cin·k·k)
+        kernel = _flipped(seg.psf.kernel.to(h.dtype))  # (m, Cin·k·k)
         z = (kernel @ cols).unflatten(-1, (h.shape[-2] // block[0], h.shape[-1] // block[1]))
     else:
         z = h if seg.psf is None else seg.psf(h)
@@ -194,21 +252,32 @@ def _segment_forward(
 
 def _segment_terms(seg: Segment, z: Tensor, cols: Tensor | None, delta: Tensor) -> list[_Term]:
     """Terms of a segment's chosen parameters from δ (C, N, m, h, w) after it: per-sample
-    gradients w.r.t. gain Σ δ z̄, offset Σ δ and the PSF kernel Σ_l (gain·δ)[l] cols[u, l]; the
-    latter is pulled back to ``raw`` through the metric of `_psf_metric`."""
+    gradients w.r.t. gain Σ δ z̄, offset Σ δ and the PSF kernel gain·Σ_l δ[l] cols[u, l]; the
+    latter is pulled back to ``raw`` through the metric of `_psf_metric`.
+
+    With the kernel chosen, s = Σ_l δ[l] cols[u, l] is formed once and serves both: the kernel's
+    gradient is gain·s and, z being kernel @ cols, the gain's is Σ_u kernel[u] s[u], a contraction
+    over the few kernel entries instead of a second pass over δ (C·N·m·h·w) and its backward.
+    """
     n = z.shape[0]
     out: list[_Term] = []
-    if seg.gain:
+    s = None
+    if seg.raw:
+        assert seg.psf is not None and cols is not None
+        s = torch.einsum("cnml,nrl->nmrc", delta.flatten(-2), cols)  # (N, m, Cin·k·k, C)
+    if seg.gain and s is not None:
+        kernel = _flipped(seg.psf.kernel.to(s.dtype))
+        out.append((torch.einsum("nmrc,mr->nmc", s, kernel).reshape(n, -1), None, None, True))
+    elif seg.gain:
         out.append((torch.einsum("cnmhw,nmhw->nmc", delta, z).reshape(n, -1), None, None, True))
     if seg.offset:
         out.append((delta.sum(dim=(-2, -1)).transpose(0, 1).reshape(n, -1), None, None, True))
-    if seg.raw:
-        assert seg.psf is not None and cols is not None
-        d = delta if seg.affine is None else delta * seg.affine.gain
-        g = torch.einsum("cnml,nrl->nmrc", d.flatten(-2), cols)  # (N, m, Cin·k·k, C)
-        w = _psf_metric(seg.psf).to(g.dtype)
+    if s is not None:  # (gain·s) W (gain·s)ᵀ = s (gain² W) sᵀ: the gain weights the metric
+        w = _flipped(_psf_metric(seg.psf).reshape(seg.psf.kernel.shape)).to(s.dtype)
+        if seg.affine is not None:
+            w = w * seg.affine.gain.reshape(-1, 1).square()
         out.append(
-            (g.reshape(n, -1), w.reshape(-1, 1).expand(-1, g.shape[-1]).reshape(-1), None, True)
+            (s.reshape(n, -1), w[..., None].expand(*w.shape, s.shape[-1]).reshape(-1), None, True)
         )
     return out
 
@@ -218,19 +287,41 @@ def _psf_metric(front: nn.Module) -> Tensor:
 
     Then Σ_r (Jᵀ g_i)_r (Jᵀ g_j)_r = Σ_a g_i[a] w[a] g_j[a]: the PSF term is contracted over
     the m·Cin·k² kernel entries with weights w rather than over the raw entries after a pullback
-    of every (sample, class). J is taken by jacrev through ``front.kernel`` itself (softplus,
-    signed pairs), so w stays exact and differentiable whatever that map is; any other sparsity
+    of every (sample, class). With one entry per column, J's nonzeros are the vector-Jacobian
+    product 1ᵀJ, so w is that squared and summed per kernel entry (`_moved_entry` says which):
+    exact and differentiable whatever the map is (softplus, signed pairs); any other sparsity
     raises `Unsupported` (the vmap path).
     """
+    (ones_j,) = torch.autograd.grad(front.kernel.sum(), front.raw, create_graph=True)
+    entry = _moved_entry(front)
+    w = ones_j.new_zeros(front.kernel.numel())
+    return w.index_add(0, entry, ones_j.reshape(-1).square())
+
+
+_MOVED: weakref.WeakKeyDictionary[nn.Module, tuple[torch.Size, Tensor]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _moved_entry(front: nn.Module) -> Tensor:
+    """For each raw entry, the one kernel entry it moves: J's sparsity, read once per frontend
+    by jacrev at raw = 0, where a smooth map's derivatives are generic (no entry vanishes by
+    accident of the values)."""
+    cached = _MOVED.get(front)
+    if cached is not None and cached[0] == front.raw.shape:
+        return cached[1]
 
     def kernel(raw: Tensor) -> Tensor:
         return functional_call(_KernelOf(front), {"front.raw": raw}, ())
 
-    raw = front.raw
-    jac = jacrev(kernel)(raw).reshape(-1, raw.numel())
-    if bool(((jac != 0).sum(0) > 1).any()):
+    with torch.enable_grad():
+        jac = jacrev(kernel)(torch.zeros_like(front.raw.detach())).reshape(-1, front.raw.numel())
+    moved = jac != 0
+    if bool((moved.sum(0) != 1).any()):
         raise Unsupported
-    return jac.square().sum(1)
+    entry = moved.to(torch.int8).argmax(0)
+    _MOVED[front] = (front.raw.shape, entry)
+    return entry
 
 
 def _factored_ntk_vmap(

@@ -22,7 +22,7 @@ from hil.data.placement import Region
 from hil.errors import UserError
 from hil.models.views import SharedView
 from hil.ntkd.alignment import ntk_alignment_loss, ntk_mse
-from hil.ntkd.factored import factored_ntk
+from hil.ntkd.factored import factored_ntk, ntk_and_outputs
 from hil.ntkd.projected import kernel_from_features
 from hil.training.loop import IGNORE
 
@@ -125,13 +125,16 @@ class NTKD:
         self.region = None if region is None else tuple(int(v) for v in region)
 
     def __call__(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
-        logits = model(batch["x"])
-        ce = F.cross_entropy(logits, batch["y"])
         core = getattr(model, "module", model)  # the kernel is per sample: no DDP wrapper
-        if logits.ndim > 2:
+        if core is model:  # the kernel and the logits from one forward, where it can
+            k_student, logits = ntk_and_outputs(model, batch["x"], self.params)
+        else:  # DDP syncs the gradients only of outputs its own forward made
+            k_student, logits = None, model(batch["x"])
+        if k_student is None and logits.ndim > 2:
             k_student = pooled_ntk(core, batch["x"], self.pool, self.region, self.params)
-        else:
+        elif k_student is None:
             k_student = factored_ntk(core, batch["x"], self.params)
+        ce = F.cross_entropy(logits, batch["y"])
         k_teacher = kernel_from_features(batch["teacher_features"])
         if self.variant == "mse":
             term = ntk_mse(k_student, k_teacher, self.norm)

@@ -14,7 +14,7 @@ from torch.func import functional_call
 
 from hil.ntkd.alignment import cka, normalise, ntk_alignment_loss, ntk_mse
 from hil.ntkd.exact import ntk_of, student_ntk
-from hil.ntkd.factored import factored_ntk
+from hil.ntkd.factored import factored_ntk, ntk_and_outputs
 from hil.ntkd.projected import ProjectedTeacher, kernel_from_features
 
 F64 = torch.float64
@@ -419,6 +419,35 @@ def test_batched_kernel_equals_the_jacobian_kernel_with_its_gradients(
             assert (a is None) == (b is None)
             if a is not None:  # some blocks are zero up to rounding: a floor from the whole
                 assert (b - a).norm() <= 1e-9 * a.norm() + 1e-13 * scale
+
+
+@pytest.mark.parametrize("size", [12, 14])
+def test_the_kernel_and_the_logits_from_one_forward_equal_both_taken_apart(monkeypatch, size):
+    """`ntk_and_outputs`: the kernel is `student_ntk`'s and the logits the model's own, and a
+    loss of both (CE + NTK, as NTKD's) has the gradients of the two computed separately."""
+    model = onn(image_size=size)
+    x, y = images(6, seed=7, positive=True, size=size), torch.arange(6) % 10
+    params = list(model.parameters())
+
+    def loss(k: Tensor, logits: Tensor) -> Tensor:
+        return nn.functional.cross_entropy(logits, y) + ntk_mse(k, k.detach().flip(0), "diag")
+
+    k_apart, logits_apart = student_ntk(model, x), model(x)
+    g_apart = torch.autograd.grad(loss(k_apart, logits_apart), params)
+    no_fallback(monkeypatch)
+    k, logits = ntk_and_outputs(model, x)
+    assert rel(k, k_apart) < 1e-10 and rel(logits, logits_apart) < 1e-12
+    for a, b in zip(g_apart, torch.autograd.grad(loss(k, logits), params), strict=True):
+        assert (b - a).norm() <= 1e-9 * a.norm() + 1e-14
+
+
+def test_one_forward_leaves_logit_maps_to_the_caller():
+    """A model whose outputs are maps gets no kernel (its NTK is taken of pooled logits) and
+    its outputs exactly."""
+    model = nn.Sequential(onn().frontend)  # the closed form covers it; its outputs are maps
+    x = images(2, seed=1, size=12)
+    k, out = ntk_and_outputs(model, x)
+    assert k is None and torch.equal(out, model(x))
 
 
 def test_gradcheck_through_the_batched_kernel(monkeypatch):

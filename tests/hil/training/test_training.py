@@ -212,7 +212,7 @@ def test_the_device_reaches_the_model_every_batch_and_the_teacher(monkeypatch):
     import hil.training.loop
     from hil.device import to_device
     from hil.models.teachers import build_teacher
-    from hil.ntkd.factored import factored_ntk
+    from hil.ntkd.factored import ntk_and_outputs
 
     device = torch.device("cpu")
     seen: list[tuple[str, object]] = []
@@ -224,13 +224,13 @@ def test_the_device_reaches_the_model_every_batch_and_the_teacher(monkeypatch):
 
     kernels: list[torch.device] = []
 
-    def watched_ntk(model, x, params=None, **kw):
+    def watched_ntk(model, x, params=None):
         kernels.append(x.device)
-        return factored_ntk(model, x, params, **kw)
+        return ntk_and_outputs(model, x, params)
 
     monkeypatch.setattr(hil.training.loop, "to_device", spy)
     monkeypatch.setattr(hil.ntkd.teacher_cache, "to_device", spy)
-    monkeypatch.setattr("hil.ntkd.losses.factored_ntk", watched_ntk)
+    monkeypatch.setattr("hil.ntkd.losses.ntk_and_outputs", watched_ntk)
     data = digits()
     teacher = build_teacher("lenet", 1, 10)
     settings = Settings(epochs=1, batch_size=512, device=str(device))

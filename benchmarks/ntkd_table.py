@@ -2,14 +2,18 @@
 
     .venv/bin/python benchmarks/ntkd_table.py --dataset digits --seeds 5
     .venv/bin/python benchmarks/ntkd_table.py --dataset shapes --seeds 5
+    .venv/bin/python benchmarks/ntkd_table.py --dataset mnist5k --seeds 5 --teacher lenet
     .venv/bin/python benchmarks/ntkd_table.py --dataset mnist --data-root DIR  # cifar10, carvana
 
 Classification reports test accuracy, segmentation (shapes, carvana) test mIoU. The student is
 the paper's shape for the dataset (MNIST/digits: 8 signed 7x7 PSF kernels + fc2; CIFAR-10: 16
 signed 7x7x3 + fc3; Carvana and shapes: 56 signed 3x3 + the up-convolution decoder), trained
-jointly in simulation; the teacher is the dataset's stored resnet18 (unet for segmentation),
-trained here first when missing, as `hil teacher train` would. Its logits (KD) and projected
-features (NTKD) of the training set are computed once, cached beside it, and read by every seed.
+jointly in simulation, and each seed's student is the epoch that scored best on val. The teacher
+is the dataset's stored `--teacher` (resnet18 by default; unet for segmentation), trained here
+first when missing or stored with other settings than `--teacher-epochs`/`--teacher-lr`, as `hil
+teacher train` would. Its logits (KD) and projected features (NTKD) of the training set are
+computed once, cached beside it, and read by every seed. `--beta`, `--norm`, `--variant`,
+`--projections` and `--methods` are the ablation's knobs.
 """
 
 from __future__ import annotations
@@ -27,11 +31,12 @@ from hil.device import add_device_argument
 from hil.models.onn import StudentSpec
 from hil.training.loop import Settings
 from hil.training.student import train_student
-from hil.training.teacher import load_teacher, save_teacher, teacher_path, train_teacher
+from hil.training.teacher import stored_teacher, teacher_path
 
 STUDENTS = {
     "digits": {"kernels": 8, "kernel_size": 7, "backend": "fc2"},
     "mnist": {"kernels": 8, "kernel_size": 7, "backend": "fc2"},
+    "mnist5k": {"kernels": 8, "kernel_size": 7, "backend": "fc2"},
     "cifar10": {"kernels": 16, "kernel_size": 7, "backend": "fc3"},
     "shapes": {"kernels": 56, "kernel_size": 3, "backend": "updecoder"},
     "carvana": {"kernels": 56, "kernel_size": 3, "backend": "updecoder"},
@@ -50,7 +55,13 @@ def _arguments() -> argparse.Namespace:
     ap.add_argument("--image-size", type=int, default=32, help="display side in pixels")
     ap.add_argument("--projections", type=int, default=64)
     ap.add_argument("--pool", type=int, default=4, help="segmentation NTK: pooled logit grid")
+    ap.add_argument("--teacher", default=None, help="classifier teacher: resnet18 (default), lenet")
     ap.add_argument("--teacher-epochs", type=int, default=15)
+    ap.add_argument("--teacher-lr", type=float, default=1e-3)
+    ap.add_argument("--beta", type=float, default=1.0, help="NTKD: weight of the NTK term")
+    ap.add_argument("--norm", default="diag", help="NTKD: kernel normalisation")
+    ap.add_argument("--variant", default="mse", help="NTKD: mse or cka")
+    ap.add_argument("--methods", default="none,kd,ntkd", help="columns, of none, kd, ntkd")
     ap.add_argument("--json", type=str, default=None, help="also write the results here")
     add_device_argument(ap)
     args = ap.parse_args()
@@ -60,21 +71,24 @@ def _arguments() -> argparse.Namespace:
 
 
 def _teacher(args: argparse.Namespace, data, arch: str, metric: str, batch_size: int):
-    """The dataset's stored teacher, trained first when missing: (model, info, path)."""
+    """The dataset's stored teacher, trained first when missing or trained with other settings
+    than asked for: (model, info, path)."""
     path = teacher_path(arch, args.dataset)
-    if not path.exists():
-        print(f"training the {arch} teacher for {args.dataset} ...", flush=True)
-        settings = Settings(
-            epochs=args.teacher_epochs,
-            lr=1e-3,
-            batch_size=min(batch_size, 32),
-            device=str(args.device),
-        )
-        model, record = train_teacher(arch, data, settings)
-        save_teacher(model, record, path)
-    teacher, info, path = load_teacher(arch, args.dataset)
+    settings = Settings(
+        epochs=args.teacher_epochs,
+        lr=args.teacher_lr,
+        batch_size=min(batch_size, 32),
+        device=str(args.device),
+    )
+    print(f"{arch} teacher for {args.dataset}: {path}", flush=True)
+    teacher, info, _ = stored_teacher(arch, data, settings, path, on_epoch=_progress)
     print(f"teacher: {arch}, test {metric} {info[f'test_{metric}']:.4f}", flush=True)
     return teacher, info, path
+
+
+def _progress(metrics: dict) -> None:
+    shown = {k: round(v, 4) for k, v in metrics.items() if k != "epoch"}
+    print(f"  teacher epoch {metrics['epoch']}: {shown}", flush=True)
 
 
 def _student(args: argparse.Namespace, data, seed: int) -> StudentSpec:
@@ -106,14 +120,16 @@ def main() -> None:
     args = _arguments()
     data = load_dataset(args.dataset, args.data_root)
     segmentation = data.task == "segmentation"
-    arch, metric = ("unet", "miou") if segmentation else ("resnet18", "accuracy")
+    arch, metric = ("unet", "miou") if segmentation else (args.teacher or "resnet18", "accuracy")
     batch_size = args.batch_size or (8 if segmentation else 128)
     teacher, info, path = _teacher(args, data, arch, metric, batch_size)
+    ntkd = {"beta": args.beta, "norm": args.norm, "variant": args.variant}
     methods = {
         "none": {},
         "kd": {"temperature": 4.0},
-        "ntkd": {"beta": 1.0, "norm": "diag", **({"pool": args.pool} if segmentation else {})},
+        "ntkd": ntkd | ({"pool": args.pool} if segmentation else {}),
     }
+    methods = {m: methods[m] for m in args.methods.split(",")}
     results: dict[str, list[float]] = {m: [] for m in methods}
     t_start = time.perf_counter()
     for seed in range(args.seeds):
@@ -139,7 +155,7 @@ def main() -> None:
             results[method].append(record[f"test_{metric}"])
             print(
                 f"seed {seed} {method:5s} test {metric} {record[f'test_{metric}']:.4f} "
-                f"({time.perf_counter() - t0:.0f} s)",
+                f"(best epoch {record['best_epoch']}, {time.perf_counter() - t0:.0f} s)",
                 flush=True,
             )
     label = "test mIoU" if segmentation else "test accuracy"
@@ -148,7 +164,11 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump(
                 {
+                    "teacher": arch,
+                    "teacher_settings": info.get("settings"),
                     f"teacher_test_{metric}": info[f"test_{metric}"],
+                    "ntkd": methods.get("ntkd"),
+                    "projections": args.projections,
                     "metric": metric,
                     "device": str(args.device),
                     "results": results,

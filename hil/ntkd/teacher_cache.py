@@ -162,6 +162,6 @@ def teacher_features(
         net = to_device(teacher.eval(), device)
         net = net if pool is None else PooledLogits(net, pool)
         projected = ProjectedTeacher(net, projections=projections, seed=seed)
-        return projected.features_dataset(raw, batch_size=128)
+        return projected.features_dataset(raw)  # at the batch `plan_batch` finds fits
 
     return _cached(cache, key, compute)

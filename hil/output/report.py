@@ -80,10 +80,24 @@ def _pct(x: float) -> str:
     return "–" if math.isnan(x) else f"{100 * x:.1f}%"
 
 
+def headline(result: dict[str, Any]) -> str:
+    """What the fabrication cost and what each fine-tune won back, in one sentence."""
+    acc, plan = result["accuracy"], result.get("plan", {})
+    lost = acc["ONN in simulation (as designed)"] - acc["no compensation"]
+    won = "; ".join(
+        f"{name} recovered {_pct(rec)}" for name, rec in result["recovered_fraction"].items()
+    )
+    teacher = f" (teacher: {plan['teacher']})" if "teacher" in plan else ""
+    return f"The fabrication cost {100 * lost:.1f} points; {won}{teacher}."
+
+
 def write_summary(path: Path, result: dict[str, Any]) -> None:
     out_dir = Path(result["out_dir"])
+    dataset = result.get("plan", {}).get("dataset", "digits")
     lines = [
-        "# hil demo: digits through a fabricated optical frontend",
+        f"# hil demo: {dataset} through a fabricated optical frontend",
+        "",
+        headline(result),
         "",
         "| model | test accuracy | accuracy lost to fabrication recovered |",
         "| --- | ---: | ---: |",

@@ -174,6 +174,7 @@ def fit(  # noqa: PLR0913  the one training loop's hooks, keyword-only and named
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     metric: Metric = accuracy,
     metric_name: str = "accuracy",
+    keep_best: bool = False,
 ) -> list[dict[str, float]]:
     """Train the parameters of `model` that require grad; returns the metrics of every epoch.
 
@@ -185,6 +186,10 @@ def fit(  # noqa: PLR0913  the one training loop's hooks, keyword-only and named
 
     The model moves to `settings.device` (and stays there), each batch with its extras goes
     there step by step; `train` and `val` stay where they are (the CPU).
+
+    `keep_best`: the model ends with the weights of the epoch that scored best on val (the
+    first of equals, `best_epoch(history)`; kept in the resume state too), otherwise with the
+    last epoch's.
     """
     rank, size = ddp_rank_size()
     device = torch.device(settings.device)
@@ -192,12 +197,14 @@ def fit(  # noqa: PLR0913  the one training loop's hooks, keyword-only and named
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
     history: list[dict[str, float]] = []
-    start = 0
+    start, best = 0, None
+    key = f"val_{metric_name}"
     if resume and resume_state is not None and Path(resume_state).exists():
         state = load_resume(resume_state)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         history, start = list(state["history"]), int(state["epoch"]) + 1
+        best = state.get("best")
     net = DistributedDataParallel(model) if size > 1 else model
     for epoch in range(start, settings.epochs):
         t0 = time.perf_counter()
@@ -208,15 +215,26 @@ def fit(  # noqa: PLR0913  the one training loop's hooks, keyword-only and named
         metrics[f"val_{metric_name}"] = metric(model, val["x"], val["y"])
         metrics["seconds"] = round(time.perf_counter() - t0, 3)
         history.append(metrics)
+        if keep_best and (best is None or metrics[key] > best["score"]):
+            weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            best = {"epoch": epoch, "score": metrics[key], "model": weights}
         if resume_state is not None and rank == 0:
-            state = {"format": RESUME_FORMAT, "model": model.state_dict()}
+            state = {"format": RESUME_FORMAT, "model": model.state_dict(), "best": best}
             state |= {"optimizer": optimizer.state_dict(), "epoch": epoch, "history": history}
             save_checkpoint(resume_state, state | (extra_state or {}))
         if on_epoch is not None and rank == 0:
             on_epoch(metrics)
+    if keep_best and best is not None:
+        model.load_state_dict(best["model"])
     if size > 1:
         dist.barrier()
     return history
+
+
+def best_epoch(history: list[dict[str, float]], metric_name: str = "accuracy") -> int:
+    """The epoch `fit(keep_best=True)` ends with: the first that scored best on val."""
+    scores = [h[f"val_{metric_name}"] for h in history]
+    return int(history[scores.index(max(scores))]["epoch"])
 
 
 def _batches(n: int, settings: Settings, epoch: int, rank: int, size: int):

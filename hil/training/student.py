@@ -30,7 +30,15 @@ from hil.models.onn import ONN, StudentSpec
 from hil.ntkd.augment import FabricatedStudent, FabricationAugment
 from hil.ntkd.losses import build_loss
 from hil.ntkd.teacher_cache import PROJECTION_SEED, cache_file, teacher_features, teacher_logits
-from hil.training.loop import Settings, accuracy, ddp_rank_size, fit, resume_path, task_metric
+from hil.training.loop import (
+    Settings,
+    accuracy,
+    best_epoch,
+    ddp_rank_size,
+    fit,
+    resume_path,
+    task_metric,
+)
 
 Extras = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 
@@ -66,7 +74,8 @@ def train_student(  # noqa: PLR0913  the `hil train` options, each named at its 
     on_epoch=None,
     augment: FabricationAugment | None = None,
 ) -> tuple[ONN, dict[str, Any]]:
-    """Train frontend and backend jointly; returns the student after the last epoch, a record.
+    """Train frontend and backend jointly; returns the student of the epoch that scored best on
+    val (`record["best_epoch"]`) and a record.
 
     Segmentation datasets need the `updecoder` backend and are judged by mIoU (`test_miou`,
     `val_miou`, history `val_miou`; `test_accuracy` is then the pixel accuracy). `augment` trains
@@ -113,12 +122,13 @@ def train_student(  # noqa: PLR0913  the `hil train` options, each named at its 
         on_epoch=on_epoch,
         metric=metric,
         metric_name=name,
+        keep_best=True,
     )
     scores = {
         f"{s}_{name}": metric(model, d["x"], d["y"]) for s, d in (("test", test), ("val", val))
     }
     record = {"method": method, "dataset": data.name, "data": data.provenance()}
-    record |= {"spec": spec.to_dict(), **scores}
+    record |= {"spec": spec.to_dict(), **scores, "best_epoch": best_epoch(history, name)}
     record["device"] = str(settings.device)
     record |= {"history": history} | ({"augment": augment.to_dict()} if augment else {})
     if name != "accuracy":

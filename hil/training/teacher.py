@@ -17,7 +17,7 @@ from hil.data.datasets import Dataset
 from hil.errors import UserError
 from hil.models.checkpoint import TEACHER_ARCH, load_model, save_model
 from hil.models.teachers import TEACHERS, build_teacher
-from hil.training.loop import Settings, accuracy, fit, task_metric
+from hil.training.loop import Settings, accuracy, best_epoch, fit, task_metric
 
 
 def teacher_dir() -> Path:
@@ -53,30 +53,23 @@ def train_teacher(
     model = build_teacher(arch, data.images.shape[1], data.classes)
     train, val, test = (tensors(data, s) for s in ("train", "val", "test"))
     name, metric = task_metric(data.task, data.classes)
-    key = f"val_{name}"
-    best: dict[str, Any] = {key: -1.0}
-
-    def keep_best(metrics: dict[str, float]) -> None:
-        if metrics[key] > best[key]:
-            best.update(metrics, state={k: v.clone() for k, v in model.state_dict().items()})
-        if on_epoch:
-            on_epoch(metrics)
 
     def ce(net, batch):  # per pixel for logit maps (N, C, H, W) and masks (N, H, W)
         loss = nn.functional.cross_entropy(net(batch["x"]), batch["y"])
         return {"ce": loss, "total": loss}
 
+    key = f"val_{name}"
     history = fit(
         model,
         ce,
         {"x": train["x"], "y": train["y"]},
         val,
         settings,
-        on_epoch=keep_best,
+        on_epoch=on_epoch,
         metric=metric,
         metric_name=name,
+        keep_best=True,
     )
-    model.load_state_dict(best.pop("state"))
     model.eval()
     record = {
         "arch": arch,
@@ -85,8 +78,9 @@ def train_teacher(
         "task": data.task,
         "in_channels": int(data.images.shape[1]),
         "classes": data.classes,
-        "best_epoch": int(best["epoch"]),
-        key: best[key],
+        "settings": _settings_record(settings),
+        "best_epoch": best_epoch(history, name),
+        key: max(h[key] for h in history),
         f"test_{name}": metric(model, test["x"], test["y"]),
         "history": history,
     }
@@ -102,6 +96,26 @@ def save_teacher(model: nn.Module, record: dict[str, Any], path: Path) -> None:
     save_model(
         path, "teacher", model, {k: v for k, v in record.items() if k != "history"}, arch=arch
     )
+
+
+def stored_teacher(
+    arch: str, data: Dataset, settings: Settings, path: Path, on_epoch=None
+) -> tuple[nn.Module, dict[str, Any], bool]:
+    """The teacher at `path`, trained (and saved there) first when it is missing or was trained
+    with other settings than `settings`: (model, info, whether it was trained now). A script that
+    asks for 40 epochs never silently gets the 3-epoch teacher an earlier run left."""
+    if path.exists():
+        model, info, _ = load_teacher(str(path), data.name)
+        if info.get("arch") == arch and info.get("settings") == _settings_record(settings):
+            return model, info, False
+    model, record = train_teacher(arch, data, settings, on_epoch)
+    save_teacher(model, record, path)
+    model, info, _ = load_teacher(str(path), data.name)
+    return model, info, True
+
+
+def _settings_record(settings: Settings) -> dict[str, Any]:
+    return {k: getattr(settings, k) for k in ("epochs", "lr", "batch_size", "seed")}
 
 
 def load_teacher(spec: str, dataset: str) -> tuple[nn.Module, dict[str, Any], Path]:

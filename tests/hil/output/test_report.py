@@ -25,6 +25,7 @@ def test_summary_lists_every_variant_and_picture(tmp_path):
         "out_dir": str(tmp_path),
         "accuracy": {"ONN in simulation (as designed)": 0.96, "no compensation": 0.8},
         "recovered_fraction": {"NTKD fine-tune": 0.75},
+        "plan": {"dataset": "mnist5k", "teacher": "lenet"},
         "captured": {"train": 108, "val": 359, "test": 360},
         "fabrication": {"gain": 0.9},
         "calibration": {"psf_rel_error": 0.05},
@@ -33,5 +34,6 @@ def test_summary_lists_every_variant_and_picture(tmp_path):
     }
     write_summary(tmp_path / "REPORT.md", result)
     text = (tmp_path / "REPORT.md").read_text()
-    assert "| no compensation | 80.0% |" in text
+    assert "| no compensation | 80.0% |" in text and text.startswith("# hil demo: mnist5k")
+    assert "cost 16.0 points; NTKD fine-tune recovered 75.0% (teacher: lenet)." in text
     assert "](confusion_ntkd_finetune.png)" in text and "| calibrate | 12.0 |" in text

@@ -64,6 +64,17 @@ def test_resuming_reproduces_an_uninterrupted_run(tmp_path):
     assert not resume_path(tmp_path / "b.pt").exists()
 
 
+def test_the_student_is_the_epoch_that_scored_best_on_val():
+    """Small batches at a high learning rate: val accuracy falls in the last epoch, and the
+    student that comes back scores on val what the best epoch scored (the record names it)."""
+    data = digits()
+    model, record = train_student(SMALL, data, "ce", Settings(epochs=6, lr=0.03, batch_size=32))
+    scores = [h["val_accuracy"] for h in record["history"]]
+    assert max(scores) > scores[-1]  # the last epoch is not the best
+    assert record["best_epoch"] == scores.index(max(scores))
+    assert record["val_accuracy"] == max(scores)
+
+
 def env(tmp_path) -> dict:
     return os.environ | {"HIL_TEACHERS": str(tmp_path / "teachers"), "OMP_NUM_THREADS": "1"}
 

@@ -103,7 +103,7 @@ def train_cmd(  # noqa: PLR0913  typer: one parameter per command-line option
         data_root=data_root,
     )
     plan = plan_student(request, load_bench(bench), err)
-    rank, _ = ddp_rank_size()
+    rank, _ = ddp_rank_size(on)
     runs = runs_dir if rank == 0 else runs_dir / f"rank{rank}"
     result = recorded(
         "train", runs, None, plan.args(), lambda _: run_train(plan, epoch_printer(err)), on

@@ -45,12 +45,21 @@ class Settings:
     device: str = "cpu"  # a name `hil.device.resolve_device` gave: model and batches go there
 
 
-def ddp_rank_size() -> tuple[int, int]:
-    """(rank, number of processes): (0, 1) unless launched by torchrun."""
+def ddp_rank_size(device: torch.device | str = "cpu") -> tuple[int, int]:
+    """(rank, number of processes): (0, 1) unless launched by torchrun, whose process group is
+    joined on first call: NCCL when training on CUDA, gloo otherwise."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
+        dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
     return (dist.get_rank(), size) if size > 1 else (0, 1)
+
+
+def rank_device(device: torch.device, size: int, local_rank: int) -> torch.device:
+    """Where this process trains: under torchrun each rank gets its own GPU (`cuda` means
+    cuda:LOCAL_RANK; an explicit cuda:N is kept), everything else is shared as asked."""
+    if size > 1 and device.type == "cuda" and device.index is None:
+        return torch.device("cuda", local_rank)
+    return device
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -191,8 +200,10 @@ def fit(  # noqa: PLR0913  the one training loop's hooks, keyword-only and named
     first of equals, `best_epoch(history)`; kept in the resume state too), otherwise with the
     last epoch's.
     """
-    rank, size = ddp_rank_size()
-    device = torch.device(settings.device)
+    rank, size = ddp_rank_size(settings.device)
+    device = rank_device(torch.device(settings.device), size, int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     model = to_device(model, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
@@ -205,7 +216,8 @@ def fit(  # noqa: PLR0913  the one training loop's hooks, keyword-only and named
         optimizer.load_state_dict(state["optimizer"])
         history, start = list(state["history"]), int(state["epoch"]) + 1
         best = state.get("best")
-    net = DistributedDataParallel(model) if size > 1 else model
+    ids = [device.index] if device.type == "cuda" else None
+    net = DistributedDataParallel(model, device_ids=ids) if size > 1 else model
     for epoch in range(start, settings.epochs):
         t0 = time.perf_counter()
         model.train()

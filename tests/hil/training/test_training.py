@@ -75,6 +75,17 @@ def test_the_student_is_the_epoch_that_scored_best_on_val():
     assert record["val_accuracy"] == max(scores)
 
 
+def test_under_torchrun_each_rank_trains_on_its_own_gpu():
+    """`cuda` under torchrun means cuda:LOCAL_RANK (DDP with one GPU per process); an explicit
+    cuda:N, the CPU and single-process runs keep what was asked."""
+    from hil.training.loop import rank_device
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert rank_device(cuda, 4, 3) == torch.device("cuda", 3)
+    assert rank_device(torch.device("cuda:1"), 4, 3) == torch.device("cuda", 1)
+    assert rank_device(cuda, 1, 0) == cuda and rank_device(cpu, 4, 3) == cpu
+
+
 def env(tmp_path) -> dict:
     return os.environ | {"HIL_TEACHERS": str(tmp_path / "teachers"), "OMP_NUM_THREADS": "1"}
 

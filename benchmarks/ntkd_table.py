@@ -61,6 +61,7 @@ def _arguments() -> argparse.Namespace:
     ap.add_argument("--beta", type=float, default=1.0, help="NTKD: weight of the NTK term")
     ap.add_argument("--norm", default="diag", help="NTKD: kernel normalisation")
     ap.add_argument("--variant", default="mse", help="NTKD: mse or cka")
+    ap.add_argument("--kd-weight", type=float, default=0.0, help="NTKD: KD's mix instead of CE")
     ap.add_argument("--methods", default="none,kd,ntkd", help="columns, of none, kd, ntkd")
     ap.add_argument("--json", type=str, default=None, help="also write the results here")
     add_device_argument(ap)
@@ -124,6 +125,7 @@ def main() -> None:
     batch_size = args.batch_size or (8 if segmentation else 128)
     teacher, info, path = _teacher(args, data, arch, metric, batch_size)
     ntkd = {"beta": args.beta, "norm": args.norm, "variant": args.variant}
+    ntkd |= {"kd_weight": args.kd_weight} if args.kd_weight else {}
     methods = {
         "none": {},
         "kd": {"temperature": 4.0},

@@ -79,7 +79,10 @@ class KD:
         self.temperature, self.weight = temperature, weight
 
     def __call__(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
-        logits, t = model(batch["x"]), self.temperature
+        return self.of_logits(model(batch["x"]), batch)
+
+    def of_logits(self, logits: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+        t = self.temperature
         ce = F.cross_entropy(logits, batch["y"])
         kl = F.kl_div(
             F.log_softmax(logits / t, dim=1),
@@ -106,9 +109,7 @@ class NTKD:
     `pool_logits(logits, pool, region)`; the teacher's features must be of the same pooled grid.
     """
 
-    needs = frozenset({"teacher_features"})
-
-    def __init__(
+    def __init__(  # noqa: PLR0913  the loss's knobs, each named where it is built
         self,
         alpha: float = 1.0,
         beta: float = 1.0,
@@ -117,12 +118,16 @@ class NTKD:
         params: list[str] | None = None,
         pool: int = 4,
         region: Region | None = None,
+        kd_weight: float = 0.0,
     ) -> None:
         if variant not in ("mse", "cka"):
             raise ValueError(f"unknown NTKD variant {variant!r} (mse or cka)")
         self.alpha, self.beta, self.norm, self.variant = alpha, beta, norm, variant
         self.params, self.pool = params, int(pool)
         self.region = None if region is None else tuple(int(v) for v in region)
+        # kd_weight > 0: CE becomes KD's mix (`KD`, T = 4) and the NTK term is added to it
+        self.kd = KD(weight=kd_weight) if kd_weight > 0 else None
+        self.needs = frozenset({"teacher_features"} | ({"teacher_logits"} if self.kd else set()))
 
     def __call__(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         core = getattr(model, "module", model)  # the kernel is per sample: no DDP wrapper
@@ -134,12 +139,15 @@ class NTKD:
             k_student = pooled_ntk(core, batch["x"], self.pool, self.region, self.params)
         elif k_student is None:
             k_student = factored_ntk(core, batch["x"], self.params)
-        ce = F.cross_entropy(logits, batch["y"])
         k_teacher = kernel_from_features(batch["teacher_features"])
         if self.variant == "mse":
             term = ntk_mse(k_student, k_teacher, self.norm)
         else:
             term = ntk_alignment_loss(k_student, k_teacher)
+        if self.kd is not None:  # KD's terms on the logits the kernel's forward made
+            terms = self.kd.of_logits(logits, batch)
+            return terms | {"ntk": term, "total": self.alpha * terms["total"] + self.beta * term}
+        ce = F.cross_entropy(logits, batch["y"])
         return {"ce": ce, "ntk": term, "total": self.alpha * ce + self.beta * term}
 
 

@@ -170,11 +170,14 @@ def _teacher_extras(
     needs = getattr(loss, "needs", frozenset())
     if needs and teacher is None:
         raise ValueError(f"method {method!r} needs a teacher")
+    parts = []
     if "teacher_logits" in needs:
-        return _logit_extras(logits(), display_hw)
+        parts.append(_logit_extras(logits(), display_hw))
     if "teacher_features" in needs:
-        return _feature_extras(features(loss.pool if display_hw is not None else None))
-    return None
+        parts.append(_feature_extras(features(loss.pool if display_hw is not None else None)))
+    if len(parts) < 2:
+        return parts[0] if parts else None
+    return lambda idx: {k: v for part in parts for k, v in part(idx).items()}
 
 
 def _logit_extras(logits: torch.Tensor, display_hw: tuple[int, int] | None) -> Extras:

@@ -48,7 +48,8 @@ def batch_figures(model: ONN, x, y, phi) -> dict[str, float]:
     same = (y[:, None] == y[None, :]) & ~torch.eye(len(y), dtype=torch.bool)
     diff = y[:, None] != y[None, :]
     diag = torch.eye(len(y), dtype=torch.bool)
-    total = sq.sum()
+    total = sq.sum().detach()
+    ce, ntk = ce.detach(), ntk.detach()
     return {
         "CE": float(ce),
         "NTK term": float(ntk),

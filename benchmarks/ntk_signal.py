@@ -53,8 +53,8 @@ def batch_figures(model: ONN, x, y, phi) -> dict[str, float]:
     return {
         "CE": float(ce),
         "NTK term": float(ntk),
-        "|grad NTK| / |grad CE|": float(g_ntk.norm() / g_ce.norm()),
-        "cos(grad CE, grad NTK)": float(F.cosine_similarity(g_ce, g_ntk, dim=0)),
+        "‖∇ NTK term‖ / ‖∇ CE‖": float(g_ntk.norm() / g_ce.norm()),
+        "cos(∇ CE, ∇ NTK term)": float(F.cosine_similarity(g_ce, g_ntk, dim=0)),
         "share: diagonal": float(sq[diag].sum() / total),
         "share: same class": float(sq[same].sum() / total),
         "share: other class": float(sq[diff].sum() / total),

@@ -162,8 +162,10 @@ def _sample_terms(
 ) -> tuple[list[_Term], Tensor]:
     """The kernel terms of batch ``x`` (see `_Term`), in the order of the plan, and its outputs.
 
-    δ_c at every site comes from one backward pass of Σ_i f_c(x_i), batched over the classes:
-    samples are independent, so its gradient at sample i's activations is sample i's own.
+    δ_c at every site is walked back from the outputs (`_walked_deltas`) or, where the walk
+    meets a layer it does not know, comes from one backward pass of Σ_i f_c(x_i), batched over
+    the classes: samples are independent, so its gradient at sample i's activations is sample
+    i's own.
     """
     n = x.shape[0]
     outputs, inputs, probes, segs, steps = _forward(plan, x)
@@ -172,25 +174,26 @@ def _sample_terms(
     logits = outputs.reshape(n, -1)
     sites = probes + [out for _, out in segs]
     classes = logits.shape[1]
-    seeds = torch.eye(classes, dtype=logits.dtype, device=logits.device)[:, None, :]
-    seeds = seeds.expand(classes, n, classes)
-    deltas = _walked_deltas(steps, sites, seeds) if outputs.dim() == 2 else None
-    if deltas is None:
-        deltas = torch.autograd.grad(
+    eye = torch.eye(classes, dtype=logits.dtype, device=logits.device)
+    deltas = None
+    if outputs.dim() == 2:
+        deltas = _walked_deltas(steps, sites, eye.expand(n, classes, classes))
+    if deltas is None:  # autograd's class-batched backward: (C, N, ...), made sample-major
+        found = torch.autograd.grad(
             logits,
             sites,
-            seeds,
+            eye[:, None, :].expand(classes, n, classes),
             is_grads_batched=True,
             create_graph=create_graph,
             allow_unused=True,
         )
         deltas = [
-            p.new_zeros(classes, *p.shape) if d is None else d
-            for d, p in zip(deltas, sites, strict=True)
+            p.new_zeros(n, classes, *p.shape[1:]) if d is None else d.transpose(0, 1)
+            for d, p in zip(found, sites, strict=True)
         ]
     terms = []  # deltas: the Linears', then the segments'
     for (w, b), a, d in zip(plan.linears.values(), inputs, deltas, strict=False):
-        terms.append((d.transpose(0, 1).reshape(n, -1), None, a if w else None, b))
+        terms.append((d.reshape(n, -1), None, a if w else None, b))
     for ((seg, z, cols), _), d in zip(segs, deltas[len(inputs) :], strict=True):
         terms.extend(_segment_terms(seg, z, cols, d))
     return terms, outputs
@@ -235,7 +238,7 @@ def _forward(
 
 
 def _walked_deltas(steps: list[_Step], sites: list[Tensor], seeds: Tensor) -> list[Tensor] | None:
-    """δ (C, N, ...) at each site by walking the chain back from the outputs with plain tensor
+    """δ (N, C, ...) at each site by walking the chain back from the outputs with plain tensor
     ops, or None where a layer before the first site is not one `_back` knows.
 
     The same δ as autograd's class-batched backward, but its ops are ordinary matmuls and
@@ -257,20 +260,21 @@ def _walked_deltas(steps: list[_Step], sites: list[Tensor], seeds: Tensor) -> li
 
 
 def _back(layer: nn.Module, inp: Tensor, out: Tensor, delta: Tensor) -> Tensor | None:
-    """δ at `layer`'s input from δ at its output, for the layers a backend's head is made of."""
+    """δ (N, C, ...) at `layer`'s input from δ at its output, for the layers a backend's head
+    is made of."""
     kind = type(layer)
     if kind is nn.Linear:
         return delta @ layer.weight.to(delta.dtype)
     if kind in (nn.Flatten, nn.Unflatten):
-        return delta.reshape(delta.shape[0], *inp.shape)
+        return delta.reshape(*delta.shape[:2], *inp.shape[1:])
     if kind in (nn.Identity, nn.Dropout):  # dropout is off: `check_batch_independent`
         return delta
     if kind is nn.ReLU:
-        return delta * (inp > 0).to(delta.dtype)
+        return delta * (inp > 0).to(delta.dtype).unsqueeze(1)
     if kind is nn.Tanh:
-        return delta * (1 - out.square())
+        return delta * (1 - out.square()).unsqueeze(1)
     if kind is nn.Sigmoid:
-        return delta * (out * (1 - out))
+        return delta * (out * (1 - out)).unsqueeze(1)
     return None
 
 
@@ -301,34 +305,39 @@ def _segment_forward(
 
 
 def _segment_terms(seg: Segment, z: Tensor, cols: Tensor | None, delta: Tensor) -> list[_Term]:
-    """Terms of a segment's chosen parameters from δ (C, N, m, h, w) after it: per-sample
+    """Terms of a segment's chosen parameters from δ (N, C, m, h, w) after it: per-sample
     gradients w.r.t. gain Σ δ z̄, offset Σ δ and the PSF kernel gain·Σ_l δ[l] cols[u, l]; the
     latter is pulled back to ``raw`` through the metric of `_psf_metric`.
 
-    With the kernel chosen, s = Σ_l δ[l] cols[u, l] is formed once and serves both: the kernel's
-    gradient is gain·s and, z being kernel @ cols, the gain's is Σ_u kernel[u] s[u], a contraction
-    over the few kernel entries instead of a second pass over δ (C·N·m·h·w) and its backward.
+    With the kernel chosen, s = Σ_l δ[l] cols[u, l] is formed once (one batched matmul, δ read
+    once) and serves all three: the kernel's gradient is gain·s; the offset's is the entry of a
+    row of ones appended to cols, so PSF and offset share one weighted Gram (weights gain²·w and
+    1); and, z being kernel @ cols, the gain's is Σ_u kernel[u] s[u].
     """
-    n = z.shape[0]
-    out: list[_Term] = []
-    s = None
-    if seg.raw:
-        assert seg.psf is not None and cols is not None
-        s = torch.einsum("cnml,nrl->nmrc", delta.flatten(-2), cols)  # (N, m, Cin·k·k, C)
-    if seg.gain and s is not None:
-        kernel = _flipped(seg.psf.kernel.to(s.dtype))
-        out.append((torch.einsum("nmrc,mr->nmc", s, kernel).reshape(n, -1), None, None, True))
-    elif seg.gain:
-        out.append((torch.einsum("cnmhw,nmhw->nmc", delta, z).reshape(n, -1), None, None, True))
+    n, classes = delta.shape[:2]
+    if not seg.raw:
+        out: list[_Term] = []
+        if seg.gain:
+            gain = torch.einsum("ncmhw,nmhw->nmc", delta, z)
+            out.append((gain.reshape(n, -1), None, None, True))
+        if seg.offset:
+            out.append((delta.sum(dim=(-2, -1)).reshape(n, -1), None, None, True))
+        return out
+    assert seg.psf is not None and cols is not None
+    m, length = delta.shape[2], cols.shape[-1]
     if seg.offset:
-        out.append((delta.sum(dim=(-2, -1)).transpose(0, 1).reshape(n, -1), None, None, True))
-    if s is not None:  # (gain·s) W (gain·s)ᵀ = s (gain² W) sᵀ: the gain weights the metric
-        w = _flipped(_psf_metric(seg.psf).reshape(seg.psf.kernel.shape)).to(s.dtype)
-        if seg.affine is not None:
-            w = w * seg.affine.gain.reshape(-1, 1).square()
-        out.append(
-            (s.reshape(n, -1), w[..., None].expand(*w.shape, s.shape[-1]).reshape(-1), None, True)
-        )
+        cols = torch.cat([cols, cols.new_ones(n, 1, length)], dim=1)
+    s = (delta.reshape(n, classes * m, length) @ cols.transpose(1, 2)).unflatten(1, (classes, m))
+    kernel = _flipped(seg.psf.kernel.to(s.dtype))  # (m, Cin·k·k)
+    w = _flipped(_psf_metric(seg.psf).reshape(seg.psf.kernel.shape)).to(s.dtype)
+    if seg.affine is not None:  # (gain·s) W (gain·s)ᵀ = s (gain² W) sᵀ
+        w = w * seg.affine.gain.reshape(-1, 1).square()
+    if seg.offset:
+        kernel = F.pad(kernel, (0, 1))
+        w = F.pad(w, (0, 1), value=1.0)
+    out = [(s.reshape(n, -1), w.expand(classes, *w.shape).reshape(-1), None, True)]
+    if seg.gain:
+        out.append((torch.einsum("ncmr,mr->nmc", s, kernel).reshape(n, -1), None, None, True))
     return out
 
 

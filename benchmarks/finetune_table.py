@@ -73,7 +73,7 @@ def teacher(plan: DemoPlan, arch: str, epochs: int | None, out: Path, console: C
     path = out / f"teacher-{plan.dataset}-{arch}.pt"
     console.print(f"{arch} teacher: {path} ({plan.teacher_settings()})")
     settings = plan.teacher_settings()
-    _, info, _ = stored_teacher(arch, load_dataset(plan.dataset), settings, path)
+    _, info = stored_teacher(arch, load_dataset(plan.dataset), settings, path)
     console.print(f"  test accuracy {info['test_accuracy']:.4f}")
     return path
 

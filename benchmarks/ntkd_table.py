@@ -82,7 +82,7 @@ def _teacher(args: argparse.Namespace, data, arch: str, metric: str, batch_size:
         device=str(args.device),
     )
     print(f"{arch} teacher for {args.dataset}: {path}", flush=True)
-    teacher, info, _ = stored_teacher(arch, data, settings, path, on_epoch=_progress)
+    teacher, info = stored_teacher(arch, data, settings, path, on_epoch=_progress)
     print(f"teacher: {arch}, test {metric} {info[f'test_{metric}']:.4f}", flush=True)
     return teacher, info, path
 

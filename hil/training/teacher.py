@@ -100,18 +100,18 @@ def save_teacher(model: nn.Module, record: dict[str, Any], path: Path) -> None:
 
 def stored_teacher(
     arch: str, data: Dataset, settings: Settings, path: Path, on_epoch=None
-) -> tuple[nn.Module, dict[str, Any], bool]:
+) -> tuple[nn.Module, dict[str, Any]]:
     """The teacher at `path`, trained (and saved there) first when it is missing or was trained
-    with other settings than `settings`: (model, info, whether it was trained now). A script that
+    with other settings than `settings`: (model, info). A script that
     asks for 40 epochs never silently gets the 3-epoch teacher an earlier run left."""
     if path.exists():
         model, info, _ = load_teacher(str(path), data.name)
         if info.get("arch") == arch and info.get("settings") == _settings_record(settings):
-            return model, info, False
+            return model, info
     model, record = train_teacher(arch, data, settings, on_epoch)
     save_teacher(model, record, path)
     model, info, _ = load_teacher(str(path), data.name)
-    return model, info, True
+    return model, info
 
 
 def _settings_record(settings: Settings) -> dict[str, Any]:

@@ -33,8 +33,10 @@ def calibrate_cmd(
     from calibration.pipeline import Plan
     from hil.bench.config import load_bench
     from hil.jobs.calibrate import run_calibrate
+    from hil.output.guard import check_output
     from hil.output.records import write_json
 
+    check_output(out_dir, "folder", {"--bench": bench})
     config = load_bench(bench)
     plan = Plan(patterns=patterns, seed=seed)
     args = {"out": str(out_dir), "patterns": patterns}

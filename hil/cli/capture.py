@@ -12,6 +12,7 @@ from hil.cli.common import (
     CalibrationOpt,
     DataRootOpt,
     DatasetOpt,
+    ForceOpt,
     FractionOpt,
     JsonOpt,
     RunsOpt,
@@ -36,6 +37,7 @@ def capture_cmd(  # noqa: PLR0913  typer: one parameter per command-line option
     seed: SeedOpt = 0,
     keep_frames: KeepFramesOpt = False,
     data_root: DataRootOpt = None,
+    force: ForceOpt = False,
     runs_dir: RunsOpt = Path("runs"),
     as_json: JsonOpt = False,
 ) -> None:
@@ -46,7 +48,10 @@ def capture_cmd(  # noqa: PLR0913  typer: one parameter per command-line option
     """
     from hil.bench.config import load_bench
     from hil.jobs.capture import CaptureRequest, run_capture
+    from hil.output.guard import check_output
 
+    inputs = {"--calibration": calibration, "--bench": bench}
+    check_output(out, "capture store", inputs, force=force)
     config = load_bench(bench)
     request = CaptureRequest(
         calibration,

@@ -79,6 +79,13 @@ FractionOpt = Annotated[
 ]
 SeedOpt = Annotated[int, typer.Option(help="Seed of the subset (and of simulated noise).")]
 RunsOpt = Annotated[Path, typer.Option("--runs-dir", help="Where run folders are written.")]
+ForceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="Let --out replace a file of another kind (a store, calibration, checkpoint).",
+    ),
+]
 
 # training and fine-tuning
 TeacherOpt = Annotated[

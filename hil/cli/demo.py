@@ -47,12 +47,14 @@ def demo(
     from hil.errors import UserError
     from hil.jobs.demo import DemoPlan, run_demo
     from hil.models.teachers import TEACHERS
+    from hil.output.guard import check_output
     from hil.output.report import headline
 
     if dataset not in SHIPPED:
         raise UserError(f"--dataset {dataset!r}: the demo runs on {' or '.join(SHIPPED)}")
     if teacher not in TEACHERS:
         raise UserError(f"--teacher {teacher!r}: choose one of {', '.join(sorted(TEACHERS))}")
+    check_output(out_dir, "folder", {"--bench": bench})
     on = str(resolve_device(device))
     config = load_bench(bench)
     # a bench file may bring its own kernel errors; where it does not, it gets the plan's

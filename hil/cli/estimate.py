@@ -132,7 +132,9 @@ def estimate_cmd(  # noqa: PLR0913  typer: one parameter per command-line option
     OUT/estimate.json (everything), and with a layout OUT/layouts.json and OUT/frontend-M.toml.
     """
     from hil.device import resolve_device
+    from hil.output.guard import check_output
 
+    check_output(out_dir, "folder", {"--bench": bench})
     on = resolve_device(device)
     args = {
         "dataset": dataset,

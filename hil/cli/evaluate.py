@@ -59,7 +59,10 @@ def evaluate_cmd(  # noqa: PLR0913  typer: one parameter per command-line option
     """
     from hil.bench.config import load_bench
     from hil.jobs.evaluate import EvaluateRequest, run_evaluate
+    from hil.output.guard import check_output
 
+    if out is not None:
+        check_output(out, "folder", {"--bench": bench})
     config = load_bench(bench)
     request = EvaluateRequest(
         checkpoint,

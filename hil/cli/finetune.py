@@ -13,6 +13,7 @@ from hil.cli.common import (
     DataRootOpt,
     DeviceOpt,
     EpochsOpt,
+    ForceOpt,
     JsonOpt,
     LrOpt,
     NormOpt,
@@ -73,6 +74,7 @@ def finetune_cmd(  # noqa: PLR0913  typer: one parameter per command-line option
     data_root: DataRootOpt = None,
     resume: ResumeOpt = False,
     device: DeviceOpt = "auto",
+    force: ForceOpt = False,
     runs_dir: RunsOpt = Path("runs"),
     as_json: JsonOpt = False,
 ) -> None:
@@ -90,8 +92,17 @@ def finetune_cmd(  # noqa: PLR0913  typer: one parameter per command-line option
     from hil.jobs.finetune import FinetuneRequest, run_finetune
     from hil.jobs.train import Teaching
     from hil.ntkd.losses import FINETUNE_METHODS, loss_options
+    from hil.output.guard import check_output
     from hil.training.loop import Settings
 
+    inputs = {
+        "--captures": captures,
+        "--checkpoint": checkpoint,
+        "--test-captures": test_captures,
+        "--val-captures": val_captures,
+        "--teacher": Path(teacher),
+    }
+    check_output(out, "checkpoint", inputs, force=force)
     on = resolve_device(device)
     options = loss_options(
         method, choices=FINETUNE_METHODS, temperature=temperature, beta=beta, norm=norm

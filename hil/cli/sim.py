@@ -37,7 +37,9 @@ def sim_render(
     """
     from hil.bench.config import load_bench
     from hil.jobs.render import render_image
+    from hil.output.guard import check_output
 
+    check_output(out_path, "image", {"IMAGE": image, "--bench": bench})
     config = load_bench(bench)
     args = {"image": str(image), "out": str(out_path), "tiles": str(tiles) if tiles else None}
     result = recorded(

@@ -47,8 +47,11 @@ def teacher_train(  # noqa: PLR0913  typer: one parameter per command-line optio
     """Train an electronic teacher on the raw images and store it for `--teacher ARCH`."""
     from hil.device import resolve_device
     from hil.jobs.train import TeacherRequest, run_teacher_train
+    from hil.output.guard import check_output
     from hil.training.loop import Settings
 
+    if out is not None:
+        check_output(out, "checkpoint")
     on = resolve_device(device)
     settings = Settings(epochs=epochs, lr=lr, seed=seed, device=str(on))
     request = TeacherRequest(arch, dataset, settings, out, data_root)

@@ -14,6 +14,7 @@ from hil.cli.common import (
     DataRootOpt,
     DeviceOpt,
     EpochsOpt,
+    ForceOpt,
     JsonOpt,
     LrOpt,
     NormOpt,
@@ -74,6 +75,7 @@ def train_cmd(  # noqa: PLR0913  typer: one parameter per command-line option
     bench: BenchOpt = None,
     data_root: DataRootOpt = None,
     device: DeviceOpt = "auto",
+    force: ForceOpt = False,
     runs_dir: RunsOpt = Path("runs"),
     as_json: JsonOpt = False,
 ) -> None:
@@ -86,8 +88,10 @@ def train_cmd(  # noqa: PLR0913  typer: one parameter per command-line option
     from hil.jobs.train import StudentRequest, Teaching, plan_student, run_train
     from hil.models.onn import StudentSpec
     from hil.ntkd.losses import loss_options
+    from hil.output.guard import check_output
     from hil.training.loop import Settings, ddp_rank_size
 
+    check_output(out, "checkpoint", {"--teacher": Path(teacher), "--bench": bench}, force=force)
     on = resolve_device(device)
     options = loss_options(method, temperature=temperature, beta=beta, norm=norm, variant=variant)
     request = StudentRequest(

@@ -13,7 +13,8 @@ parameter, PSFs included, and the double backward through them). The student is 
 every column (8 signed 7x7 kernels + fc2 on the 32x32 display); the teacher's raw images are
 the bundled digits (8x8) and, at the paper's MNIST scale, 28x28 images. Every loss runs full
 optimiser steps, in turn so that all see the same machine load (the old KD way after them, on
-its own); each time is the median over ``--steps`` steps after two warm-ups. The cache columns are the one-off cost per sample.
+its own); each time is the median over ``--steps`` steps after two warm-ups. The cache columns
+are the one-off cost per sample.
 """
 
 from __future__ import annotations

@@ -5,14 +5,20 @@ datasets (attributes are fixed once it starts). Rows are buffered and committed 
 data is written and flushed, and only then the `committed` row count is, so a run killed at any
 moment leaves a file whose committed rows are complete; a rerun continues after them. A writer
 that dies leaves HDF5's "open for writing" flags set, so the rerun first rewrites the store with
-exactly its committed rows. A lock file beside the store keeps a second writer away. Every row
-carries a checksum of its feature maps, so corruption is found when the store is read.
+exactly its committed rows. A lock file beside the store keeps a second writer away.
+
+A new store is built under a temporary name and renamed once its schema is written, so a kill at
+any moment leaves no store or a resumable one. Every row carries a checksum of its feature maps,
+label and dataset index, verified when the store is read and before a rerun appends. HDF5 does
+not report a write that fails for lack of space (the error is lost while its caches flush, and
+the count would be committed over zeros), so each commit first checks the free space.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +29,12 @@ import numpy as np
 from hil.acquire.identity import StoreIdentity
 from hil.errors import UserError
 
+log = logging.getLogger(__name__)
+
 # 2: the committed count is a dataset (SWMR writers may not touch attributes)
 # 3: a typed, versioned identity (hil.acquire.identity.StoreIdentity)
-SCHEMA_VERSION = 3
+# 4: the row checksum covers the label and the dataset index too
+SCHEMA_VERSION = 4
 FORMAT = "hil-capture-store"
 ROW_FIELDS = {  # per-row datasets besides features, labels and frames
     "index": "i8",
@@ -38,12 +47,31 @@ ROW_FIELDS = {  # per-row datasets besides features, labels and frames
 }
 
 
-def digest(features: np.ndarray) -> bytes:
-    """First 128 bits of SHA-256 of the feature maps, as hex bytes."""
-    return (
-        hashlib.sha256(np.ascontiguousarray(features, np.float32).tobytes())
-        .hexdigest()[:32]
-        .encode()
+SPACE_MARGIN_BYTES = 1 << 20  # room kept free for HDF5's metadata and the file's close
+
+
+def digest(features: np.ndarray, label, index: int) -> bytes:
+    """First 128 bits of SHA-256 of a row's feature maps, label and dataset index, as hex."""
+    h = hashlib.sha256(np.ascontiguousarray(features, np.float32).tobytes())
+    h.update(np.ascontiguousarray(label, np.int64).tobytes())
+    h.update(np.int64(index).tobytes())
+    return h.hexdigest()[:32].encode()
+
+
+class StoreFull(UserError):
+    """Too little disk space for the next rows; the committed rows are intact."""
+
+
+def _row_checksums(data: dict[str, np.ndarray]) -> np.ndarray:
+    """Whether each row's stored checksum matches its features, label and index."""
+    return np.array(
+        [
+            digest(f, lab, int(i)) == bytes(c)
+            for f, lab, i, c in zip(
+                data["features"], data["labels"], data["index"], data["checksum"], strict=True
+            )
+        ],
+        dtype=bool,
     )
 
 
@@ -121,15 +149,16 @@ class CaptureStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         lock = _WriterLock(path)
         try:
-            if path.exists():
-                f = _open_to_resume(path)
-                try:
-                    _check_resumable(f, path, plan, feature_shape, label_shape, identity)
-                except BaseException:
-                    f.close()
-                    raise
-            else:
-                f = _create(path, plan, feature_shape, label_shape, identity, keep_frames)
+            _creating(path).unlink(missing_ok=True)  # a creation killed before its rename
+            if not path.exists():
+                _create(path, plan, feature_shape, label_shape, identity, keep_frames)
+            f = _open_to_resume(path)
+            try:
+                _check_resumable(f, path, plan, feature_shape, label_shape, identity)
+                _drop_damaged_rows(f, path)
+            except BaseException:
+                f.close()
+                raise
             f.swmr_mode = True
         except BaseException:
             lock.release()
@@ -168,10 +197,11 @@ class CaptureStore:
             "saturated_fraction": [r.saturated_fraction for r in rows],
             "simulated": [r.simulated for r in rows],
             "pattern_hash": [r.pattern_hash.encode() for r in rows],
-            "checksum": [digest(r.features) for r in rows],
+            "checksum": [digest(r.features, r.label, r.index) for r in rows],
         }
         if "frames" in f and all(r.frame is not None for r in rows):
             values["frames"] = np.stack([r.frame for r in rows])
+        self._check_space(sum(np.asarray(v).nbytes for v in values.values()))
         for name, value in values.items():
             ds = f[name]
             if ds.shape[0] != i + k:
@@ -181,6 +211,18 @@ class CaptureStore:
         f["committed"][0] = i + k
         f.flush()
         self._count, self._pending = i + k, []
+
+    def _check_space(self, nbytes: int) -> None:
+        """`StoreFull` unless the disk holds these rows twice over plus the margin."""
+        st = os.statvfs(self.path.parent)
+        free, need = st.f_bavail * st.f_frsize, 2 * nbytes + SPACE_MARGIN_BYTES
+        if free < need:
+            self._pending = []  # not stored; a rerun captures them again
+            raise StoreFull(
+                f"{self.path}: disk full ({free / 2**20:.1f} MiB free, the next rows need "
+                f"{need / 2**20:.1f} MiB): the {self._count} committed rows are intact; "
+                "free some space and rerun the same command to resume"
+            )
 
     def close(self) -> None:
         if self.file:
@@ -197,8 +239,19 @@ class CaptureStore:
         self.close()
 
 
-def _create(path, plan, feature_shape, label_shape, identity, keep_frames) -> h5py.File:
-    f = h5py.File(path, "w", libver="latest")
+def _creating(path: Path) -> Path:
+    return path.with_name(f".{path.name}.create.tmp")
+
+
+def _create(path, plan, feature_shape, label_shape, identity, keep_frames) -> None:
+    """The empty store, built under a temporary name and renamed when complete."""
+    tmp = _creating(path)
+    with h5py.File(tmp, "w", libver="latest") as f:
+        _write_schema(f, plan, feature_shape, label_shape, identity, keep_frames)
+    os.replace(tmp, path)
+
+
+def _write_schema(f, plan, feature_shape, label_shape, identity, keep_frames) -> None:
     f.attrs.update(
         format=FORMAT,
         schema_version=SCHEMA_VERSION,
@@ -232,7 +285,6 @@ def _create(path, plan, feature_shape, label_shape, identity, keep_frames) -> h5
             chunks=(1, *keep_frames),
             compression="gzip",
         )
-    return f
 
 
 def _open_to_resume(path: Path) -> h5py.File:
@@ -275,6 +327,33 @@ def _check_resumable(f, path, plan, feature_shape, label_shape, identity) -> Non
             f"{path}: holds feature maps {shapes[0]} and labels {shapes[1]}, this capture makes "
             f"{tuple(feature_shape)} and {tuple(label_shape)}; choose another --out"
         )
+
+
+def _drop_damaged_rows(f: h5py.File, path: Path) -> None:
+    """Commit only the rows before the first whose checksum fails (a disk that lost writes, an
+    edit): the rerun captures the rest again rather than appending after damaged rows."""
+    n = int(f["committed"][0])
+    if n == 0:
+        return
+    data = {k: f[k][:n] for k in ("features", "labels", "index", "checksum")}
+    rows = min(len(v) for v in data.values())  # a count committed past the rows written
+    ok = np.concatenate(
+        [_row_checksums({k: v[:rows] for k, v in data.items()}), np.zeros(n - rows, bool)]
+    )
+    if ok.all():
+        return
+    first = int(np.argmin(ok))
+    log.warning(
+        "%s: %d of %d committed rows fail their checksum (first: row %d); capturing again "
+        "from row %d",
+        path,
+        int((~ok).sum()),
+        n,
+        first,
+        first,
+    )
+    f["committed"][0] = first
+    f.flush()
 
 
 def _recover(path: Path) -> None:
@@ -355,8 +434,8 @@ def read(path: Path | str) -> Captures:
     if short:
         name, rows = next(iter(short.items()))
         raise UserError(f"{path}: truncated: {name} has {rows} rows of {n} committed")
-    bad = [i for i in range(n) if digest(data["features"][i]) != bytes(data["checksum"][i])]
-    if bad:
+    bad = np.flatnonzero(~_row_checksums(data))
+    if len(bad):
         raise UserError(
             f"{path}: checksum mismatch in {len(bad)} rows (first: row {bad[0]}, "
             f"dataset index {int(data['index'][bad[0]])}): the file was modified"

@@ -30,11 +30,14 @@ def file_kind(path: Path) -> str:
     if head == HDF5_MAGIC:
         import h5py
 
-        try:
-            with h5py.File(path, "r") as f:
-                fmt = f.attrs.get("format")
-        except OSError:
-            return "HDF5 file"
+        fmt = None
+        for swmr in (False, True):  # SWMR: a store whose writer died (or still writes)
+            try:
+                with h5py.File(path, "r", libver="latest", swmr=swmr) as f:
+                    fmt = f.attrs.get("format")
+                break
+            except OSError:
+                continue
         return HDF5_KINDS.get(fmt.decode() if isinstance(fmt, bytes) else str(fmt), "HDF5 file")
     if head.startswith(ZIP_MAGIC):
         return "checkpoint"

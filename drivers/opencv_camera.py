@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field, field_validator
 
-from drivers.errors import DeviceDisconnected, DeviceError, DeviceTimeout
+from drivers.errors import DeviceDisconnected, DeviceError, DeviceTimeout, SourceEnded
 from drivers.protocols import BackendOptions, Camera, Frame
 
 log = logging.getLogger("hil.drivers.opencv")
@@ -345,7 +345,7 @@ class OpenCVCamera(Camera):
             raw = self._call(self._session.read, timeout_s, "frame")
         if raw is None:
             if self.simulated:
-                raise DeviceTimeout(
+                raise SourceEnded(
                     f"{self._label}: source {self.options.source!r} ended after "
                     f"{self._session.next_index} frames; no frame will arrive (set loop: true "
                     "to replay)"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from drivers.errors import DeviceDisconnected, DeviceError
+from drivers.errors import DeviceDisconnected, DeviceError, DeviceTimeout, SourceEnded
 
 log = logging.getLogger("hil.drivers")
 
@@ -169,6 +170,35 @@ class Display(Device, ABC):
     def _show_hw(self, levels: np.ndarray) -> None: ...
 
 
+class RetryPolicy(BaseModel):
+    """How a camera rides out transient faults: a timed-out or corrupt frame is asked for again,
+    a disconnect is reopened, up to `retries` times per frame with a doubling pause."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    retries: int = Field(
+        5, ge=0, le=100, description="attempts after the first, per frame (slmsuite's 5)"
+    )
+    retry_backoff_s: float = Field(
+        0.05, ge=0, le=10, description="pause before the first retry, doubled each time"
+    )
+
+
+class FaultInjection(BaseModel):
+    """Faults to rehearse on any camera: after `after_frames` good frames, the next `timeouts`
+    snaps time out (each waiting `wait_s`, default the snap's own timeout), then the camera
+    drops off `disconnects` times, each needing a reconnect."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    timeouts: int = Field(0, ge=0, le=1000, description="snaps that time out")
+    disconnects: int = Field(0, ge=0, le=100, description="times the camera drops off")
+    after_frames: int = Field(0, ge=0, le=10**9, description="good frames before the faults")
+    wait_s: float | None = Field(
+        None, ge=0, le=600, description="how long an injected timeout waits"
+    )
+
+
 @dataclass
 class Frame:
     """One camera frame in digital numbers, with what a later reader needs to trust it."""
@@ -197,6 +227,12 @@ class Camera(Device, ABC):
         self.shape = (int(shape[0]), int(shape[1]))
         self.bit_depth = int(bit_depth)
         self.exposure_range_s = (float(exposure_range_s[0]), float(exposure_range_s[1]))
+        self.retry = RetryPolicy()
+        self.faults = FaultInjection()
+        self.retried: list[dict[str, Any]] = []  # every retry, for the run record
+        self._good_frames = 0
+        self._exposure_set: float | None = None
+        self._injected = {"timeouts": 0, "disconnects": 0}
 
     @property
     def max_dn(self) -> int:
@@ -214,6 +250,7 @@ class Camera(Device, ABC):
             raise ValueError(f"{self.name}: exposure {value} s outside [{lo}, {hi}] s")
         self._require_open()
         self._set_exposure_hw(value)
+        self._exposure_set = value
 
     def frame_timeout_s(self) -> float:
         """How long to wait for a frame at the current exposure: at least SNAP_TIMEOUT_S, and room
@@ -225,9 +262,31 @@ class Camera(Device, ABC):
         noise on a rerun as in an unbroken run. A real sensor's noise is its own: nothing to do."""
 
     def snap(self, timeout_s: float = 2.0) -> Frame:
-        """Acquire one frame; raises DeviceTimeout if none arrives within timeout_s."""
+        """Acquire one frame, each attempt within timeout_s, retrying transient faults under
+        `retry`; when they run out, the last error, naming the camera and the attempts."""
         timeout_s = check_timeout(timeout_s)
         self._require_open()
+        attempts, gone = 1 + self.retry.retries, False
+        for attempt in range(1, attempts + 1):
+            try:
+                if gone:
+                    self.reconnect()
+                    if self._exposure_set is not None:  # a reopened camera may have reset it
+                        self._set_exposure_hw(self._exposure_set)
+                frame = self._snap_once(timeout_s)
+                self._good_frames += 1
+                return frame
+            except SourceEnded:
+                raise
+            except DeviceError as e:
+                if attempt == attempts:
+                    raise type(e)(f"{e} (gave up after {attempts} attempts)") from e
+                gone = isinstance(e, DeviceDisconnected)
+                self._note_retry(e, attempt, attempts)
+        raise AssertionError("unreachable")
+
+    def _snap_once(self, timeout_s: float) -> Frame:
+        self._inject_fault(timeout_s)
         frame = self._snap_hw(timeout_s)
         if frame.image.shape != self.shape:
             raise DeviceError(
@@ -235,12 +294,43 @@ class Camera(Device, ABC):
             )
         return frame
 
+    def _inject_fault(self, timeout_s: float) -> None:
+        f, done = self.faults, self._injected
+        if self._good_frames < f.after_frames:
+            return
+        if done["timeouts"] < f.timeouts:
+            done["timeouts"] += 1
+            time.sleep(timeout_s if f.wait_s is None else min(f.wait_s, timeout_s))
+            raise DeviceTimeout(f"{self.name}: no frame within {timeout_s} s (injected)")
+        if done["disconnects"] < f.disconnects:
+            done["disconnects"] += 1
+            self.close()
+            raise DeviceDisconnected(f"{self.name}: camera dropped off (injected)")
+
+    def _note_retry(self, error: DeviceError, attempt: int, attempts: int) -> None:
+        pause = self.retry.retry_backoff_s * 2 ** (attempt - 1)
+        log.warning(
+            "%s (attempt %d of %d); retrying in %.3g s", error, attempt, attempts, pause,
+        )  # fmt: skip
+        self.retried.append(
+            {"frame": self._good_frames, "attempt": attempt, "error": type(error).__name__,
+             "message": str(error)}
+        )  # fmt: skip
+        time.sleep(pause)
+
     def snapshot(self) -> dict[str, Any]:
-        return super().snapshot() | {
-            "shape": list(self.shape),
-            "bit_depth": self.bit_depth,
-            "exposure_s": self.exposure_s if self._open else None,
-        }
+        return (
+            super().snapshot()
+            | {
+                "shape": list(self.shape),
+                "bit_depth": self.bit_depth,
+                "exposure_s": self.exposure_s if self._open else None,
+                "retry": self.retry.model_dump(),
+                "retries": len(self.retried),
+                "retried": self.retried[:100],
+            }
+            | ({"injected": self.faults.model_dump()} if self.faults != FaultInjection() else {})
+        )
 
     @abstractmethod
     def _snap_hw(self, timeout_s: float) -> Frame: ...

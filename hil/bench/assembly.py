@@ -85,6 +85,18 @@ class Bench:
     world = property(sim_world)
 
     def _build(self, role: str, dc: DeviceConfig) -> Device:
+        device = self._open_backend(role, dc)
+        policy = {k: v for k in ("retries", "retry_backoff_s") if (v := getattr(dc, k)) is not None}
+        if policy or dc.inject is not None:
+            if not isinstance(device, Camera):
+                raise UserError(
+                    f"devices.{role}: retries, retry_backoff_s and inject are a camera's"
+                )
+            device.retry = device.retry.model_copy(update=policy)
+            device.faults = dc.inject or device.faults
+        return device
+
+    def _open_backend(self, role: str, dc: DeviceConfig) -> Device:
         try:
             return registry.build(ROLES[role], dc.driver, role, dc.options, self)
         except (CalibrationError, UserError):

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from drivers import registry
+from drivers.protocols import FaultInjection
 from hil.errors import UserError
 from sim.params import SimParams
 
@@ -60,6 +61,17 @@ class DeviceConfig(BaseModel):
 
     backend: str = Field("sim", description="driver backend, or auto: `real`, else simulated")
     real: str | None = Field(None, description="with backend = auto, the backend to try first")
+    # a camera's: how it rides out transient faults (drivers.protocols.RetryPolicy) and the
+    # faults to rehearse them with, on any backend
+    retries: int | None = Field(
+        None, ge=0, le=100, description="camera: retries of a failed frame (default 5)"
+    )
+    retry_backoff_s: float | None = Field(
+        None, ge=0, le=10, description="camera: pause before the first retry, doubled each time"
+    )
+    inject: FaultInjection | None = Field(
+        None, description="camera: faults to rehearse, e.g. {timeouts = 2, after_frames = 50}"
+    )
 
     @property
     def options(self) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from contracts import CameraContract
 
 from drivers.errors import DeviceDisconnected, DeviceError, DeviceTimeout
 from drivers.genicam_camera import GenICamCamera, find_simulated_producer, to_mono
+from drivers.protocols import RetryPolicy
 
 PRODUCER = find_simulated_producer()
 IS_TLSIMU = PRODUCER is not None and PRODUCER.name == "TLSimu.cti"
@@ -134,6 +135,7 @@ def test_a_snap_drops_frames_triggered_before_it(mono):
 def test_a_stalled_camera_times_out_then_recovers():
     cam = camera(serial=MONO_A, trigger="software")
     cam._fire_trigger = lambda: None
+    cam.retry = RetryPolicy(retries=0)  # one attempt's timeout (retries: tests/sim)
     with cam:
         t0 = time.monotonic()
         with pytest.raises(DeviceTimeout, match="no frame within 0.3 s"):

@@ -5,6 +5,7 @@ import pytest
 from contracts import CameraContract, DisplayContract, LightSourceContract, PowerMeterContract
 
 from drivers.errors import DeviceDisconnected, DeviceError, DeviceTimeout
+from drivers.protocols import FaultInjection, RetryPolicy
 from hil.bench.assembly import Bench
 from hil.bench.config import parse_bench
 from sim.clock import RealClock, VirtualClock
@@ -77,6 +78,7 @@ def test_power_meter_reads_the_light_leaving_the_display():
 
 def test_a_disconnected_camera_comes_back_with_reconnect():
     cam = SimCamera(world())
+    cam.retry = RetryPolicy(retries=0)
     with cam:
         cam.snap(1.0)
         cam.inject(disconnect=True)
@@ -88,6 +90,7 @@ def test_a_disconnected_camera_comes_back_with_reconnect():
 
 def test_injected_timeouts_and_corrupt_frames_surface_as_typed_errors():
     cam = SimCamera(world())
+    cam.retry = RetryPolicy(retries=0)
     with cam:
         cam.inject(timeouts=2, corrupt=1)
         for _ in range(2):
@@ -174,3 +177,46 @@ def test_exception_inside_bench_switches_a_visa_led_off_at_the_instrument():
     finally:
         inst.close()
     assert float(bench.world.levels.max()) == 0.0 and bench.world.light_level == 0.0
+
+
+def test_transient_faults_are_retried_and_recorded_and_the_frame_still_arrives():
+    cam = SimCamera(world())
+    cam.retry = RetryPolicy(retries=3, retry_backoff_s=0.0)
+    cam.faults = FaultInjection(timeouts=2, disconnects=1, after_frames=3, wait_s=0.0)
+    with cam:
+        cam.exposure_s = 0.004
+        frames = [cam.snap(0.5) for _ in range(6)]
+        cam.inject(corrupt=1)
+        frames.append(cam.snap(0.5))
+    assert [f.frame_id for f in frames] == [1, 2, 3, 4, 5, 6, 8]  # 7 came corrupt
+    assert [(r["frame"], r["attempt"], r["error"]) for r in cam.retried] == [
+        (3, 1, "DeviceTimeout"),
+        (3, 2, "DeviceTimeout"),
+        (3, 3, "DeviceDisconnected"),
+        (6, 1, "DeviceError"),
+    ]
+    assert frames[3].exposure_s == 0.004  # set again after the reconnect
+    assert cam.snapshot()["retries"] == 4
+
+
+def test_a_persistent_fault_is_the_typed_error_naming_the_attempts():
+    cam = SimCamera(world())
+    cam.retry = RetryPolicy(retries=2, retry_backoff_s=0.0)
+    with cam:
+        cam.inject(timeouts=3)
+        with pytest.raises(
+            DeviceTimeout, match=r"no frame within 0.5 s \(gave up after 3 attempts\)"
+        ):
+            cam.snap(0.5)
+    assert len(cam.retried) == 2
+
+
+def test_a_bench_file_sets_the_retry_policy_and_the_faults_to_rehearse():
+    bench = bench_file(
+        camera={"retries": 2, "retry_backoff_s": 0.0, "inject": {"timeouts": 1, "wait_s": 0.0}}
+    )
+    with bench:
+        bench.camera.snap(1.0)
+    assert bench.camera.retry == RetryPolicy(retries=2, retry_backoff_s=0.0)
+    assert bench.camera.snapshot()["retries"] == 1
+    assert bench.camera.snapshot()["injected"]["timeouts"] == 1

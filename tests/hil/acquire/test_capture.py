@@ -1,15 +1,18 @@
 """Captures: each sample stored exactly once through SIGINT and SIGKILL; stores check themselves."""
 
 import functools
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from cli_run import run_hil
 from identities import identity
 
 from hil.acquire.identity import as_shown, check_source, pattern_hash
@@ -208,3 +211,29 @@ def test_a_tampered_or_truncated_store_is_one_clear_error(tmp_path):
         read(cut)
     with pytest.raises(UserError, match=r"cut\.h5: cannot resume"):
         open_store(cut, 4)
+
+
+def test_a_rehearsed_flaky_camera_captures_every_row_and_the_record_lists_the_retries(
+    calibration, tmp_path, monkeypatch, capsys
+):
+    rehearsal = Path(__file__).resolve().parents[3] / "examples" / "rehearsal.toml"
+    out = tmp_path / "r.h5"
+    code, stdout, err = run_hil(
+        monkeypatch, capsys, "capture", "--bench", rehearsal, "--calibration", calibration,
+        "--out", out, "--split", "test", "--fraction", "0.6", "--json",
+        "--runs-dir", tmp_path / "runs",
+    )  # fmt: skip
+    assert code == 0, err
+    result = json.loads(stdout)
+    camera = result["bench"]["devices"]["camera"]
+    assert result["captured"] == result["planned"] >= 200
+    assert [r["error"] for r in camera["retried"]] == [
+        "DeviceTimeout",
+        "DeviceTimeout",
+        "DeviceDisconnected",
+    ]
+    assert {r["frame"] for r in camera["retried"]} == {50}
+    assert read(out).index.tolist() == sorted(read(out).index.tolist())
+    assert len(read(out).index) == result["planned"]
+    record = json.loads(next((tmp_path / "runs").glob("*/result.json")).read_text())
+    assert record["bench"]["devices"]["camera"]["retries"] == 3

@@ -9,20 +9,40 @@ design, which real and simulated benches share.
 from __future__ import annotations
 
 import math
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 
-class FabricationParams(_Section):
+def _no_bool(value: Any, annotation: Any) -> None:
+    """pydantic reads true as 1 for a number; a bench file that says so is a mistake."""
+    if isinstance(value, bool) and annotation not in (bool, bool | None):
+        raise ValueError("a number, not true/false")
+    if isinstance(value, list | tuple):
+        for v in value:
+            _no_bool(v, None)
+
+
+class Section(BaseModel):
+    """A bench-file section: unknown keys, inf, nan and true/false for numbers are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        _no_bool(value, cls.model_fields[info.field_name].annotation)
+        return value
+
+
+_Shift = Annotated[float, Field(ge=-1e3, le=1e3)]
+
+
+class FabricationParams(Section):
     """How the fabricated optic differs from its design: y = α·(a shifted by β) ⊛ (k + δ) + ε."""
 
-    gain: float = Field(0.9, gt=0, description="brightness gain α of the fabricated optic")
-    shift_px: tuple[float, float] = Field(
+    gain: float = Field(0.9, gt=0, le=100, description="brightness gain α of the fabricated optic")
+    shift_px: tuple[_Shift, _Shift] = Field(
         (1.4, -0.8), description="image-on-kernel misalignment β (x, y) in pixels"
     )
     rotation_deg: float = Field(0.6, ge=-45, le=45, description="image rotation on the kernels")
@@ -37,33 +57,44 @@ class FabricationParams(_Section):
     illumination_falloff: float = Field(
         0.05, ge=0, lt=1, description="relative illumination drop at the display's corners"
     )
-    seed: int = Field(0, description="seed of the random fabrication errors")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the random fabrication errors")
 
 
-class SensorParams(_Section):
+class SensorParams(Section):
     """The camera sensor: photons to electrons to digital numbers."""
 
     bit_depth: int = Field(12, ge=8, le=16, description="ADC bits")
-    full_well_e: float = Field(10000.0, gt=0, description="full-well capacity in electrons")
-    read_noise_e: float = Field(3.0, ge=0, description="read noise σ in electrons")
-    dark_e: float = Field(5.0, ge=0, description="mean dark signal per frame in electrons")
+    full_well_e: float = Field(10000.0, gt=0, le=1e7, description="full-well capacity in electrons")
+    read_noise_e: float = Field(3.0, ge=0, le=1e4, description="read noise σ in electrons")
+    dark_e: float = Field(5.0, ge=0, le=1e7, description="mean dark signal per frame in electrons")
     black_level_dn: int = Field(
-        32, ge=0, description="ADC offset in DN, keeps read noise unclipped"
+        32, ge=0, le=2**15, description="ADC offset in DN, keeps read noise unclipped"
     )
     exposure_s: float = Field(0.01, gt=0, le=60, description="exposure time in seconds")
-    fps_limit: float = Field(120.0, gt=0, description="maximum frame rate in frames per second")
+    fps_limit: float = Field(
+        120.0, gt=0, le=1e4, description="maximum frame rate in frames per second"
+    )
     flux_e_per_s: float = Field(
-        1.0e6, gt=0, description="electrons per second per pixel for unit irradiance"
+        1.0e6, gt=0, le=1e12, description="electrons per second per pixel for unit irradiance"
     )
     width: int | None = Field(
-        None, ge=1, le=32768, description="sensor width in pixels; default: just fits the tiles"
+        None, ge=1, le=16384, description="sensor width in pixels; default: just fits the tiles"
     )
     height: int | None = Field(
-        None, ge=1, le=32768, description="sensor height in pixels; default: just fits the tiles"
+        None, ge=1, le=16384, description="sensor height in pixels; default: just fits the tiles"
     )
 
+    @model_validator(mode="after")
+    def _black_level_below_the_top(self) -> SensorParams:
+        if self.black_level_dn >= 2**self.bit_depth // 2:
+            raise ValueError(
+                f"black_level_dn {self.black_level_dn} leaves no room for signal in "
+                f"{self.bit_depth} bits; keep it below {2**self.bit_depth // 2}"
+            )
+        return self
 
-class DisplayParams(_Section):
+
+class DisplayParams(Section):
     """The display or SLM that shows the input images."""
 
     width: int = Field(32, ge=1, le=8192, description="width in pixels")
@@ -76,14 +107,12 @@ _Pitch = Annotated[float, Field(gt=0, le=1e5)]
 _Position = Annotated[float, Field(ge=-1e5, le=1e5)]
 
 
-class OpticsParams(_Section):
+class OpticsParams(Section):
     """Where the glass images each sub-optic on the sensor: the bench's physical geometry.
 
     Sensor px per physical display px, a grid of tile centres that may be rotated, jittered,
     distorted and vignetted, and hot pixels; see the geometry spec in `sim.bench_geometry`.
     """
-
-    model_config = ConfigDict(allow_inf_nan=False)
 
     magnification: float = Field(
         1.0,
@@ -121,7 +150,7 @@ class OpticsParams(_Section):
         return m
 
 
-class SimParams(_Section):
+class SimParams(Section):
     """The simulated bench: its fabricated glass, sensor and display, or a replayed calibration."""
 
     replay: str | None = Field(

@@ -13,12 +13,12 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from drivers import registry
 from drivers.protocols import FaultInjection
 from hil.errors import UserError
-from sim.params import SimParams
+from sim.params import Section, SimParams
 
 log = logging.getLogger("hil")
 
@@ -27,10 +27,8 @@ _Side = Annotated[int, Field(ge=1, le=4096)]
 _Offset = Annotated[int, Field(ge=0, le=65535)]
 
 
-class FrontendConfig(BaseModel):
+class FrontendConfig(Section):
     """The optic as designed and fabricated: which kernels sit on the sensor, and how."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     kernels: int = Field(8, ge=1, le=1024, description="number of kernels (feature maps)")
     kernel_size: int = Field(7, ge=1, le=256, description="kernel (PSF) side in input-grid pixels")
@@ -46,7 +44,9 @@ class FrontendConfig(BaseModel):
     display_origin_px: tuple[_Offset, _Offset] | None = Field(
         None, description="[x, y] display pixel of the input grid's top-left; default: centred"
     )
-    design_seed: int = Field(0, description="seed of the random design used without `design`")
+    design_seed: int = Field(
+        0, ge=0, le=2**32 - 1, description="seed of the random design used without `design`"
+    )
     design: str | None = Field(
         None,
         description="student checkpoint (`hil train`) whose PSFs went to fabrication; "
@@ -120,6 +120,32 @@ class BenchConfig(BaseModel):
     devices: DevicesConfig = DevicesConfig()
     sim: SimParams = SimParams()
 
+    @model_validator(mode="after")
+    def _simulation_fits_the_machine(self) -> BenchConfig:
+        camera = self.devices.camera
+        if camera.driver == "sim" or camera.backend == "auto":
+            seconds = sim_build_s(self.frontend)
+            if seconds > SIM_BUILD_BUDGET_S:
+                raise ValueError(
+                    f"frontend: {self.frontend.kernels} kernels of {self.frontend.kernel_size} "
+                    f"px would take the simulated camera about {seconds:.0f} s to build "
+                    f"(limit {SIM_BUILD_BUDGET_S:.0f} s); use fewer or smaller kernels, or a "
+                    "real camera"
+                )
+        return self
+
+
+# the simulated camera's render matrix: about 20 ms per tile plus 5 µs per tile pixel, as
+# measured on the 2-core CI machine under load (sim.bench_geometry builds it tile by tile)
+SIM_BUILD_BUDGET_S = 6.0
+
+
+def sim_build_s(frontend: FrontendConfig) -> float:
+    """Seconds the simulated world takes to lay out `frontend`'s tiles on the sensor."""
+    tiles = frontend.kernels * (2 if frontend.signed else 1) * frontend.channels
+    h, w = (side + frontend.kernel_size - 1 for side in frontend.input_px)
+    return tiles * (0.02 + 5e-6 * h * w)
+
 
 def _one_line(path: str, err: ValidationError, moved: bool = False) -> str:
     errors = err.errors()
@@ -134,9 +160,12 @@ def _one_line(path: str, err: ValidationError, moved: bool = False) -> str:
         hint = f"; did you mean {close[0]!r}?" if close else f"; allowed: {', '.join(allowed)}"
         msg = f"unknown key{hint}"
     else:
-        msg = f"{first['msg'][0].lower()}{first['msg'][1:]} (got {first['input']!r})"
+        text = first["msg"].removeprefix("Value error, ")
+        msg = f"{text[0].lower()}{text[1:]}"
+        if loc:  # a whole-file check names its keys itself
+            msg += f" (got {first['input']!r})"
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-    return f"{path}: {loc}: {msg}{more}"
+    return f"{path}: {loc}: {msg}{more}" if loc else f"{path}: {msg}{more}"
 
 
 def _section_of(loc: tuple) -> type[BaseModel] | None:

@@ -1,3 +1,3 @@
-from hil.cli import main
+from hil.entry import main
 
 main()

@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """Bad input from the person at the bench: a file, a key, a value, a shape."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: unwinds like Ctrl-C (lights off, captured frames stored, run "interrupted")."""

@@ -75,7 +75,7 @@ class SensorParams(Section):
         120.0, gt=0, le=1e4, description="maximum frame rate in frames per second"
     )
     flux_e_per_s: float = Field(
-        1.0e6, gt=0, le=1e12, description="electrons per second per pixel for unit irradiance"
+        1.0e6, gt=0, le=1e15, description="electrons per second per pixel for unit irradiance"
     )
     width: int | None = Field(
         None, ge=1, le=16384, description="sensor width in pixels; default: just fits the tiles"

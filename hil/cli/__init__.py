@@ -30,7 +30,7 @@ from hil.cli import (
     train,
 )
 from hil.cli.common import ProseGroup, err, out
-from hil.errors import UserError
+from hil.errors import Terminated, UserError
 
 # the order a lab uses them in, which `hil --help` lists them in
 LAB_ORDER = (
@@ -113,7 +113,7 @@ def main() -> None:
 
     SIGTERM unwinds like Ctrl-C, so benches switch their light off when a job is killed politely.
     """
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGTERM, _terminate)
     hil_log = logging.getLogger("hil")
     if not any(isinstance(h, _WarningsToStderr) for h in hil_log.handlers):
         hil_log.addHandler(_WarningsToStderr())
@@ -125,9 +125,13 @@ def main() -> None:
     except DeviceError as e:
         print(f"device error: {type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(3)
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        err.print("terminated" if isinstance(e, Terminated) else "interrupted")
+        sys.exit(143 if isinstance(e, Terminated) else 130)
+
+
+def _terminate(*_) -> None:
+    raise Terminated
 
 
 __all__ = ["app", "main"]

@@ -75,15 +75,18 @@ def uninterrupted(calibration, paced_bench, tmp_path_factory):
         proc.wait()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+@pytest.mark.parametrize(
+    "sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["SIGINT", "SIGTERM", "SIGKILL"]
+)
 def test_an_interrupted_capture_resumes_to_exactly_the_uninterrupted_store(
     calibration, paced_bench, uninterrupted, tmp_path, sig
 ):
     data = load_dataset("digits")
     planned = len(stratified_fraction(data.labels, data.split("test"), 0.1, 3))
     cut = tmp_path / "cut.h5"
+    runs = tmp_path / "runs"
     proc = subprocess.Popen(
-        capture_cmd(calibration, paced_bench, cut),
+        [*capture_cmd(calibration, paced_bench, cut), "--runs-dir", str(runs)],
         env=ENV,
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
@@ -96,6 +99,10 @@ def test_an_interrupted_capture_resumes_to_exactly_the_uninterrupted_store(
         time.sleep(0.02)
     proc.send_signal(sig)
     proc.wait(timeout=60)
+    if sig != signal.SIGKILL:  # a polite stop unwinds: recorded as interrupted, not failed
+        assert proc.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig]
+        record = json.loads(next(runs.glob("*-capture/result.json")).read_text())
+        assert record["status"] == "interrupted"
     partial = committed(cut)
     assert 0 < partial < planned, f"the capture was not cut midway ({partial} of {planned})"
     if sig == signal.SIGKILL:  # the state a dead SWMR writer leaves, which the rerun must undo

@@ -67,7 +67,7 @@ LARGEST = [  # the biggest bench each sizing key accepts, one key at a time
     {"frontend": {"kernel_size": 101}},
     {"frontend": {"kernels": 64}},
     {"sim": {"display": {"width": 8192, "height": 8192}}},
-    {"sim": {"sensor": {"exposure_s": 60, "flux_e_per_s": 1e12, "full_well_e": 1e7}}},
+    {"sim": {"sensor": {"exposure_s": 60, "flux_e_per_s": 1e15, "full_well_e": 1e7}}},
     {"sim": {"fabrication": {"shift_px": [1000, -1000], "kernel_blur_px": 20}}},
 ]
 

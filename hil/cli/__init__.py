@@ -125,12 +125,21 @@ def main() -> None:
     except DeviceError as e:
         print(f"device error: {type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(3)
-    except KeyboardInterrupt as e:
-        err.print("terminated" if isinstance(e, Terminated) else "interrupted")
-        sys.exit(143 if isinstance(e, Terminated) else 130)
+    except KeyboardInterrupt:
+        err.print("terminated" if _terminated else "interrupted")
+        sys.exit(143 if _terminated else 130)
+    except SystemExit:  # typer ends a KeyboardInterrupt with exit 130 itself
+        if _terminated:
+            err.print("terminated")
+            sys.exit(143)
+        raise
+
+
+_terminated: list[bool] = []
 
 
 def _terminate(*_) -> None:
+    _terminated.append(True)
     raise Terminated
 
 

@@ -60,6 +60,9 @@ class FabricationParams(Section):
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the random fabrication errors")
 
 
+MAX_SENSOR_PIXELS = 2**25  # 8192 x 4096: larger than any scientific CMOS a bench here uses
+
+
 class SensorParams(Section):
     """The camera sensor: photons to electrons to digital numbers."""
 
@@ -78,14 +81,20 @@ class SensorParams(Section):
         1.0e6, gt=0, le=1e15, description="electrons per second per pixel for unit irradiance"
     )
     width: int | None = Field(
-        None, ge=1, le=16384, description="sensor width in pixels; default: just fits the tiles"
+        None, ge=1, le=8192, description="sensor width in pixels; default: just fits the tiles"
     )
     height: int | None = Field(
-        None, ge=1, le=16384, description="sensor height in pixels; default: just fits the tiles"
+        None, ge=1, le=8192, description="sensor height in pixels; default: just fits the tiles"
     )
 
     @model_validator(mode="after")
-    def _black_level_below_the_top(self) -> SensorParams:
+    def _a_sensor_the_simulation_can_run(self) -> SensorParams:
+        pixels = (self.width or 1) * (self.height or 1)
+        if pixels > MAX_SENSOR_PIXELS:  # 8192² took 12 s to set up, 268 MB per float32 frame
+            raise ValueError(
+                f"width x height {self.width} x {self.height} is {pixels / 1e6:.0f} MP; the "
+                f"simulated sensor takes at most {MAX_SENSOR_PIXELS / 1e6:.1f} MP"
+            )
         if self.black_level_dn >= 2**self.bit_depth // 2:
             raise ValueError(
                 f"black_level_dn {self.black_level_dn} leaves no room for signal in "

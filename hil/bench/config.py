@@ -124,26 +124,30 @@ class BenchConfig(BaseModel):
     def _simulation_fits_the_machine(self) -> BenchConfig:
         camera = self.devices.camera
         if camera.driver == "sim" or camera.backend == "auto":
-            seconds = sim_build_s(self.frontend)
+            seconds = sim_build_s(self.frontend, self.sim.optics.magnification)
             if seconds > SIM_BUILD_BUDGET_S:
                 raise ValueError(
-                    f"frontend: {self.frontend.kernels} kernels of {self.frontend.kernel_size} "
-                    f"px would take the simulated camera about {seconds:.0f} s to build "
-                    f"(limit {SIM_BUILD_BUDGET_S:.0f} s); use fewer or smaller kernels, or a "
-                    "real camera"
+                    f"frontend and sim.optics: {self.frontend.kernels} kernels of "
+                    f"{self.frontend.kernel_size} px at magnification "
+                    f"{self.sim.optics.magnification:g} would take the simulated camera about "
+                    f"{seconds:.0f} s to build (limit {SIM_BUILD_BUDGET_S:.0f} s); use fewer or "
+                    "smaller kernels, a smaller magnification, or a real camera"
                 )
         return self
 
 
-# the simulated camera's render matrix: about 20 ms per tile plus 5 µs per tile pixel, as
-# measured on the 2-core CI machine under load (sim.bench_geometry builds it tile by tile)
+# the simulated camera's render matrix: about 20 ms per tile plus 5 µs per sensor pixel of a
+# tile, as measured on the 2-core CI machine under load (sim.bench_geometry builds it tile by
+# tile; 20x magnification took 27 s, this estimates 46 s)
 SIM_BUILD_BUDGET_S = 6.0
 
 
-def sim_build_s(frontend: FrontendConfig) -> float:
-    """Seconds the simulated world takes to lay out `frontend`'s tiles on the sensor."""
+def sim_build_s(frontend: FrontendConfig, magnification: float = 1.0) -> float:
+    """Seconds the simulated world takes to lay out `frontend`'s tiles on the sensor, each
+    (input + kernel - 1) input pixels wide, display_scale display pixels each, magnified."""
     tiles = frontend.kernels * (2 if frontend.signed else 1) * frontend.channels
-    h, w = (side + frontend.kernel_size - 1 for side in frontend.input_px)
+    scale = frontend.display_scale * abs(magnification)
+    h, w = ((side + frontend.kernel_size - 1) * scale for side in frontend.input_px)
     return tiles * (0.02 + 5e-6 * h * w)
 
 

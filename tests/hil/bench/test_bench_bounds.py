@@ -66,6 +66,9 @@ def test_a_bad_number_is_one_line_naming_the_key(key, default, bad):
 LARGEST = [  # the biggest bench each sizing key accepts, one key at a time
     {"frontend": {"kernel_size": 101}},
     {"frontend": {"kernels": 64}},
+    {"sim": {"optics": {"magnification": 4}}},
+    {"sim": {"sensor": {"width": 8192, "height": 4096}}},
+    {"frontend": {"display_scale": 4}, "sim": {"display": {"width": 128, "height": 128}}},
     {"sim": {"display": {"width": 8192, "height": 8192}}},
     {"sim": {"sensor": {"exposure_s": 60, "flux_e_per_s": 1e15, "full_well_e": 1e7}}},
     {"sim": {"fabrication": {"shift_px": [1000, -1000], "kernel_blur_px": 20}}},
@@ -73,9 +76,13 @@ LARGEST = [  # the biggest bench each sizing key accepts, one key at a time
 
 
 def test_sizes_past_what_the_simulation_can_build_are_refused_with_the_estimate():
-    with pytest.raises(UserError, match=r"frontend: 1024 kernels of 7 px would take the "
-                       r"simulated camera about \d+ s to build"):  # fmt: skip
+    with pytest.raises(UserError, match=r"1024 kernels of 7 px at magnification 1 would take "
+                       r"the simulated camera about \d+ s to build"):  # fmt: skip
         parse_bench({"frontend": {"kernels": 1024}})
+    with pytest.raises(UserError, match="8192 x 8192 is 67 MP; the simulated sensor takes at most"):
+        parse_bench({"sim": {"sensor": {"width": 8192, "height": 8192}}})
+    with pytest.raises(UserError, match="at magnification 100 would take"):
+        parse_bench({"sim": {"optics": {"magnification": 100}}})
     with pytest.raises(UserError, match="black_level_dn 4000 leaves no room for signal"):
         parse_bench({"sim": {"sensor": {"black_level_dn": 4000}}})
 

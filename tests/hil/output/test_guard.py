@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+from pathlib import Path
 
 import h5py
 import pytest
@@ -60,7 +61,7 @@ def test_a_file_of_another_kind_is_kept_unless_forced(tmp_path):
 )
 def test_names_the_file_system_cannot_take_are_one_line(name, kind, message):
     with pytest.raises(UserError, match=message):
-        check_output(__import__("pathlib").Path(name), kind)
+        check_output(Path(name), kind)
 
 
 def test_a_folder_output_must_not_be_a_file_nor_a_file_output_a_folder(tmp_path):

@@ -20,7 +20,7 @@ from hil.data.placement import to_display
 from hil.errors import UserError
 
 if TYPE_CHECKING:
-    pass
+    from hil.acquire.store import Captures
 
 # 2: images are placed on the input grid, shown on the display at a scale and origin
 IDENTITY_VERSION = 2
@@ -74,11 +74,11 @@ def as_shown(images: np.ndarray, input_hw: tuple[int, int]) -> np.ndarray:
     return shown[:, 0] if shown.shape[1] == 1 else shown.transpose(0, 2, 3, 1)
 
 
-def check_source(
-    store: Path | str, identity: StoreIdentity, index: np.ndarray, hashes, data
-) -> None:
-    """Refuse a store whose rows were not captured from `data`'s images at their indices: the
-    teacher, which sees those raw images, would learn other pictures than the optics saw."""
+def check_source(store: Path | str, captures: Captures, data) -> None:
+    """Refuse a store whose rows were not captured from `data`'s images at their indices, or
+    whose labels are not the dataset's: the teacher, which sees those raw images, would learn
+    other pictures than the optics saw."""
+    identity, index, hashes = captures.identity, captures.index, captures.meta["pattern_hash"]
     if identity.dataset != data.name:
         raise UserError(f"{store}: captured from dataset {identity.dataset!r}, not {data.name!r}")
     if len(index) and (index.min() < 0 or index.max() >= len(data.images)):
@@ -94,6 +94,13 @@ def check_source(
             f"{store}: {len(wrong)} of {len(hashes)} rows were captured from other images than "
             f"dataset {data.name!r} gives for their indices (first: row {wrong[0]}); the store "
             "and the dataset disagree: give the --data-root it was captured from, or capture again"
+        )
+    differ = captures.labels != data.labels[index]
+    relabelled = np.flatnonzero(differ.any(axis=tuple(range(1, differ.ndim))))
+    if len(relabelled):
+        raise UserError(
+            f"{store}: {len(relabelled)} rows carry other labels than dataset {data.name!r} "
+            f"gives for their indices (first: row {relabelled[0]}): the file was modified"
         )
 
 

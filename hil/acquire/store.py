@@ -407,6 +407,27 @@ class Captures:
     identity: StoreIdentity
 
 
+def _check_contents(path: Path, data: dict[str, np.ndarray], plan: np.ndarray) -> None:
+    """What a checksum cannot see: rows rewritten together with their checksums. The writer
+    commits the plan's indices in order and finite maps, so anything else was edited."""
+    n = len(data["index"])
+    off = np.flatnonzero(data["index"] != plan[:n]) if n <= len(plan) else [len(plan)]
+    if len(off):
+        r = int(off[0])
+        says = f"the plan says {int(plan[r])}" if r < len(plan) else "beyond the plan"
+        raise UserError(
+            f"{path}: row {r} holds dataset index {int(data['index'][r])}, {says} "
+            "(a duplicated or foreign index): the file was modified"
+        )
+    features = data["features"]
+    bad = np.flatnonzero(~np.isfinite(features).all(axis=tuple(range(1, features.ndim))))
+    if len(bad):
+        raise UserError(
+            f"{path}: non-finite feature maps in {len(bad)} rows (first: row {bad[0]}): "
+            "the file was modified"
+        )
+
+
 def read(path: Path | str) -> Captures:
     """The committed rows of a store, verified; one clear error for a bad file."""
     path = Path(path)
@@ -425,6 +446,7 @@ def read(path: Path | str) -> Captures:
                 )
             n = int(f["committed"][0])
             data = {k: f[k][:n] for k in ("features", "labels", *ROW_FIELDS)}
+            plan = f["plan"][:]
             identity = f.attrs["identity"]
     except UserError:
         raise
@@ -440,6 +462,7 @@ def read(path: Path | str) -> Captures:
             f"{path}: checksum mismatch in {len(bad)} rows (first: row {bad[0]}, "
             f"dataset index {int(data['index'][bad[0]])}): the file was modified"
         )
+    _check_contents(path, data, plan)
     meta = {k: v for k, v in data.items() if k not in ("features", "labels", "index", "checksum")}
     identity = StoreIdentity.parse(identity, path)
     return Captures(data["features"], data["labels"], data["index"], meta, identity)

@@ -24,7 +24,7 @@ from hil.data.datasets import Dataset, load_dataset
 from hil.data.placement import place_masks
 from hil.errors import UserError
 from hil.jobs.capture import CaptureRequest, run_capture
-from hil.models.checkpoint import check_maps, load_onn
+from hil.models.checkpoint import check_labels, check_maps, load_onn
 from hil.models.onn import ONN
 from hil.output.figures import save_confusion_png, save_overlay_png
 from hil.training.loop import IGNORE, iou_counts, mean_iou, predictions
@@ -46,14 +46,6 @@ def confusion(truth: np.ndarray, predicted: np.ndarray, classes: int) -> np.ndar
     return np.bincount(pairs, minlength=classes * classes).reshape(classes, classes)
 
 
-def check_labels(labels: np.ndarray, classes: int, path: Path | str) -> None:
-    if labels.size and (labels.min() < 0 or labels.max() >= classes):
-        raise UserError(
-            f"{path}: labels span {int(labels.min())}-{int(labels.max())}, but the student "
-            f"has {classes} classes (a checkpoint for another dataset?)"
-        )
-
-
 def evaluate_captures(
     model: ONN, captures: capture_store.Captures, source: Path | str
 ) -> dict[str, Any]:
@@ -62,8 +54,8 @@ def evaluate_captures(
     if n == 0:
         raise UserError(f"{source}: holds no captured samples yet")
     check_maps(model, captures.features.shape[1:], source)
+    check_labels(model, captures.labels, source)
     classes = model.spec.classes
-    check_labels(captures.labels, classes, source)
     predicted = predict(model, captures.features)
     if captures.labels.ndim == 1:
         matrix = confusion(captures.labels, predicted, classes)
@@ -136,7 +128,7 @@ def run_evaluate(
 
     capture = run_capture(config, capture_request, console, data=data, check=readable)
     rows = capture_store.read(store)
-    check_source(store, rows.identity, rows.index, rows.meta["pattern_hash"], data)
+    check_source(store, rows, data)
     scores = evaluate_captures(model, rows, store)
     picture = _picture(
         model, rows, data, scores, folder, f"{r.checkpoint.name} on {r.dataset}/{r.split} (bench)"

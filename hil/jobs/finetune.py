@@ -21,7 +21,7 @@ from hil.data.datasets import load_dataset
 from hil.data.sampling import stratified_fraction
 from hil.errors import UserError
 from hil.jobs.train import Teaching
-from hil.models.checkpoint import check_maps, load_onn, save_model
+from hil.models.checkpoint import check_labels, check_maps, load_onn, save_model
 from hil.models.onn import ONN
 from hil.ntkd.losses import FINETUNE_METHODS, build_loss, check_method
 from hil.ntkd.teacher_cache import cache_file, teacher_features, teacher_logits
@@ -190,6 +190,7 @@ def _read(model: ONN, path: Path | None) -> capture_store.Captures | None:
         return None
     found = capture_store.read(path)
     check_maps(model, found.features.shape[1:], path)
+    check_labels(model, found.labels, path)
     return found
 
 
@@ -214,7 +215,7 @@ def _lesson(request: FinetuneRequest, found, train_rows, scored, val) -> tuple[L
     dataset = found.identity.dataset
     teacher, _, t_path = load_teacher(request.teaching.teacher, dataset)
     data = load_dataset(dataset, request.data_root)
-    check_source(request.captures, found.identity, found.index, found.meta["pattern_hash"], data)
+    check_source(request.captures, found, data)
     raw = torch.as_tensor(data.images[found.index[train_rows]])
     return Lesson(train, watched, teacher, raw, t_path), name
 

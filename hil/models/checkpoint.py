@@ -9,7 +9,8 @@ where <architecture> is `spec` (a `StudentSpec` as a dict) for a student and `ar
 `in_channels`, `classes` for a teacher. The optimizer and the epoch a run stopped at are the resume
 state, a separate file (`hil.training.loop.resume_path`). Bench assembly (a design checkpoint),
 fine-tuning, evaluation and distillation all load models here, so none imports another's job.
-Files are written atomically and read with `torch.load(weights_only=True)`: a model file is data.
+Files are written atomically and sealed with a digest (`hil.output.torchfile`), and read with
+`torch.load(weights_only=True)`: a model file is data.
 """
 
 from __future__ import annotations
@@ -17,13 +18,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-import torch
 from torch import nn
 
-from calibration.atomic import atomic_path
 from hil.errors import UserError
 from hil.models.onn import ONN, StudentSpec
 from hil.models.teachers import build_teacher
+from hil.output.torchfile import load_checkpoint, save_checkpoint
 
 FORMAT = "hil-model"
 SCHEMA_VERSION = 1
@@ -61,8 +61,7 @@ def save_model(
     state = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "kind": kind, **facts}
     state |= {"weights": model.state_dict(), "record": dict(record or {})}
     path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    save_checkpoint(path, state)
     return path
 
 
@@ -73,7 +72,7 @@ def load_model(path: Path | str, kind: Kind) -> ModelFile:
     if not path.is_file():
         hint = "`hil train`" if kind == "student" else "`hil teacher train`"
         raise UserError(f"{path}: {kind} checkpoint not found (write one with {hint})")
-    state = _read(path)
+    state = load_checkpoint(path, "hil model file")
     _check(path, state, kind)
     try:
         if kind == "student":
@@ -84,15 +83,6 @@ def load_model(path: Path | str, kind: Kind) -> ModelFile:
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise UserError(f"{path}: a damaged {kind} checkpoint ({_first_sentence(e)})") from None
     return ModelFile(model.eval(), dict(state.get("record") or {}))
-
-
-def _read(path: Path) -> Any:
-    if path.stat().st_size == 0:
-        raise UserError(f"{path}: an empty file, not a hil model file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # torch.load fails in many ways (and many lines) on a foreign file
-        raise UserError(f"{path}: not a hil model file (not readable as a PyTorch file)") from None
 
 
 def _check(path: Path, state: Any, kind: Kind) -> None:
@@ -138,4 +128,14 @@ def check_maps(model: ONN, shape: tuple[int, ...], source: Path | str) -> None:
         raise UserError(
             f"{source}: feature maps of shape {tuple(shape)}, but the student takes {takes} "
             "(captured with another design or display?)"
+        )
+
+
+def check_labels(model: ONN, labels, source: Path | str) -> None:
+    """Labels must name one of the student's classes (a loss would index past its logits)."""
+    classes = model.spec.classes
+    if labels.size and (labels.min() < 0 or labels.max() >= classes):
+        raise UserError(
+            f"{source}: labels span {int(labels.min())}-{int(labels.max())}, but the student "
+            f"has {classes} classes (a store of another dataset?)"
         )

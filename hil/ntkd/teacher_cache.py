@@ -29,9 +29,10 @@ import numpy as np
 import torch
 
 from hil.device import to_device
+from hil.errors import UserError
 from hil.ntkd.losses import PooledLogits
 from hil.ntkd.projected import ProjectedTeacher
-from hil.training.loop import save_checkpoint
+from hil.output.torchfile import load_checkpoint, save_checkpoint
 
 __all__ = [
     "CACHE_FORMAT",
@@ -81,9 +82,9 @@ def _read(path: Path, key: dict[str, Any]) -> torch.Tensor | None:
     """The cached value when `path` holds one for `key`; None when it holds another key, or
     when it cannot be read (warned: it is then recomputed and replaced)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # torch.load fails in many ways on a damaged or foreign file
-        log.warning("%s: not a readable teacher cache; computing it again", path)
+        state = load_checkpoint(path, "hil teacher cache")
+    except UserError as e:
+        log.warning("%s; computing it again", e)
         return None
     if not isinstance(state, dict) or state.get("format") != CACHE_FORMAT:
         log.warning("%s: not a hil teacher cache; computing it again", path)

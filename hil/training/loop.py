@@ -23,9 +23,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from calibration.atomic import atomic_path
 from hil.device import to_device
 from hil.errors import UserError
+from hil.output.torchfile import load_checkpoint, save_checkpoint
 
 Batch = dict[str, torch.Tensor]
 Metric = Callable[[nn.Module, torch.Tensor, torch.Tensor], float]
@@ -62,16 +62,6 @@ def rank_device(device: torch.device, size: int, local_rank: int) -> torch.devic
     return device
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """torch.save through the project's atomic write: an interrupt never leaves half a file."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 RESUME_FORMAT = "hil-resume"
 
 
@@ -86,12 +76,7 @@ def resume_path(out: Path | str) -> Path:
 
 def load_resume(path: Path) -> dict[str, Any]:
     """A resume state written by `fit`, or one UserError line saying what the file is instead."""
-    try:
-        state = load_checkpoint(path)
-    except Exception:  # torch.load fails in many ways (and many lines) on a foreign file
-        raise UserError(
-            f"{path}: not a hil resume state (not readable as a PyTorch file)"
-        ) from None
+    state = load_checkpoint(path, "hil resume state")
     if not (isinstance(state, dict) and state.get("format") == RESUME_FORMAT):
         raise UserError(f"{path}: not a hil resume state (remove it to start over)")
     return state
@@ -212,9 +197,15 @@ def fit(  # noqa: PLR0913  the one training loop's hooks, keyword-only and named
     key = f"val_{metric_name}"
     if resume and resume_state is not None and Path(resume_state).exists():
         state = load_resume(resume_state)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        history, start = list(state["history"]), int(state["epoch"]) + 1
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            history, start = list(state["history"]), int(state["epoch"]) + 1
+        except (KeyError, TypeError, ValueError, RuntimeError):
+            raise UserError(
+                f"{resume_state}: the resume state of another model or run (remove it to "
+                "start over)"
+            ) from None
         best = state.get("best")
     ids = [device.index] if device.type == "cuda" else None
     net = DistributedDataParallel(model, device_ids=ids) if size > 1 else model

@@ -126,7 +126,7 @@ def test_the_store_records_the_input_grid_and_where_the_display_showed_it(uninte
     data = load_dataset("digits")
     shown = as_shown(data.images[store.index], ident.input_shape)
     assert [h.decode() for h in store.meta["pattern_hash"]] == [pattern_hash(s) for s in shown]
-    check_source("whole.h5", ident, store.index, store.meta["pattern_hash"], data)
+    check_source("whole.h5", store, data)
 
 
 def row(i: int, m: int = 2) -> Row:

@@ -2,12 +2,14 @@
 damaged row counted."""
 
 import os
+import re
 import subprocess
 
 import h5py
 import numpy as np
 import pytest
 from identities import identity
+from stores import rewrite_row
 
 from hil.acquire import store as store_module
 from hil.acquire.store import CaptureStore, Row, StoreFull, committed, read
@@ -46,6 +48,24 @@ def test_a_kill_while_the_store_is_created_leaves_no_store_and_the_rerun_starts_
         store.append(row(0))
     assert read(path).index.tolist() == [0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.h5"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "said"),
+    [
+        ({"index": 1}, "row 2 holds dataset index 1, the plan says 2"),
+        ({"index": 10**9}, "row 2 holds dataset index 1000000000, the plan says 2"),
+        ({"features": np.full((2, 4, 4), np.nan, np.float32)}, "non-finite feature maps in 1"),
+    ],
+)
+def test_rows_rewritten_with_their_checksums_are_still_refused(tmp_path, edit, said):
+    path = tmp_path / "s.h5"
+    with open_store(path, 4) as store:
+        for i in range(4):
+            store.append(row(i))
+    rewrite_row(path, 2, **edit)
+    with pytest.raises(UserError, match=f"^{path}: {re.escape(said)}"):
+        read(path)
 
 
 @pytest.mark.parametrize("field", ["labels", "index"])

@@ -1,12 +1,14 @@
 """Fine-tuning after fabrication: only the backend moves, and it undoes what it can represent."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from cli_run import run_hil
 from identities import identity
+from stores import rewrite_row
 
 from hil.acquire.identity import as_shown, pattern_hash
 from hil.acquire.store import CaptureStore, Row, read
@@ -167,6 +169,28 @@ def test_a_store_captured_from_other_images_is_refused_naming_store_and_dataset(
     code, _, err = run_hil(monkeypatch, capsys, *args, "--runs-dir", tmp_path / "runs")
     assert code == 2 and err.count("\n") == 1
     assert str(moved) in err and "'digits'" in err and f"{len(caps.index)} of" in err
+    assert not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.parametrize(
+    ("method", "label", "said"),
+    [
+        ("ce", 99, "labels span 0-99, but the student has 10 classes"),
+        ("kd", "another", "1 rows carry other labels than dataset 'digits' gives"),
+    ],
+)
+def test_labels_rewritten_with_their_checksums_are_refused_before_training(
+    bench, tmp_path, monkeypatch, capsys, method, label, said
+):
+    root, _ = bench
+    edited = tmp_path / "edited.h5"
+    shutil.copy(root / "train.h5", edited)
+    caps = read(edited)
+    rewrite_row(edited, 3, labels=(caps.labels[3] + 1) % 10 if label == "another" else label)
+    args = ["finetune", "--captures", edited, "--checkpoint", root / "onn.pt", "--epochs", "1"]
+    args += ["--method", method, "--teacher", root / "lenet.pt", "--out", tmp_path / "x.pt"]
+    code, _, err = run_hil(monkeypatch, capsys, *args, "--runs-dir", tmp_path / "runs")
+    assert code == 2 and err.count("\n") == 1 and f"{edited}: " in err and said in err, err
     assert not (tmp_path / "x.pt").exists()
 
 

@@ -8,7 +8,8 @@ from hil.errors import UserError
 from hil.models.checkpoint import load_model, load_onn, save_model
 from hil.models.onn import ONN, StudentSpec
 from hil.models.teachers import build_teacher
-from hil.training.loop import Settings, save_checkpoint
+from hil.output.torchfile import load_checkpoint, save_checkpoint
+from hil.training.loop import Settings
 from hil.training.teacher import load_teacher, save_teacher, train_teacher
 
 SPEC = StudentSpec(kernels=2, kernel_size=3, image_size=16, hidden=16, seed=3)
@@ -86,7 +87,7 @@ def test_foreign_files_are_refused_in_one_line(tmp_path):
     model = ONN(SPEC)
     save_checkpoint(tmp_path / "old.pt", {"model": model.state_dict(), "spec": SPEC.to_dict()})
     save_model(tmp_path / "new.pt", "student", model)
-    newer = torch.load(tmp_path / "new.pt", weights_only=True) | {"schema_version": 2}
+    newer = load_checkpoint(tmp_path / "new.pt") | {"schema_version": 2}
     save_checkpoint(tmp_path / "new.pt", newer)
     damaged = newer | {"schema_version": 1, "spec": SPEC.to_dict() | {"kernels": 4}}
     save_checkpoint(tmp_path / "damaged.pt", damaged)
@@ -103,6 +104,22 @@ def test_foreign_files_are_refused_in_one_line(tmp_path):
     for name, message in cases.items():
         _one_line(f"{tmp_path / name}: {message}", load_onn, tmp_path / name)
     _one_line("not a hil model file", load_teacher, str(tmp_path / "junk.pt"), "digits")
+
+
+def test_a_flipped_bit_in_a_weight_is_refused_naming_the_file(tmp_path):
+    model = ONN(SPEC)
+    save_model(tmp_path / "s.pt", "student", model)
+    data = bytearray((tmp_path / "s.pt").read_bytes())
+    weight = model.backend[-1].weight.detach().numpy().tobytes()  # stored uncompressed in the zip
+    at = data.find(weight)
+    assert at > 0
+    data[at + 5] ^= 0x10
+    (tmp_path / "s.pt").write_bytes(bytes(data))
+    _one_line(
+        f"{tmp_path / 's.pt'}: damaged: its content no longer matches the digest",
+        load_onn,
+        tmp_path / "s.pt",
+    )
 
 
 def test_a_teacher_of_another_dataset_is_refused(tmp_path):

@@ -143,7 +143,7 @@ def test_another_teacher_or_other_images_are_computed_again(tmp_path):
     assert cache_file(path, "logits", raw) != cache_file(path, "logits", other)
 
 
-@pytest.mark.parametrize("content", [b"\x00not a torch file", "foreign"])
+@pytest.mark.parametrize("content", [b"\x00not a torch file", "foreign", "flipped"])
 def test_a_damaged_cache_is_computed_again_with_a_warning(tmp_path, caplog, content):
     """A cache holds only what can be computed again: an unreadable or foreign file is replaced
     (one warning naming it), and the value is the teacher's."""
@@ -152,6 +152,11 @@ def test_a_damaged_cache_is_computed_again_with_a_warning(tmp_path, caplog, cont
     path = tmp_path / "logits.pt"
     if content == "foreign":
         torch.save({"features": torch.zeros(5, 10, 4)}, path)  # e.g. the old feature cache
+    elif content == "flipped":  # one bit of one cached logit, which torch.load does not notice
+        value = teacher_logits(teacher, raw, path)
+        data = bytearray(path.read_bytes())
+        data[data.find(value.numpy().tobytes()) + 2] ^= 0x04
+        path.write_bytes(bytes(data))
     else:
         teacher_logits(teacher, raw, path)
         path.write_bytes(path.read_bytes()[:100] + content)  # truncated mid-file

@@ -13,9 +13,11 @@ import pytest
 import torch
 
 from hil.data.datasets import digits
+from hil.errors import UserError
 from hil.models.checkpoint import load_model
 from hil.models.onn import StudentSpec
-from hil.training.loop import Settings, load_checkpoint, resume_path
+from hil.output.torchfile import load_checkpoint
+from hil.training.loop import Settings, resume_path
 from hil.training.student import student_inputs, train_student
 
 SMALL = StudentSpec(kernels=2, kernel_size=3, image_size=16, hidden=16)
@@ -62,6 +64,28 @@ def test_resuming_reproduces_an_uninterrupted_run(tmp_path):
         assert torch.equal(a, b), name
     assert kept["test_accuracy"] == record["test_accuracy"] and "history" not in kept
     assert not resume_path(tmp_path / "b.pt").exists()
+
+
+@pytest.mark.parametrize("damage", ["flipped", "another model"])
+def test_a_damaged_or_foreign_resume_state_is_one_line_naming_it(tmp_path, damage):
+    data, out = digits(), tmp_path / "b.pt"
+
+    def stop(metrics):
+        raise KeyboardInterrupt
+
+    spec = SMALL if damage == "flipped" else StudentSpec(kernels=3, kernel_size=3, image_size=16)
+    with pytest.raises(KeyboardInterrupt):
+        train_student(spec, data, "ce", Settings(epochs=3), out=out, on_epoch=stop)
+    state = resume_path(out)
+    if damage == "flipped":
+        stored = bytearray(state.read_bytes())
+        weight = load_checkpoint(state)["model"]["backend.5.weight"].numpy().tobytes()
+        stored[stored.find(weight) + 9] ^= 0x01
+        state.write_bytes(bytes(stored))
+    said = "damaged: its content no longer matches" if damage == "flipped" else "another model"
+    with pytest.raises(UserError, match=f"^{state}: .*{said}") as e:
+        train_student(SMALL, data, "ce", Settings(epochs=3), out=out, resume=True)
+    assert len(str(e.value).splitlines()) == 1
 
 
 def test_the_student_is_the_epoch_that_scored_best_on_val():

@@ -122,17 +122,31 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return found
 
 
-def _resolve(obj):
-    """The unpickled object with each _ArraySpec replaced by its numpy array."""
+MAX_DEPTH = 32  # CIFAR's batches nest three deep; a deeper pickle is not one
+
+
+def _resolve(obj, depth: int = 0, done: dict | None = None):
+    """The unpickled object with each _ArraySpec replaced by its numpy array.
+
+    Each container is resolved once however often the pickle refers to it (`done`, by id): a
+    few hundred bytes of shared references would otherwise unfold into 2**depth copies."""
+    done = {} if done is None else done
+    if id(obj) in done:
+        return done[id(obj)]
+    if depth > MAX_DEPTH:
+        raise pickle.UnpicklingError(f"nested deeper than {MAX_DEPTH} levels")
     if isinstance(obj, _ArraySpec):
         if obj.array is None:
             raise pickle.UnpicklingError("an ndarray without its data")
-        return obj.array
-    if isinstance(obj, dict):
-        return {_resolve(k): _resolve(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_resolve(v) for v in obj)
-    return obj
+        found = obj.array
+    elif isinstance(obj, dict):
+        found = {_resolve(k, depth + 1, done): _resolve(v, depth + 1, done) for k, v in obj.items()}
+    elif isinstance(obj, list | tuple):
+        found = type(obj)(_resolve(v, depth + 1, done) for v in obj)
+    else:
+        return obj
+    done[id(obj)] = found
+    return found
 
 
 def read_safe_pickle(path: Path | str):

@@ -236,6 +236,27 @@ def test_object_arrays_and_truncated_pickles_are_refused(tmp_path):
         cifar10(tmp_path)
 
 
+def nested_shared(levels: int) -> bytes:
+    """A pickle of `levels` lists, each holding the one below twice: a few hundred bytes."""
+    inner = [np.arange(3, dtype=np.uint8)]
+    for _ in range(levels):
+        inner = [inner, inner]
+    return pickle.dumps({b"data": inner}, 2)
+
+
+def test_shared_references_are_resolved_once_and_deep_nesting_is_refused(tmp_path):
+    (tmp_path / "shared").write_bytes(nested_shared(30))  # 2**30 paths to one array
+    top = read_safe_pickle(tmp_path / "shared")[b"data"]
+    for _ in range(30):
+        assert top[0] is top[1]
+        top = top[0]
+    assert top[0].tolist() == [0, 1, 2]
+    (tmp_path / "deep").write_bytes(nested_shared(40))
+    assert len(nested_shared(40)) < 1000
+    with pytest.raises(UserError, match="deep: refused: nested deeper than 32 levels"):
+        read_safe_pickle(tmp_path / "deep")
+
+
 def test_a_wrong_shaped_cifar_batch_is_refused(tmp_path):
     write_cifar(tmp_path)
     batch = cifar_batches()["test_batch"] | {b"data": np.zeros((3, 1024), np.uint8)}

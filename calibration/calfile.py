@@ -21,6 +21,7 @@ On-disk layout, flat, every entry named exactly as the `Calibration` field it ho
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import numbers
 import operator
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 
-from calibration.atomic import atomic_path
+from calibration.atomic import NoSpace, atomic_write_bytes
 from calibration.errors import CalibrationError
 
 if TYPE_CHECKING:
@@ -564,8 +565,12 @@ def save(cal: Calibration, path: str | os.PathLike[str]) -> Path:
     if not path.parent.is_dir():
         raise _err(f"{path}: cannot write the calibration; {path.parent} is not a folder")
     try:
-        with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        image = io.BytesIO()  # HDF5 never meets the disk: a full one is a plain OSError
+        with h5py.File(image, "w") as f:
             _write(f, scalars, arrays, texts, checksum)
+        atomic_write_bytes(path, image.getvalue())
+    except NoSpace as e:
+        raise _err(f"{path}: cannot write the calibration: {e.strerror}") from None
     except OSError as e:
         raise _err(
             f"{path}: cannot write the calibration ({e}); check the disk space and "

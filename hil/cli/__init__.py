@@ -125,6 +125,10 @@ def main() -> None:
     except DeviceError as e:
         print(f"device error: {type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(3)
+    except OSError as e:  # the machine, not hil: a full disk, a folder gone read-only
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         err.print("terminated" if _terminated else "interrupted")
         sys.exit(143 if _terminated else 130)

@@ -9,13 +9,14 @@ another program) are returned as they are, for the caller's format check to judg
 from __future__ import annotations
 
 import hashlib
+import io
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from calibration.atomic import atomic_path
+from calibration.atomic import atomic_write_bytes
 from hil.errors import UserError
 
 SEAL = "sha256"
@@ -50,9 +51,11 @@ def content_digest(state: Any) -> str:
 
 
 def save_checkpoint(path: Path | str, state: dict[str, Any]) -> None:
-    """torch.save of `state` and its seal, atomically: an interrupt never leaves half a file."""
-    with atomic_path(path) as tmp:
-        torch.save({**state, SEAL: content_digest(state)}, tmp)
+    """torch.save of `state` and its seal, atomically: an interrupt never leaves half a file.
+    Saved to memory first: on a full disk torch.save fails with an internal assertion."""
+    image = io.BytesIO()
+    torch.save({**state, SEAL: content_digest(state)}, image)
+    atomic_write_bytes(path, image.getbuffer())
 
 
 def load_checkpoint(path: Path | str, what: str = "hil file") -> Any:

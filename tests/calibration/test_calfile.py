@@ -195,10 +195,22 @@ def test_os_errors_on_save_are_one_line(tmp_path: Path, monkeypatch) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(calfile.os, "replace", disk_full)
-    with pytest.raises(CalibrationError, match="No space left") as info:
+    with pytest.raises(CalibrationError, match="disk full while writing it") as info:
         save(_cal(), tmp_path / "cal.h5")
     assert "\n" not in str(info.value) and str(tmp_path / "cal.h5") in str(info.value)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_full_disk_refuses_the_save_in_one_line_and_keeps_the_previous_file(small_disk):
+    path = small_disk / "cal.h5"
+    first = _cal()
+    save(first, path)
+    free = os.statvfs(small_disk)
+    (small_disk / "filler").write_bytes(bytes(free.f_bavail * free.f_frsize - 4096))
+    with pytest.raises(CalibrationError, match="disk full while writing it") as info:
+        save(_cal(seed=1), path)
+    assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
+    assert sorted(os.listdir(small_disk)) == ["cal.h5", "filler"] and load(path) == first
 
 
 def test_missing_file(tmp_path: Path) -> None:

@@ -1,7 +1,6 @@
 """The capture store through kills at creation, edited rows and a full disk: no row lost, no
 damaged row counted."""
 
-import os
 import re
 import subprocess
 
@@ -97,20 +96,6 @@ def test_a_rerun_recaptures_from_the_first_damaged_row_instead_of_appending_afte
     got = read(path)
     assert got.index.tolist() == list(range(6))
     np.testing.assert_array_equal(got.features, np.stack([row(i).features for i in range(6)]))
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 4 MiB tmpfs (root only): the disk a capture fills."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=False)
-    if done.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_a_full_disk_stops_the_capture_with_every_committed_row_intact(small_disk):

@@ -43,13 +43,16 @@ def saturation_level(camera) -> float:
     return 0.98 * camera.max_dn
 
 
+MAX_SEARCH_EXPOSURE_S = 1.0  # the longest exposure the calibration searches
+
+
 def find_exposure(
     bench,
     black_dn: float,
     target: float = 0.7,
     tolerance: float = 0.08,
     max_steps: int = 12,
-    max_exposure_s: float = 1.0,
+    max_exposure_s: float = MAX_SEARCH_EXPOSURE_S,
 ) -> tuple[float, float]:
     """An exposure whose brightest white-field pixels sit near `target` of the usable range.
 

@@ -179,7 +179,11 @@ def calibrate(
 
 
 def _exposure_step(ctx: _Context) -> tuple[float, dict]:
-    """A quick dark for the black level, then the exposure that fills a white field to target."""
+    """A quick dark for the black level, then the exposure that fills a white field to target.
+    The dark is taken no longer than the search's longest exposure: a bench file's 60 s
+    exposure would otherwise spend four silent minutes on it."""
+    cam = ctx.bench.camera
+    cam.exposure_s = min(cam.exposure_s, photometry.MAX_SEARCH_EXPOSURE_S)
     dark0, _ = photometry.measure_dark(ctx.bench, 4)
     black = float(np.median(dark0))
     exposure, fill = photometry.find_exposure(ctx.bench, black, target=ctx.plan.target_fill)

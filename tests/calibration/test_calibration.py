@@ -114,6 +114,20 @@ def test_unusable_light_levels_are_refused_with_what_to_change(sensor, says):
         run(sim_bench(sensor=sensor))
 
 
+def test_the_longest_exposure_a_bench_file_allows_does_not_stall_the_calibration():
+    """exposure_s = 60 once spent four minutes of frames on the first dark; now the search
+    starts at its own longest exposure and the run costs seconds of bench time, as the default."""
+    took = {}
+    for exposure in (0.01, 60.0):
+        clock = VirtualClock()
+        bench = Bench(parse_bench({"sim": {"sensor": {"exposure_s": exposure}}}), clock=clock)
+        with bench:
+            cal = calibrate(bench, bench.design, Plan(patterns=8))
+        took[exposure] = clock.now()
+        assert cal.exposure_s == pytest.approx(0.0078, rel=0.05)
+    assert took[60.0] < took[0.01] + 10
+
+
 def cli(monkeypatch, capsys, *args):
     monkeypatch.setattr(sys, "argv", ["hil", *map(str, args)])
     try:

@@ -118,7 +118,16 @@ def main() -> None:
     if not any(isinstance(h, _WarningsToStderr) for h in hil_log.handlers):
         hil_log.addHandler(_WarningsToStderr())
     try:
-        app()
+        code = app(prog_name="hil", standalone_mode=False)  # usage errors: one line, as the rest
+    except typer.TyperException as e:
+        where = getattr(getattr(e, "ctx", None), "command_path", None)
+        hint = f" (see `{where} --help`)" if where else ""
+        if e.format_message():  # empty when the help was shown instead (`hil` alone)
+            print(f"error: {e.format_message()}{hint}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        print("error: aborted: an input ended early", file=sys.stderr)
+        sys.exit(2)
     except (UserError, CalibrationError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -132,11 +141,11 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("terminated" if _terminated else "interrupted")
         sys.exit(143 if _terminated else 130)
-    except SystemExit:  # typer ends a KeyboardInterrupt with exit 130 itself
-        if _terminated:
-            err.print("terminated")
-            sys.exit(143)
-        raise
+    if code == 130 and _terminated:  # typer turns a KeyboardInterrupt into exit code 130
+        err.print("terminated")
+        sys.exit(143)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 _terminated: list[bool] = []

@@ -85,6 +85,7 @@ def train_cmd(  # noqa: PLR0913  typer: one parameter per command-line option
     """
     from hil.bench.config import load_bench
     from hil.device import resolve_device
+    from hil.errors import UserError
     from hil.jobs.train import StudentRequest, Teaching, plan_student, run_train
     from hil.models.onn import StudentSpec
     from hil.ntkd.losses import loss_options
@@ -94,12 +95,16 @@ def train_cmd(  # noqa: PLR0913  typer: one parameter per command-line option
     check_output(out, "checkpoint", {"--teacher": Path(teacher), "--bench": bench}, force=force)
     on = resolve_device(device)
     options = loss_options(method, temperature=temperature, beta=beta, norm=norm, variant=variant)
+    try:
+        spec = StudentSpec(
+            frontend=frontend, kernels=kernels, kernel_size=kernel_size, backend=backend, seed=seed
+        )
+    except ValueError as e:
+        raise UserError(f"--{e}") from None
     request = StudentRequest(
         dataset=dataset,
         teaching=Teaching(method, teacher, options, projections),
-        spec=StudentSpec(
-            frontend=frontend, kernels=kernels, kernel_size=kernel_size, backend=backend, seed=seed
-        ),
+        spec=spec,
         settings=Settings(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=str(on)),
         out=out,
         resume=resume,

@@ -73,6 +73,10 @@ def updecoder_backend(maps: int, classes: int, width: int = 16) -> nn.Sequential
     )
 
 
+FRONTENDS = ("psf", "4f")
+BACKENDS = ("fc2", "fc3", "conv", "updecoder")
+
+
 @dataclass(frozen=True)
 class StudentSpec:
     """Everything needed to rebuild a student from a checkpoint (stored beside its weights)."""
@@ -90,6 +94,11 @@ class StudentSpec:
     wavelength_nm: float = 550.0
     pitch_um: float = 8.0
     focal_mm: float = 50.0
+
+    def __post_init__(self) -> None:
+        for name, choices in (("frontend", FRONTENDS), ("backend", BACKENDS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} {getattr(self, name)!r}: choose {', '.join(choices)}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -171,3 +171,30 @@ def test_the_run_record_names_the_device(tmp_path, monkeypatch, capsys):
         assert json.loads((run / "command.json").read_text())["device"] == expected
     # KD's teacher logits were cached beside the stored teacher
     assert len(list((tmp_path / "teachers").glob("digits-lenet.logits-*.pt"))) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (
+            ["train", "--epochs", "0"],
+            "error: Invalid value for '--epochs': Input should be greater",
+        ),
+        (["capture"], "error: Missing option '--calibration'. (see `hil capture --help`)"),
+        (["nope"], "error: No such command 'nope'. (see `hil --help`)"),
+        (["train", "--frontend", "5f"], "error: --frontend '5f': choose psf, 4f"),
+        (["train", "--backend", "fc9"], "error: --backend 'fc9': choose fc2, fc3, conv, updecoder"),
+    ],
+)
+def test_a_bad_option_is_one_line_exit_2_before_any_work(tmp_path, monkeypatch, capsys, args, said):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_hil(monkeypatch, capsys, *args)
+    assert code == 2 and err.startswith(said) and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []  # not even a run folder
+
+
+def test_help_still_exits_0_and_a_bare_hil_shows_it(monkeypatch, capsys):
+    code, out, err = run_hil(monkeypatch, capsys, "train", "--help")
+    assert code == 0 and "Usage: hil train" in out and err == ""
+    code, out, err = run_hil(monkeypatch, capsys)
+    assert code == 2 and "Usage: hil" in out and "error" not in err

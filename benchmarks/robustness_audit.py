@@ -995,7 +995,9 @@ def run_disk(w: Path) -> list[Outcome]:
 def run_faults(w: Path) -> list[Outcome]:
     plans = {
         "2 timeouts after 50 frames": "{ timeouts = 2, after_frames = 50 }",
-        "2 timeouts, 1 disconnect after 50 frames (examples/rehearsal.toml)": "{ timeouts = 2, disconnects = 1, after_frames = 50, wait_s = 0.2 }",
+        "examples/rehearsal.toml: 2 timeouts, 1 disconnect": (
+            "{ timeouts = 2, disconnects = 1, after_frames = 50, wait_s = 0.2 }"
+        ),
         "3 disconnects after 10 frames": "{ disconnects = 3, after_frames = 10 }",
         "a camera that never answers": "{ timeouts = 1000, after_frames = 20, wait_s = 0.05 }",
     }

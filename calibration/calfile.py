@@ -702,7 +702,7 @@ def load(
         raise
     except Exception as e:  # h5py reports damage as OSError, KeyError, ValueError, ...
         raise _err(
-            f"{path}: truncated or not a calibration file ({type(e).__name__}: {e}); "
+            f"{path}: damaged, truncated or not a calibration file ({type(e).__name__}: {e}); "
             "run `hil calibrate` again"
         ) from e
     if _checksum(scalars, arrays, texts) != stored:

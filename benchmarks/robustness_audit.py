@@ -14,10 +14,12 @@ default simulated bench):
   recomputed checksums; outputs that would destroy an input or cannot be written; bad options.
   A case is clean when it exits 2 or 3 with one `error:` line naming the file or key, no
   traceback, within its time limit (10 s for `hil devices`). The teacher cache is the exception
-  by design: damaged, it is recomputed with one warning naming it.
+  by design: damaged, it is recomputed with one warning naming it. The largest bench each sizing
+  key accepts is clean when `hil devices` lists it within 10 s.
 - **kills**: `hil capture` killed (SIGKILL, SIGINT, SIGTERM) around the moment the store is
-  created and through the capture, then rerun; resumed when the rerun completes and its rows
-  equal an uninterrupted capture's, feature for feature.
+  created and through the capture, and reruns killed while they recover what a SIGKILL left;
+  resumed when the last rerun completes and its rows equal an uninterrupted capture's, feature
+  for feature.
 - **disk full**: capture, calibrate and train on a 3 MiB tmpfs (root only): one line, exit 2,
   the committed rows intact and counted truly, then the capture resumed once space is freed.
 - **faults**: captures with camera timeouts and disconnects injected from the bench file, which
@@ -62,6 +64,7 @@ class Case:
     limit_s: float = CASE_LIMIT_S
     warns: bool = False  # clean means exit 0 with one warning naming it (a cache is recomputed)
     must: str = ""  # and what that line must say
+    accepted: bool = False  # a valid input: clean means exit 0, no error
 
 
 @dataclass
@@ -133,6 +136,8 @@ def judge(case: Case, code, err: str, seconds: float) -> Outcome:
         verdict = "hang"
     elif "Traceback" in err:
         verdict = "traceback"
+    elif case.accepted:
+        verdict = "clean" if code == 0 and not lines else "unclear"
     elif case.warns:
         named = len(warnings) == 1 and case.names in warnings[0]
         verdict = "clean" if code == 0 and named and not lines else "unclear"
@@ -369,6 +374,39 @@ def bench_key_cases(w: Path) -> list[Case]:
                 )
             )
     return cases
+
+
+LARGEST = {  # the biggest bench each sizing key accepts: `hil devices` must list it in 10 s
+    "kernel_size 101": "[frontend]\nkernel_size = 101\n",
+    "kernels 64": "[frontend]\nkernels = 64\n",
+    "magnification 4": "[sim.optics]\nmagnification = 4\n",
+    "sensor 8192 x 4096": "[sim.sensor]\nwidth = 8192\nheight = 4096\n",
+    "display_scale 4 on 128 px": (
+        "[frontend]\ndisplay_scale = 4\n[sim.display]\nwidth = 128\nheight = 128\n"
+    ),
+    "display 8192 x 8192": "[sim.display]\nwidth = 8192\nheight = 8192\n",
+    "exposure 60 s, flux 1e15, full well 1e7": (
+        "[sim.sensor]\nexposure_s = 60\nflux_e_per_s = 1e15\nfull_well_e = 1e7\n"
+    ),
+    "shift 1000 px, blur 20 px": (
+        "[sim.fabrication]\nshift_px = [1000, -1000]\nkernel_blur_px = 20\n"
+    ),
+}
+
+
+def largest_cases(w: Path) -> list[Case]:
+    """Accepted values: clean means `hil devices` lists the bench (exit 0) within 10 s."""
+    return [
+        Case(
+            "largest accepted benches",
+            name,
+            ["devices", "--bench", str(bench_file(w, f"largest-{k}.toml", text))],
+            "",
+            DEVICES_LIMIT_S,
+            accepted=True,
+        )
+        for k, (name, text) in enumerate(LARGEST.items())
+    ]
 
 
 def bench_file_cases(w: Path) -> list[Case]:
@@ -779,6 +817,7 @@ def run_inputs(w: Path) -> list[Outcome]:
 
 def _run_cases(w: Path, ro: Path) -> list[Outcome]:
     cases = [
+        *largest_cases(w),
         *bench_key_cases(w),
         *bench_file_cases(w),
         *file_cases(w),
@@ -851,45 +890,41 @@ def run_kills(w: Path, per_signal: int) -> list[Outcome]:
         f"reference capture: {len(expected['index'])} rows in {total:.1f} s, store created "
         f"at {created:.2f} s; kills at {', '.join(f'{d:.2f}' for d in delays)} s"
     )
+    plan = [(sig, [d]) for sig in (signal.SIGKILL, signal.SIGINT, signal.SIGTERM) for d in delays]
+    # and reruns killed while they recover the store a SIGKILL left mid-capture
+    mid = (created + total) / 2
+    plan += [(signal.SIGKILL, [mid, created + d]) for d in (-0.05, 0.0, 0.05)]
     outcomes = []
-    for sig in (signal.SIGKILL, signal.SIGINT, signal.SIGTERM):
-        for k, delay in enumerate(delays):
-            out = w / "kills" / f"{sig.name}-{k}.h5"
-            proc = subprocess.Popen(
-                [*HIL, *KILL_CAPTURE, "--out", str(out)],
-                cwd=w,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-            )
-            time.sleep(delay)
-            proc.send_signal(sig)
-            try:
-                _, err = proc.communicate(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                _, err = proc.communicate()
-            killed_code = proc.returncode
-            rerun = hil(*KILL_CAPTURE, "--out", out, check=False, cwd=w, timeout=300)
-            ok = rerun.returncode == 0 and out.exists() and _same_rows(_rows(out), expected)
-            verdict = "resumed" if ok else "lost"
-            said = rerun.stderr.strip().splitlines()[-1] if rerun.stderr.strip() else ""
-            outcomes.append(
-                Outcome(
-                    "kills",
-                    f"{sig.name} at {delay:.2f} s",
-                    verdict,
-                    killed_code,
-                    delay,
-                    "" if ok else said,
-                    {"traceback": "Traceback" in err.decode()},
-                )
-            )
-            print(
-                f"  {sig.name:7s} at {delay:5.2f} s: exit {killed_code}, rerun "
-                f"{rerun.returncode}, {verdict}",
-                flush=True,
-            )
+    for k, (sig, kills) in enumerate(plan):
+        out = w / "kills" / f"{sig.name}-{k}.h5"
+        codes = [_killed(w, out, sig, delay) for delay in kills]
+        rerun = hil(*KILL_CAPTURE, "--out", out, check=False, cwd=w, timeout=300)
+        ok = rerun.returncode == 0 and out.exists() and _same_rows(_rows(out), expected)
+        verdict = "resumed" if ok else "lost"
+        said = rerun.stderr.strip().splitlines()[-1] if rerun.stderr.strip() and not ok else ""
+        name = f"{sig.name} at {' s, then the rerun at '.join(f'{d:.2f}' for d in kills)} s"
+        outcomes.append(Outcome("kills", name, verdict, codes[-1], kills[-1], said))
+        print(f"  {name}: exit {codes}, rerun {rerun.returncode}, {verdict}", flush=True)
     return outcomes
+
+
+def _killed(w: Path, out: Path, sig: signal.Signals, delay: float) -> int:
+    """Start the capture into `out`, send `sig` after `delay` s; its exit code. The child gets
+    SIGINT's default handling back: started in the background, a shell would have ignored it."""
+    proc = subprocess.Popen(
+        [*HIL, *KILL_CAPTURE, "--out", str(out)],
+        cwd=w,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    time.sleep(delay)
+    proc.send_signal(sig)
+    try:
+        return proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
 
 
 # -- disk full -------------------------------------------------------------------------------------
@@ -958,7 +993,6 @@ def run_disk(w: Path) -> list[Outcome]:
                     "--out",
                     str(disk / "onn.pt"),
                 ],
-                "onn",
             ),
         ):
             for p in disk.iterdir():
@@ -1067,12 +1101,11 @@ def report(outcomes: list[Outcome]) -> None:
         print(f"| {group} | {sum(verdicts.values())} | {text} |")
     bad = [o for o in outcomes if o.verdict not in ("clean", "resumed", "survived")]
     inputs = [o for o in outcomes if o.group not in ("kills", "disk full", "faults")]
-    slowest = max(
-        (o for o in inputs if o.group.startswith("bench")), key=lambda o: o.seconds, default=None
-    )
-    print(f"\nbad inputs: {sum(o.verdict == 'clean' for o in inputs)} of {len(inputs)} clean")
-    if slowest:
-        print(f"slowest `hil devices` on a bad bench: {slowest.seconds:.1f} s ({slowest.name})")
+    benches = [o for o in inputs if o.group.startswith(("bench", "largest"))]
+    print(f"\ninputs: {sum(o.verdict == 'clean' for o in inputs)} of {len(inputs)} clean")
+    if benches:
+        slowest = max(benches, key=lambda o: o.seconds)
+        print(f"slowest `hil devices`: {slowest.seconds:.1f} s ({slowest.group}: {slowest.name})")
     for o in bad:
         print(f"  {o.group}: {o.name}: {o.verdict} (exit {o.code}): {o.said}")
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from hil.acquire.identity import StoreIdentity
 from hil.errors import UserError
+from hil.interrupts import uninterrupted
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,12 @@ class CaptureStore:
         self._pending.append(row)
 
     def commit(self) -> None:
-        """Write the buffered rows past the committed count, flush them, then commit the count."""
+        """Write the buffered rows past the committed count, flush them, then commit the count;
+        a Ctrl-C or SIGTERM waits for the end (`hil.interrupts`)."""
+        with uninterrupted():
+            self._commit()
+
+    def _commit(self) -> None:
         rows, f = self._pending, self.file
         if not rows:
             return

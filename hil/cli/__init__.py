@@ -31,6 +31,7 @@ from hil.cli import (
 )
 from hil.cli.common import ProseGroup, err, out
 from hil.errors import Terminated, UserError
+from hil.interrupts import arm, interrupt, stopping
 
 # the order a lab uses them in, which `hil --help` lists them in
 LAB_ORDER = (
@@ -113,7 +114,11 @@ def main() -> None:
 
     SIGTERM unwinds like Ctrl-C, so benches switch their light off when a job is killed politely.
     """
+    arm()
+    _terminated.clear()
     signal.signal(signal.SIGTERM, _terminate)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored (nohup, &)
+        signal.signal(signal.SIGINT, lambda *_: interrupt(KeyboardInterrupt))
     hil_log = logging.getLogger("hil")
     if not any(isinstance(h, _WarningsToStderr) for h in hil_log.handlers):
         hil_log.addHandler(_WarningsToStderr())
@@ -152,8 +157,9 @@ _terminated: list[bool] = []
 
 
 def _terminate(*_) -> None:
-    _terminated.append(True)
-    raise Terminated
+    if not stopping():
+        _terminated.append(True)
+    interrupt(Terminated)
 
 
 __all__ = ["app", "main"]

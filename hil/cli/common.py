@@ -19,6 +19,8 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
+from hil.interrupts import uninterrupted
+
 if TYPE_CHECKING:
     from hil.bench.config import BenchConfig
 
@@ -136,10 +138,12 @@ def recorded(  # noqa: PLR0913  the run record's parts, each named at every call
 
 
 def emit(result: dict[str, Any], as_json: bool, summary: str = "") -> None:
-    if as_json:
-        sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
-    elif summary:
-        out.print(summary)
+    """The result on stdout, written whole: a signal inside the write would break stdout."""
+    with uninterrupted():
+        if as_json:
+            sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+        elif summary:
+            out.print(summary)
 
 
 def score(result: dict[str, Any]) -> str:

@@ -31,6 +31,7 @@ from hil.bench.config import BenchConfig
 from hil.bench.design import grid_origin
 from hil.data.datasets import Dataset, array_digest, load_dataset
 from hil.data.sampling import stratified_fraction
+from hil.interrupts import uninterrupted
 
 COMMIT_EVERY_S = 0.2  # a crash loses at most this much capture time (retaken on the rerun)
 
@@ -169,14 +170,15 @@ def _capture_loop(job: _Capture, start: int, console: Console) -> dict[str, floa
     t0 = time.perf_counter()
     try:
         taken = _show_and_snap(job, start, todo, failure, console)
-    finally:
-        while thread.is_alive():  # the writer stores every frame already taken, even on Ctrl-C
-            try:
-                todo.put(None, timeout=0.1)
-                break
-            except queue.Full:
-                pass
-        thread.join()
+    finally:  # the writer stores every frame already taken, even on Ctrl-C; a signal while it
+        with uninterrupted():  # finishes would leave it writing beside the store's close
+            while thread.is_alive():
+                try:
+                    todo.put(None, timeout=0.1)
+                    break
+                except queue.Full:
+                    pass
+            thread.join()
     if failure:
         raise failure[0]
     elapsed = time.perf_counter() - t0

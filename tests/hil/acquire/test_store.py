@@ -3,6 +3,8 @@ damaged row counted."""
 
 import re
 import subprocess
+import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -46,6 +48,47 @@ def test_a_kill_while_the_store_is_created_leaves_no_store_and_the_rerun_starts_
         assert store.count == 0
         store.append(row(0))
     assert read(path).index.tolist() == [0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.h5"]
+
+
+DIE_WRITING = """
+import os, sys
+sys.path[:0] = {paths!r}
+from test_store import open_store, row
+store = open_store({path!r}, 6)
+for i in range(4):
+    store.append(row(i))
+store.commit()
+os._exit(0)  # a writer killed with the file open: HDF5's "open for writing" flags stay set
+"""
+
+
+def test_a_kill_while_a_rerun_recovers_the_store_loses_nothing(tmp_path, monkeypatch):
+    path = tmp_path / "s.h5"
+    here = [
+        str(Path(__file__).parents[3]),
+        str(Path(__file__).parents[2]),
+        str(Path(__file__).parent),
+    ]
+    code = DIE_WRITING.format(paths=here, path=str(path))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+    with pytest.raises(OSError, match="consistency flags"):
+        h5py.File(path, "a", libver="latest").close()
+
+    def killed(src, dst):  # the rerun dies after rewriting the rows, before the rename
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store_module.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        open_store(path, 6)
+    monkeypatch.undo()
+    with open_store(path, 6) as store:  # the next rerun recovers again and goes on
+        assert store.count == 4
+        for i in range(4, 6):
+            store.append(row(i))
+    got = read(path)
+    assert got.index.tolist() == list(range(6))
+    np.testing.assert_array_equal(got.features[3], row(3).features)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.h5"]
 
 

@@ -72,9 +72,13 @@ def ntk_and_outputs(
     return None, model(x)
 
 
-def _shifted_inputs(x: Tensor, k: int, block: tuple[int, int] | None) -> Tensor:
-    """(N, Cin·k·k, L): the input under kernel offset u at output position l of a "same"
-    convolution (conv2d_direct and conv2d_fft cut it alike), block-averaged when pooled.
+def _shifted_inputs(
+    x: Tensor, k: int, block: tuple[int, int] | None, ones: bool = False
+) -> Tensor:
+    """(N, L, Cin·k·k): the input under kernel offset u at output position l of a "same"
+    convolution (conv2d_direct and conv2d_fft cut it alike), block-averaged when pooled; with
+    `ones`, a last column of ones (the offset's "input"). Made in this layout with a single
+    copy: both products it enters (the maps and δ's contraction) then read it as it lies.
 
     A PSF output is y_p[h] = Σ_u x[h - (k-1)//2 + u] · kernel_p[k-1-u], so ∂y_p[h]/∂kernel_p
     is this with the offsets flipped (`_flipped` flips the few kernel entries instead of the
@@ -88,8 +92,14 @@ def _shifted_inputs(x: Tensor, k: int, block: tuple[int, int] | None) -> Tensor:
         xp = xp.unfold(2, block[0], 1).mean(-1).unfold(3, block[1], 1).mean(-1)
         stride = block
     cols = xp.unfold(2, k, stride[0]).unfold(3, k, stride[1])  # (N, Cin, h, w, k, k)
-    cols = cols.permute(0, 1, 4, 5, 2, 3)
-    return cols.reshape(x.shape[0], -1, cols.shape[-2] * cols.shape[-1])
+    n, cin, h, w = cols.shape[:4]
+    out = xp.new_empty(n, h * w, cin * k * k + ones)
+    out[..., : cin * k * k].unflatten(1, (h, w)).unflatten(-1, (cin, k, k)).copy_(
+        cols.permute(0, 2, 3, 1, 4, 5)
+    )
+    if ones:
+        out[..., -1] = 1
+    return out
 
 
 def _flipped(t: Tensor) -> Tensor:
@@ -289,10 +299,11 @@ def _segment_forward(
     if h.dim() == 4 and nxt < len(chain):  # a PSF's "same" output has its input's size
         block = uniform_block(chain[nxt], tuple(h.shape[-2:]))
     if seg.psf is not None and (block is not None or seg.raw):
-        cols = _shifted_inputs(h, seg.psf.kernel_size, block)
+        cols = _shifted_inputs(h, seg.psf.kernel_size, block, ones=seg.raw and seg.offset)
     if seg.psf is not None and block is not None:
         kernel = _flipped(seg.psf.kernel.to(h.dtype))  # (m, Cin·k·k)
-        z = (kernel @ cols).unflatten(-1, (h.shape[-2] // block[0], h.shape[-1] // block[1]))
+        z = (cols[..., : kernel.shape[1]] @ kernel.T).transpose(1, 2)
+        z = z.unflatten(-1, (h.shape[-2] // block[0], h.shape[-1] // block[1]))
     else:
         z = h if seg.psf is None else seg.psf(h)
         z = z if block is None else F.avg_pool2d(z, block)
@@ -311,7 +322,7 @@ def _segment_terms(seg: Segment, z: Tensor, cols: Tensor | None, delta: Tensor) 
 
     With the kernel chosen, s = Σ_l δ[l] cols[u, l] is formed once (one batched matmul, δ read
     once) and serves all three: the kernel's gradient is gain·s; the offset's is the entry of a
-    row of ones appended to cols, so PSF and offset share one weighted Gram (weights gain²·w and
+    column of ones in cols, so PSF and offset share one weighted Gram (weights gain²·w and
     1); and, z being kernel @ cols, the gain's is Σ_u kernel[u] s[u].
     """
     n, classes = delta.shape[:2]
@@ -324,10 +335,8 @@ def _segment_terms(seg: Segment, z: Tensor, cols: Tensor | None, delta: Tensor) 
             out.append((delta.sum(dim=(-2, -1)).reshape(n, -1), None, None, True))
         return out
     assert seg.psf is not None and cols is not None
-    m, length = delta.shape[2], cols.shape[-1]
-    if seg.offset:
-        cols = torch.cat([cols, cols.new_ones(n, 1, length)], dim=1)
-    s = (delta.reshape(n, classes * m, length) @ cols.transpose(1, 2)).unflatten(1, (classes, m))
+    m, length = delta.shape[2], cols.shape[1]  # cols ends in the offset's ones when chosen
+    s = (delta.reshape(n, classes * m, length) @ cols).unflatten(1, (classes, m))
     kernel = _flipped(seg.psf.kernel.to(s.dtype))  # (m, Cin·k·k)
     w = _flipped(_psf_metric(seg.psf).reshape(seg.psf.kernel.shape)).to(s.dtype)
     if seg.affine is not None:  # (gain·s) W (gain·s)ᵀ = s (gain² W) sᵀ

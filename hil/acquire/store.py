@@ -231,12 +231,14 @@ class CaptureStore:
             )
 
     def close(self) -> None:
+        """Commit what waits, close the file, free the lock: whole, whatever signal comes."""
         if self.file:
-            try:
-                self.commit()
-            finally:
-                self.file.close()
-                self._lock.release()
+            with uninterrupted():
+                try:
+                    self._commit()
+                finally:
+                    self.file.close()
+                    self._lock.release()
 
     def __enter__(self) -> CaptureStore:
         return self

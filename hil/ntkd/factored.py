@@ -72,9 +72,7 @@ def ntk_and_outputs(
     return None, model(x)
 
 
-def _shifted_inputs(
-    x: Tensor, k: int, block: tuple[int, int] | None, ones: bool = False
-) -> Tensor:
+def _shifted_inputs(x: Tensor, k: int, block: tuple[int, int] | None, ones: bool = False) -> Tensor:
     """(N, L, Cin·k·k): the input under kernel offset u at output position l of a "same"
     convolution (conv2d_direct and conv2d_fft cut it alike), block-averaged when pooled; with
     `ones`, a last column of ones (the offset's "input"). Made in this layout with a single

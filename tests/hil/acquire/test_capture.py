@@ -112,9 +112,10 @@ def test_an_interrupted_capture_resumes_to_exactly_the_uninterrupted_store(
         time.sleep(0.02)
         proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=60)
-    assert "Traceback" not in stderr.decode() and "Exception" not in stderr.decode()
+    said = stderr.decode()
+    assert "Traceback" not in said and "Exception" not in said, said
     if sig != signal.SIGKILL:  # a polite stop unwinds: recorded as interrupted, not failed
-        assert proc.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig]
+        assert proc.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig], said
         record = json.loads(next(runs.glob("*-capture/result.json")).read_text())
         assert record["status"] == "interrupted"
     partial = committed(cut)

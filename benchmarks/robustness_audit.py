@@ -152,6 +152,11 @@ def judge(case: Case, code, err: str, seconds: float) -> Outcome:
     return Outcome(case.group, case.name, verdict, code, round(seconds, 2), said)
 
 
+def words(text: str) -> list[str]:
+    """A command line or a list of names, written as the shell would take it."""
+    return text.split()
+
+
 def hil(*args, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
     done = subprocess.run([*HIL, *map(str, args)], capture_output=True, text=True, **kwargs)
     if check and done.returncode != 0:
@@ -164,38 +169,12 @@ def hil(*args, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
 
 def fixtures(w: Path) -> None:
     """Small real files: a teacher, a student, a calibration, stores, a resume state, datasets."""
-    hil(
-        "teacher",
-        "train",
-        "--arch",
-        "lenet",
-        "--dataset",
-        "digits",
-        "--epochs",
-        "1",
-        "--out",
-        "teacher.pt",
-        cwd=w,
-    )
-    hil(
-        "train",
-        "--dataset",
-        "digits",
-        "--method",
-        "none",
-        "--epochs",
-        "1",
-        "--out",
-        "onn.pt",
-        cwd=w,
-    )
+    hil(*words("teacher train --arch lenet --dataset digits --epochs 1 --out teacher.pt"), cwd=w)
+    hil(*words("train --dataset digits --method none --epochs 1 --out onn.pt"), cwd=w)
     hil("calibrate", "--out", "cal", "--patterns", "8", cwd=w)
     for split, fraction in (("train", "0.2"), ("test", "0.1")):
         hil(
-            "capture",
-            "--calibration",
-            "cal/calibration.h5",
-            "--out",
+            *words("capture --calibration cal/calibration.h5 --out"),
             f"{split}.h5",
             "--split",
             split,
@@ -204,19 +183,8 @@ def fixtures(w: Path) -> None:
             cwd=w,
         )
     hil(
-        "finetune",
-        "--captures",
-        "train.h5",
-        "--checkpoint",
-        "onn.pt",
-        "--teacher",
-        "teacher.pt",
-        "--method",
-        "kd",
-        "--epochs",
-        "1",
-        "--out",
-        "kd.pt",
+        *words("finetune --captures train.h5 --checkpoint onn.pt --teacher teacher.pt"),
+        *words("--method kd --epochs 1 --out kd.pt"),
         cwd=w,
     )
     resume = (
@@ -323,33 +291,9 @@ def bench_file(w: Path, name: str, text: str) -> Path:
 # -- the cases -----------------------------------------------------------------------------------
 
 
-def numeric_keys(model=None, prefix=()):
-    from hil.bench.config import BenchConfig
-
-    model = BenchConfig() if model is None else model
-    for name in type(model).model_fields:
-        value = getattr(model, name)
-        if hasattr(type(value), "model_fields"):
-            yield from numeric_keys(value, (*prefix, name))
-        elif isinstance(value, bool | str) or value is None:
-            continue
-        elif isinstance(value, int | float) or (
-            isinstance(value, tuple) and all(isinstance(v, int | float) for v in value)
-        ):
-            yield (*prefix, name), value
-
-
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, float) and not np.isfinite(v):
-        return "nan" if np.isnan(v) else ("inf" if v > 0 else "-inf")
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    return repr(v) if not isinstance(v, str) else json.dumps(v)
-
-
 def bench_key_cases(w: Path) -> list[Case]:
+    from hil.bench.config import numeric_keys, toml_value
+
     bad = {
         "inf": float("inf"),
         "nan": float("nan"),
@@ -362,7 +306,7 @@ def bench_key_cases(w: Path) -> list[Case]:
     for key, default in numeric_keys():
         for label, value in bad.items():
             v = [value, *default[1:]] if isinstance(default, tuple) else value
-            text = f"[{'.'.join(key[:-1])}]\n{key[-1]} = {_toml_value(v)}\n"
+            text = f"[{'.'.join(key[:-1])}]\n{key[-1]} = {toml_value(v)}\n"
             path = bench_file(w, f"{'.'.join(key)}={label}.toml", text)
             cases.append(
                 Case(
@@ -466,41 +410,13 @@ def file_cases(w: Path) -> list[Case]:
     readers = {  # reader → (source file, damages, argv with {} for the damaged path)
         "student": (
             "onn.pt",
-            [
-                "empty",
-                "garbage",
-                "truncated",
-                "bitflip",
-                "payload",
-                "list",
-                "folder",
-                "other kind",
-            ],
+            [*words("empty garbage truncated bitflip payload list folder"), "other kind"],
             [*ft, "--captures", "train.h5", "--method", "ce", "--checkpoint", "{}"],
         ),
         "teacher": (
             "teacher.pt",
-            [
-                "empty",
-                "garbage",
-                "truncated",
-                "bitflip",
-                "payload",
-                "list",
-                "folder",
-                "other kind",
-            ],
-            [
-                *ft,
-                "--captures",
-                "train.h5",
-                "--checkpoint",
-                "onn.pt",
-                "--method",
-                "kd",
-                "--teacher",
-                "{}",
-            ],
+            [*words("empty garbage truncated bitflip payload list folder"), "other kind"],
+            [*ft, *words("--captures train.h5 --checkpoint onn.pt --method kd --teacher {}")],
         ),
         "store": (
             "train.h5",
@@ -512,14 +428,7 @@ def file_cases(w: Path) -> list[Case]:
             ["empty", "garbage", "truncated", "bitflip", "other kind"],
             [
                 *ft,
-                "--captures",
-                "train.h5",
-                "--checkpoint",
-                "onn.pt",
-                "--method",
-                "ce",
-                "--test-captures",
-                "{}",
+                *words("--captures train.h5 --checkpoint onn.pt --method ce --test-captures {}"),
             ],
         ),
         "calibration": (
@@ -568,15 +477,7 @@ def file_cases(w: Path) -> list[Case]:
                 "files",
                 f"train resume state: {how}",
                 [
-                    "train",
-                    "--dataset",
-                    "digits",
-                    "--method",
-                    "none",
-                    "--epochs",
-                    "3",
-                    "--resume",
-                    "--out",
+                    *words("train --dataset digits --method none --epochs 3 --resume --out"),
                     str(out),
                 ],
                 str(state),
@@ -594,13 +495,7 @@ def file_cases(w: Path) -> list[Case]:
                 f"teacher cache: {how}",
                 [
                     *ft,
-                    "--captures",
-                    "train.h5",
-                    "--checkpoint",
-                    "onn.pt",
-                    "--method",
-                    "kd",
-                    "--teacher",
+                    *words("--captures train.h5 --checkpoint onn.pt --method kd --teacher"),
                     str(folder / "teacher.pt"),
                 ],
                 str(folder / cache.name),
@@ -649,10 +544,7 @@ def file_cases(w: Path) -> list[Case]:
 
 def store_edit_cases(w: Path) -> list[Case]:
     base = [
-        "finetune",
-        "--epochs",
-        "1",
-        "--out",
+        *words("finetune --epochs 1 --out"),
         str(w / "out" / "ft.pt"),
         "--checkpoint",
         "onn.pt",
@@ -701,18 +593,7 @@ def read_only_folder(w: Path) -> Path:
 def output_cases(w: Path, ro: Path) -> list[Case]:
     train = ["train", "--dataset", "digits", "--method", "none", "--epochs", "1", "--out"]
     cap = ["capture", "--calibration", "cal/calibration.h5", "--out"]
-    ft = [
-        "finetune",
-        "--captures",
-        "train.h5",
-        "--checkpoint",
-        "onn.pt",
-        "--method",
-        "ce",
-        "--epochs",
-        "1",
-        "--out",
-    ]
+    ft = words("finetune --captures train.h5 --checkpoint onn.pt --method ce --epochs 1 --out")
     long = "x" * 300 + ".h5"
     cases = [
         ("finetune --out its own --captures", [*ft, "train.h5"], "train.h5"),
@@ -731,18 +612,7 @@ def output_cases(w: Path, ro: Path) -> list[Case]:
         ("calibrate --out a read-only folder", ["calibrate", "--out", str(ro)], str(ro)),
         (
             "teacher train --out a store",
-            [
-                "teacher",
-                "train",
-                "--arch",
-                "lenet",
-                "--dataset",
-                "digits",
-                "--epochs",
-                "1",
-                "--out",
-                "test.h5",
-            ],
+            words("teacher train --arch lenet --dataset digits --epochs 1 --out test.h5"),
             "test.h5",
         ),
         ("sim render --out a store", ["sim", "render", "img.npy", "--out", "train.h5"], "train.h5"),
@@ -752,14 +622,7 @@ def output_cases(w: Path, ro: Path) -> list[Case]:
 
 def option_cases(w: Path) -> list[Case]:
     ft = [
-        "finetune",
-        "--captures",
-        "train.h5",
-        "--checkpoint",
-        "onn.pt",
-        "--epochs",
-        "1",
-        "--out",
+        *words("finetune --captures train.h5 --checkpoint onn.pt --epochs 1 --out"),
         str(w / "out" / "o.pt"),
     ]
     tr = ["train", "--dataset", "digits", "--epochs", "1", "--out", str(w / "out" / "o.pt")]
@@ -791,10 +654,7 @@ def option_cases(w: Path) -> list[Case]:
         (
             "capture --split nope",
             [
-                "capture",
-                "--calibration",
-                "cal/calibration.h5",
-                "--out",
+                *words("capture --calibration cal/calibration.h5 --out"),
                 str(w / "out" / "s.h5"),
                 "--split",
                 "nope",
@@ -843,15 +703,7 @@ def _run_cases(w: Path, ro: Path) -> list[Outcome]:
 
 # -- kills ---------------------------------------------------------------------------------------
 
-KILL_CAPTURE = [
-    "capture",
-    "--calibration",
-    "cal/calibration.h5",
-    "--split",
-    "test",
-    "--fraction",
-    "0.15",
-]
+KILL_CAPTURE = words("capture --calibration cal/calibration.h5 --split test --fraction 0.15")
 
 
 def _rows(path: Path) -> dict[str, np.ndarray]:
@@ -939,15 +791,7 @@ def run_disk(w: Path) -> list[Outcome]:
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], check=True)
     outcomes = []
     try:
-        capture = [
-            "capture",
-            "--calibration",
-            "cal/calibration.h5",
-            "--split",
-            "train",
-            "--fraction",
-            "0.25",
-        ]
+        capture = words("capture --calibration cal/calibration.h5 --split train --fraction 0.25")
         ref = hil(*capture, "--out", w / "disk-ref.h5", cwd=w)
         assert ref.returncode == 0
         expected = _rows(w / "disk-ref.h5")
@@ -983,14 +827,7 @@ def run_disk(w: Path) -> list[Outcome]:
             (
                 "train",
                 [
-                    "train",
-                    "--dataset",
-                    "digits",
-                    "--method",
-                    "none",
-                    "--epochs",
-                    "2",
-                    "--out",
+                    *words("train --dataset digits --method none --epochs 2 --out"),
                     str(disk / "onn.pt"),
                 ],
             ),

@@ -254,14 +254,31 @@ def load_bench(path: Path | str | None) -> BenchConfig:
     return parse_bench(data, str(path))
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """A value as TOML writes it (inf and nan included)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
         return json.dumps(value)
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     return repr(value)
+
+
+def numeric_keys(model: BaseModel | None = None, prefix: tuple[str, ...] = ()):
+    """(dotted path, default) of every number or pair of numbers a bench file can set: what
+    the bounds tests and `benchmarks/robustness_audit.py` try bad values on."""
+    model = BenchConfig() if model is None else model
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            yield from numeric_keys(value, (*prefix, name))
+        elif _numeric(value) or (isinstance(value, tuple) and all(map(_numeric, value))):
+            yield (*prefix, name), value
+
+
+def _numeric(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def to_toml(config: BaseModel, comments: bool = True) -> str:
@@ -280,7 +297,7 @@ def to_toml(config: BaseModel, comments: bool = True) -> str:
             if comments and info is not None and info.description:
                 lines.append(f"# {info.description}")
             if value is not None:
-                lines.append(f"{key} = {_toml_value(value)}")
+                lines.append(f"{key} = {toml_value(value)}")
             elif comments:
                 lines.append(f"# {key} = (unset)")
         for key, child in values.items():

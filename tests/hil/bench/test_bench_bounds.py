@@ -6,22 +6,8 @@ import sys
 
 import pytest
 
-from hil.bench.config import BenchConfig, parse_bench
+from hil.bench.config import numeric_keys, parse_bench
 from hil.errors import UserError
-
-
-def numeric_keys(model=BenchConfig(), prefix=()):
-    """(dotted path, default) of every number or pair of numbers a bench file can set."""
-    for name in type(model).model_fields:
-        value = getattr(model, name)
-        if hasattr(type(value), "model_fields"):
-            yield from numeric_keys(value, (*prefix, name))
-        elif isinstance(value, bool | str) or value is None:
-            continue
-        elif isinstance(value, int | float) or (
-            isinstance(value, tuple) and all(isinstance(v, int | float) for v in value)
-        ):
-            yield (*prefix, name), value
 
 
 def nested(path, value) -> dict:

@@ -32,7 +32,7 @@ from hil.device import to_device
 from hil.errors import UserError
 from hil.ntkd.losses import PooledLogits
 from hil.ntkd.projected import ProjectedTeacher
-from hil.output.torchfile import load_checkpoint, save_checkpoint
+from hil.output.torchfile import content_digest, load_checkpoint, save_checkpoint
 
 __all__ = [
     "CACHE_FORMAT",
@@ -56,11 +56,7 @@ log = logging.getLogger("hil")
 def weights_digest(teacher: torch.nn.Module) -> str:
     """SHA-256 of the teacher's state (names and values, wherever it lives): a retrained
     teacher, even under the same file name, is another teacher."""
-    h = hashlib.sha256()
-    for name, value in teacher.state_dict().items():
-        h.update(name.encode())
-        h.update(np.ascontiguousarray(value.detach().cpu().numpy()).tobytes())
-    return h.hexdigest()
+    return content_digest(teacher.state_dict())
 
 
 def data_digest(x: torch.Tensor) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -117,24 +118,70 @@ class _KernelOf(nn.Module):
         return self.front.kernel
 
 
-class _Gram(torch.autograd.Function):
-    """g diag(w) gᵀ (w None: g gᵀ) with the backward of a symmetric product.
+class _Term(NamedTuple):
+    """Per-sample factors of one batch whose kernel term is G ⊙ (a a'ᵀ) for a Linear's weight
+    (a: its inputs, None otherwise), plus G if plain, where G is `_Gram`'s sum over g (N, C, F)
+    with metric w and low-rank part b."""
 
-    Autograd would take g's gradient twice, once per factor (two N x N x D products); the two
-    are one: ∂/∂g Σ S ⊙ g W gᵀ = (S + Sᵀ) g W, and ∂/∂w = ½ Σ_i g_i ⊙ ((S + Sᵀ) g)_i. Written
-    with torch ops, so the backward is itself differentiable.
+    g: Tensor
+    w: Tensor | None
+    b: Tensor | None
+    a: Tensor | None
+    plain: bool
+
+
+class _Gram(torch.autograd.Function):
+    """Σ_c g_c diag(w) g_cᵀ + Σ_c (g_c b)(g_c b)ᵀ over the classes c of g (N, C, F), with the
+    backward of a symmetric product (w None: no diag; b None: no low-rank part).
+
+    b (F, q) maps a class's F gradient entries to q more that are linear in them (a gain's
+    gradient is its PSF's contracted with the kernel), so their Gram rides on this one: no
+    separate product, and their gradient is accumulated into g's by the same addmm.
+    Autograd would take g's gradient twice, once per factor; the two are one: with
+    M = dK + dKᵀ, ∂/∂g = M g diag(w) + (M g b) bᵀ, ∂/∂w = ½ Σ_i g_i ⊙ (M g)_i and
+    ∂/∂b = Σ_i g_iᵀ (M g b)_i. Written with torch ops, so the backward is itself
+    differentiable.
     """
 
     @staticmethod
-    def forward(ctx, g: Tensor, w: Tensor | None) -> Tensor:
-        ctx.save_for_backward(g, w)
-        return (g if w is None else g * w) @ g.T
+    def forward(ctx, g: Tensor, w: Tensor | None, b: Tensor | None) -> Tensor:
+        n, c, f = g.shape
+        flat = g.reshape(n, c * f)
+        k = (flat if w is None else flat * w.repeat(c)) @ flat.T
+        v = None
+        if b is not None:
+            v = (g.reshape(n * c, f) @ b).reshape(n, -1)
+            k = k.addmm_(v, v.T)
+        ctx.save_for_backward(g, w, b, v)
+        return k
 
     @staticmethod
-    def backward(ctx, dk: Tensor) -> tuple[Tensor, Tensor | None]:
-        g, w = ctx.saved_tensors
-        m = (dk + dk.T) @ g
-        return (m, None) if w is None else (m * w, 0.5 * (g * m).sum(0))
+    def backward(ctx, dk: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        g, w, b, v = ctx.saved_tensors
+        n, c, f = g.shape
+        flat = g.reshape(n, c * f)
+        m = dk + dk.T
+        mg = m @ flat
+        grad_w = grad_b = None
+        if w is not None and ctx.needs_input_grad[1]:
+            grad_w = 0.5 * torch.linalg.vecdot(flat, mg, dim=0).reshape(c, f).sum(0)
+        grad = (mg if w is None else mg * w.repeat(c)).reshape(n * c, f)
+        if b is not None:
+            mv = (m @ v).reshape(n * c, -1)
+            grad = grad.addmm_(mv, b.T)  # in place: the out-of-place addmm copies first
+            if ctx.needs_input_grad[2]:
+                grad_b = g.reshape(n * c, f).T @ mv
+        return grad.reshape(n, c, f), grad_w, grad_b
+
+
+def _cross(t: _Term, t2: _Term) -> Tensor:
+    """The kernel term of `_Term` t between two batches: `_Gram`'s sum with g' on the right."""
+    n, c, f = t.g.shape
+    flat, flat2 = t.g.reshape(n, -1), t2.g.reshape(t2.g.shape[0], -1)
+    k = (flat if t.w is None else flat * t.w.repeat(c)) @ flat2.T
+    if t.b is not None:
+        k = k + (t.g @ t.b).reshape(n, -1) @ (t2.g @ t.b).reshape(t2.g.shape[0], -1).T
+    return k
 
 
 def _batched_ntk(
@@ -147,22 +194,18 @@ def _batched_ntk(
         terms, outputs = _sample_terms(plan, x, outer, flat)
         terms2 = terms if x2 is None else _sample_terms(plan, x2, outer)[0]
         total: Tensor | int = 0
-        for (g, w, a, plain), (g2, _, a2, _) in zip(terms, terms2, strict=True):
+        for t, t2 in zip(terms, terms2, strict=True):
             if x2 is None:
-                gg, aa = _Gram.apply(g, w), None if a is None else _Gram.apply(a, None)
+                gg = _Gram.apply(t.g, t.w, t.b)
+                aa = None if t.a is None else _Gram.apply(t.a[:, None], None, None)
             else:
-                gg, aa = (g if w is None else g * w) @ g2.T, None if a is None else a @ a2.T
-            if a is not None:
+                gg, aa = _cross(t, t2), None if t.a is None else t.a @ t2.a.T
+            if aa is not None:
                 total = total + gg * aa
-            if plain:
+            if t.plain:
                 total = total + gg
     assert isinstance(total, Tensor)
     return (total, outputs) if outer else (total.detach(), outputs.detach())
-
-
-# (g, w, a, plain): per-sample factors of one batch whose kernel term is
-# (g diag(w) g'ᵀ) ⊙ (a a'ᵀ) for a Linear's weight (a: its inputs), plus g diag(w) g'ᵀ if plain.
-_Term = tuple[Tensor, Tensor | None, Tensor | None, bool]
 
 
 def _sample_terms(
@@ -201,7 +244,7 @@ def _sample_terms(
         ]
     terms = []  # deltas: the Linears', then the segments'
     for (w, b), a, d in zip(plan.linears.values(), inputs, deltas, strict=False):
-        terms.append((d.reshape(n, -1), None, a if w else None, b))
+        terms.append(_Term(d.reshape(n, 1, -1), None, None, a if w else None, b))
     for ((seg, z, cols), _), d in zip(segs, deltas[len(inputs) :], strict=True):
         terms.extend(_segment_terms(seg, z, cols, d))
     return terms, outputs
@@ -321,20 +364,20 @@ def _segment_terms(seg: Segment, z: Tensor, cols: Tensor | None, delta: Tensor) 
     With the kernel chosen, s = Σ_l δ[l] cols[u, l] is formed once (one batched matmul, δ read
     once) and serves all three: the kernel's gradient is gain·s; the offset's is the entry of a
     column of ones in cols, so PSF and offset share one weighted Gram (weights gain²·w and
-    1); and, z being kernel @ cols, the gain's is Σ_u kernel[u] s[u].
+    1); and, z being kernel @ cols, the gain's is Σ_u kernel[u] s[u], that Gram's low-rank part.
     """
     n, classes = delta.shape[:2]
     if not seg.raw:
         out: list[_Term] = []
         if seg.gain:
-            gain = torch.einsum("ncmhw,nmhw->nmc", delta, z)
-            out.append((gain.reshape(n, -1), None, None, True))
+            gain = torch.einsum("ncmhw,nmhw->ncm", delta, z)
+            out.append(_Term(gain, None, None, None, True))
         if seg.offset:
-            out.append((delta.sum(dim=(-2, -1)).reshape(n, -1), None, None, True))
+            out.append(_Term(delta.sum(dim=(-2, -1)), None, None, None, True))
         return out
     assert seg.psf is not None and cols is not None
     m, length = delta.shape[2], cols.shape[1]  # cols ends in the offset's ones when chosen
-    s = (delta.reshape(n, classes * m, length) @ cols).unflatten(1, (classes, m))
+    s = delta.reshape(n, classes * m, length) @ cols  # (N, C·m, r): r kernel entries per map
     kernel = _flipped(seg.psf.kernel.to(s.dtype))  # (m, Cin·k·k)
     w = _flipped(_psf_metric(seg.psf).reshape(seg.psf.kernel.shape)).to(s.dtype)
     if seg.affine is not None:  # (gain·s) W (gain·s)ᵀ = s (gain² W) sᵀ
@@ -342,10 +385,11 @@ def _segment_terms(seg: Segment, z: Tensor, cols: Tensor | None, delta: Tensor) 
     if seg.offset:
         kernel = F.pad(kernel, (0, 1))
         w = F.pad(w, (0, 1), value=1.0)
-    out = [(s.reshape(n, -1), w.expand(classes, *w.shape).reshape(-1), None, True)]
-    if seg.gain:
-        out.append((torch.einsum("ncmr,mr->nmc", s, kernel).reshape(n, -1), None, None, True))
-    return out
+    b = None
+    if seg.gain:  # map p's gain gradient is kernel_p · s_p: b is block-diagonal (m·r, m)
+        b = torch.eye(m, dtype=s.dtype, device=s.device)[:, None, :] * kernel[:, :, None]
+        b = b.reshape(-1, m)
+    return [_Term(s.reshape(n, classes, -1), w.reshape(-1), b, None, True)]
 
 
 def _psf_metric(front: nn.Module) -> Tensor:

@@ -83,8 +83,9 @@ def render_all(models, emitted, kernels, vignetting, frame_hw) -> np.ndarray:
     return out
 
 
-def _shifted(emitted: np.ndarray, k: int) -> np.ndarray:
-    """(N, Hp·Wp, C·k²): E moved so that tap (c, a, b) reads E[y + off − a, x + off − b]."""
+def shifted_taps(emitted: np.ndarray, k: int) -> np.ndarray:
+    """(N, Hp·Wp, C·k²): E moved so that tap (c, a, b) reads E[y + off − a, x + off − b].
+    The same for every tile of a frame: `estimate_kernel` takes it made once."""
     n, c, hp, wp = emitted.shape
     off = kernel_offset(k)
     big = np.pad(emitted, ((0, 0), (0, 0), (k, k), (k, k)))
@@ -103,15 +104,17 @@ def estimate_kernel(
     k: int,
     mask: np.ndarray,
     v: float = 0.0,
+    taps: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float]:
     """The tile's kernel (C, k, k) from padded-grid light (N, C, Hp, Wp) and its region's
-    signal (N, h·w), over the region pixels `mask` (h·w,) that only this tile reaches.
+    signal (N, h·w), over the region pixels `mask` (h·w,) that only this tile reaches;
+    `taps`: `shifted_taps(emitted, k)`, when the caller fits many tiles to the same light.
 
     The normal equations are formed on the padded grid: with Q = Sᵀ W S (W the mask times the
     vignetting squared) AᵀA = Σ_n T_nᵀ Q T_n for each pattern's shifted copies T_n, far smaller
     than the rows of every sensor pixel of every pattern.
     """
-    taps = _shifted(emitted, k)  # (N, n_pad, T)
+    taps = shifted_taps(emitted, k) if taps is None else taps  # (N, n_pad, T)
     n, n_pad, t = taps.shape
     vig = model.vignette(v) * mask
     op = model.operator

@@ -26,6 +26,7 @@ from calibration.forward import (
     exclusive_masks,
     margin_for,
     render,
+    shifted_taps,
 )
 from calibration.localize import Registered
 from calibration.tilemap import PaddedGrid, TileMap
@@ -72,8 +73,9 @@ def illumination_basis(hw: tuple[int, int]) -> np.ndarray:
 
 
 def _fit_all(models, masks, emitted, signal, k, vignetting) -> tuple[np.ndarray, np.ndarray]:
+    taps = shifted_taps(emitted, k)
     fits = [
-        estimate_kernel(m, emitted, m.window(signal), k, mask, v)
+        estimate_kernel(m, emitted, m.window(signal), k, mask, v, taps)
         for m, mask, v in zip(models, masks, vignetting, strict=True)
     ]
     return np.asarray([f[0] for f in fits]), np.asarray([f[1] for f in fits])

@@ -57,7 +57,8 @@ class TileMap:
         return self.distort(self.undistorted(xy))
 
     def undistort(self, d: np.ndarray) -> np.ndarray:
-        """Inverse of `distort`: the radius ρ solving ρ(1 + k1ρ²/r²) = |d − c| by Newton."""
+        """Inverse of `distort`: the radius ρ solving ρ(1 + k1ρ²/r²) = |d − c| by Newton (from
+        ρ = |d − c|, quadratic convergence: a few steps unless the distortion is extreme)."""
         q = np.asarray(d, np.float64) - self.centre
         rho_d = np.hypot(q[..., 0], q[..., 1])
         if self.k1 == 0:
@@ -65,19 +66,27 @@ class TileMap:
         a = self.k1 / self.radius**2
         rho = rho_d.copy()
         for _ in range(8):
-            rho -= (rho + a * rho**3 - rho_d) / (1 + 3 * a * rho**2)
+            step = (rho + a * rho**3 - rho_d) / (1 + 3 * a * rho**2)
+            rho -= step
+            if float(np.max(np.abs(step), initial=0.0)) <= 1e-12 * (1 + self.radius):
+                break
         ratio = np.divide(rho, rho_d, out=np.ones_like(rho), where=rho_d > 0)
         return self.centre + q * ratio[..., None]
 
     def to_input(self, d: np.ndarray) -> np.ndarray:
         """Input-grid points of sensor points: undistort, then undo the affine."""
-        u = self.undistort(d)
+        return self.input_of_undistorted(self.undistort(d))
+
+    def input_of_undistorted(self, u: np.ndarray) -> np.ndarray:
         inv = np.linalg.inv(self.affine[:, :2])
         return (u - self.affine[:, 2]) @ inv.T
 
     def sensor_per_input(self, d: np.ndarray) -> np.ndarray:
         """|det ∂d/∂x| at sensor points: sensor area per input-grid area (light conservation)."""
-        rho2 = np.sum((self.undistort(d) - self.centre) ** 2, -1) / self.radius**2
+        return self.sensor_per_input_undistorted(self.undistort(d))
+
+    def sensor_per_input_undistorted(self, u: np.ndarray) -> np.ndarray:
+        rho2 = np.sum((u - self.centre) ** 2, -1) / self.radius**2
         f = 1 + self.k1 * rho2
         return abs(np.linalg.det(self.affine[:, :2])) * f * (f + 2 * self.k1 * rho2)
 
@@ -164,8 +173,9 @@ def area_operator(
     xs = (np.arange(x0, x0 + w)[:, None] + offs[None, :]).ravel()
     yy, xx = np.meshgrid(ys, xs, indexing="ij")  # (h·n, w·n)
     d = np.stack([xx.ravel(), yy.ravel()], axis=1)
-    weight = 1.0 / (n * n * tile.sensor_per_input(d))
-    src = tile.to_input(d) + grid.margin  # padded-grid pixel coordinates
+    u = tile.undistort(d)  # once for both: the Newton solve is most of the operator's cost
+    weight = 1.0 / (n * n * tile.sensor_per_input_undistorted(u))
+    src = tile.input_of_undistorted(u) + grid.margin  # padded-grid pixel coordinates
     rows = (np.arange(h).repeat(n)[:, None] * w + np.arange(w).repeat(n)[None, :]).ravel()
     cols, vals, keep = _bilinear(src, (hp, wp), weight)
     return scipy.sparse.csr_matrix(

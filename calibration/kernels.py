@@ -45,6 +45,7 @@ class Kernels:
     registration_rms_px: np.ndarray  # (P,) sensor px
     registration_rms_input_px: np.ndarray  # (P,)
     assignment: Assignment
+    models: list[TileModel]  # the final maps' forward models, which validation reuses
 
     @property
     def maps(self) -> list[TileMap]:
@@ -174,4 +175,5 @@ def measure_kernels(
         registration_rms_px=rms,
         registration_rms_input_px=rms / scales,
         assignment=chosen,
+        models=models,
     )

@@ -73,7 +73,9 @@ def noise_variance(cal: Calibration, mean_dn: np.ndarray) -> np.ndarray:
     return cal.read_noise_dn**2 + electrons_dn / cal.conversion_gain_e_per_dn
 
 
-def validate_prediction(cal: Calibration, images: np.ndarray, captured: np.ndarray) -> dict:
+def validate_prediction(
+    cal: Calibration, images: np.ndarray, captured: np.ndarray, models=None
+) -> dict:
     """How well the calibration predicts frames of new images, against the noise it expects.
 
     `excess_rel_error` is the residual beyond what sensor noise explains, relative to the

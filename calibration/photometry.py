@@ -25,14 +25,19 @@ def snap(camera) -> np.ndarray:
     return camera.snap(camera.frame_timeout_s()).image.astype(np.float64)
 
 
-def mean_frame(camera, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-pixel mean and temporal variance of n frames, accumulated without storing them."""
-    total = total_sq = None
-    for _ in range(n):
+def mean_frame(camera, n: int, variance: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per-pixel mean and temporal variance (None without `variance`) of n frames, accumulated
+    in place without storing them (a 1440×1080 frame is 12 MB in float64)."""
+    total = snap(camera)
+    total_sq = total * total if variance else None
+    for _ in range(n - 1):
         f = snap(camera)
-        total = f if total is None else total + f
-        total_sq = f * f if total_sq is None else total_sq + f * f
-    mean = total / n
+        total += f
+        if total_sq is not None:
+            total_sq += np.multiply(f, f, out=f)
+    mean = np.divide(total, n, out=total)
+    if total_sq is None:
+        return mean, None
     var = np.maximum(total_sq / n - mean * mean, 0.0) * (n / max(n - 1, 1))
     return mean, var
 
@@ -110,7 +115,7 @@ def measure_background(bench, dark: np.ndarray, frames: int) -> np.ndarray:
     """Stray light (DN/s): light on, display black; what the frontend records without a scene."""
     bench.display.show(uniform(bench, 0.0))
     set_lights(bench, True)
-    mean, _ = mean_frame(bench.camera, frames)
+    mean, _ = mean_frame(bench.camera, frames, variance=False)
     return (mean - dark) / bench.camera.exposure_s
 
 
@@ -154,7 +159,7 @@ def display_response(
     signal = []
     for level in levels:
         bench.display.show(uniform(bench, float(level)))
-        mean, _ = mean_frame(bench.camera, frames)
+        mean, _ = mean_frame(bench.camera, frames, variance=False)
         signal.append(float(np.mean((mean - dark - background * exposure)[mask])))
     response = np.asarray(signal) / signal[-1]
     fit = (levels > 0.1) & (response > 0.01)

@@ -1,16 +1,19 @@
 """Capture rate on the simulated bench against the camera's frame-rate limit.
 
-    .venv/bin/python benchmarks/capture_speed.py [--seconds S] [--calibration CAL]
+    .venv/bin/python benchmarks/capture_speed.py [--seconds S] [--calibration CAL] [--load N]
 
 Calibrates the default simulated bench (on a virtual clock) unless given a calibration, then runs
 `hil capture`'s loop in real time with `[sim.sensor] fps_limit` at 30 and at 120, each for about
 `--seconds` of the digits train split, and prints samples/s and its ratio to the limit. A ratio
 near 1 means showing, rendering, feature extraction and storing all hide behind the camera.
+`--load N` (default 1) runs N CPU-bound processes beside the capture, as a lab PC runs other
+work; the table names the load average during each run.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import platform
 import tempfile
@@ -31,10 +34,18 @@ from sim.params import SensorParams, SimParams
 LIMITS = (30.0, 120.0)
 
 
+def _spin() -> None:
+    """A CPU-bound process: the load beside the capture."""
+    x = 0
+    while True:
+        x = (x * 1103515245 + 12345) % 2**31
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--seconds", type=float, default=5.0, help="capture time per fps limit")
     ap.add_argument("--calibration", type=Path, help="calibration of the default simulated bench")
+    ap.add_argument("--load", type=int, default=1, help="CPU-bound processes beside the capture")
     args = ap.parse_args()
     print(
         f"{os.cpu_count()} CPU threads ({len(os.sched_getaffinity(0))} usable), "
@@ -56,14 +67,23 @@ def main() -> None:
             store = Path(tmp) / f"fps{fps:g}.h5"
             fraction = min(1.0, fps * args.seconds / train)
             request = CaptureRequest(cal, "digits", "train", store, fraction)
-            result = run_capture(config, request, Console(quiet=True))
-            rows.append((fps, result["captured"], result["samples_per_s"]))
+            hogs = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(args.load)]
+            for hog in hogs:
+                hog.start()
+            try:
+                result = run_capture(config, request, Console(quiet=True))
+                load = os.getloadavg()[0]
+            finally:
+                for hog in hogs:
+                    hog.kill()
+            rows.append((fps, result["captured"], result["samples_per_s"], load))
         exposure_ms = calfile.load(cal).exposure_s * 1e3
     print(f"\nexposure {exposure_ms:.2f} ms (from the calibration)\n")
-    print("| fps limit | samples | samples/s | samples/s / fps limit |")
-    print("|---:|---:|---:|---:|")
-    for fps, n, rate in rows:
-        print(f"| {fps:g} | {n} | {rate:.1f} | {rate / fps:.3f} |")
+    print(f"{args.load} CPU-bound process(es) beside the capture\n")
+    print("| fps limit | samples | samples/s | samples/s / fps limit | load average (1 min) |")
+    print("|---:|---:|---:|---:|---:|")
+    for fps, n, rate, load in rows:
+        print(f"| {fps:g} | {n} | {rate:.1f} | {rate / fps:.3f} | {load:.1f} |")
 
 
 if __name__ == "__main__":

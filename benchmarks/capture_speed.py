@@ -34,7 +34,7 @@ from sim.params import SensorParams, SimParams
 LIMITS = (30.0, 120.0)
 
 
-def _spin() -> None:
+def spin() -> None:
     """A CPU-bound process: the load beside the capture."""
     x = 0
     while True:
@@ -67,7 +67,7 @@ def main() -> None:
             store = Path(tmp) / f"fps{fps:g}.h5"
             fraction = min(1.0, fps * args.seconds / train)
             request = CaptureRequest(cal, "digits", "train", store, fraction)
-            hogs = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(args.load)]
+            hogs = [multiprocessing.Process(target=spin, daemon=True) for _ in range(args.load)]
             for hog in hogs:
                 hog.start()
             try:

@@ -42,6 +42,25 @@ class _FrameClock:
         camera.snap = snap
 
 
+def timed_calibration(config) -> tuple[calfile.Calibration, float, _FrameClock]:
+    """(calibration, wall seconds, its frame clock) of `config`'s bench in real time."""
+    bench = Bench(config)
+    with bench:
+        frames = _FrameClock(bench.camera)
+        t0 = time.perf_counter()
+        cal = calibrate(bench, bench.design, Plan())
+        return cal, time.perf_counter() - t0, frames
+
+
+def capture_rate(config, cal_path: Path, fps: float, samples: int, store: Path) -> dict:
+    """`hil capture`'s result for `samples` digits with the camera limited to `fps`."""
+    sensor = config.sim.sensor.model_copy(update={"fps_limit": fps})
+    fast = config.model_copy(update={"sim": config.sim.model_copy(update={"sensor": sensor})})
+    train = len(load_dataset("digits").split("train"))
+    request = CaptureRequest(cal_path, "digits", "train", store, samples / train)
+    return run_capture(fast, request, Console(quiet=True))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--bench", type=Path, default=ROOT / "examples" / "bench-demag.toml")
@@ -49,19 +68,10 @@ def main() -> None:
     args = ap.parse_args()
     config = load_bench(args.bench)
     with tempfile.TemporaryDirectory() as tmp:
-        bench = Bench(config)
-        with bench:
-            frames = _FrameClock(bench.camera)
-            t0 = time.perf_counter()
-            cal = calibrate(bench, bench.design, Plan())
-            wall = time.perf_counter() - t0
+        cal, wall, frames = timed_calibration(config)
         path = calfile.save(cal, Path(tmp) / "cal.h5")
         steps = {s["name"]: s["seconds"] for s in cal.steps}
-        sensor = config.sim.sensor.model_copy(update={"fps_limit": 30.0})
-        fast = config.model_copy(update={"sim": config.sim.model_copy(update={"sensor": sensor})})
-        train = len(load_dataset("digits").split("train"))
-        request = CaptureRequest(path, "digits", "train", Path(tmp) / "s.h5", args.samples / train)
-        result = run_capture(fast, request, Console(quiet=True))
+        result = capture_rate(config, path, 30.0, args.samples, Path(tmp) / "s.h5")
     print(
         f"bench {args.bench.name}: frame {cal.frame_shape[1]}×{cal.frame_shape[0]}, "
         f"exposure {cal.exposure_s * 1e3:.1f} ms"

@@ -1,0 +1,142 @@
+"""Every stage against its floor, in one table (`make bench`).
+
+    .venv/bin/python benchmarks/speed_table.py [--repeats 3] [--steps 10]
+
+One row per stage: what is measured, its floor or reference, the ratio (min / median over
+interleaved repeats; one run for the bench rows, which take tens of seconds each), the goal,
+and the load average (1 min) when the row was done. The floors:
+
+- calibration: the summed frame periods the camera made it wait (max(exposure, 1/fps) each), on
+  the default simulated bench and on examples/bench-demag.toml (1440×1080), in real time;
+- capture: the camera's fps limit, with one CPU-bound process running beside it;
+- KD and NTKD steps: a CE step of the same student at batch 128 (8x8 digits on the 32x32
+  display; the teacher's cached logits and features are random tensors of their shapes, which
+  cost the same as real ones);
+- the teacher-feature cache: R x one batched JVP of resnet18 (28x28, R = 16, 32 samples).
+
+Each script named in the table prints the same figures with more detail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+from capture_speed import spin
+from foreign_bench import ROOT, capture_rate, timed_calibration
+from ntkd_speed import step_times, stepper
+from teacher_cache_speed import cache_time, floor_time
+
+from calibration import calfile
+from hil.bench.config import BenchConfig, load_bench
+from hil.data.datasets import digits, mnist5k
+from hil.data.placement import to_display
+from hil.models.onn import ONN, StudentSpec
+from hil.models.teachers import resnet18
+from hil.ntkd.losses import CE, KD, NTKD
+
+BENCHES = {"default bench": None, "1440×1080 bench": ROOT / "examples" / "bench-demag.toml"}
+
+
+def load() -> float:
+    return os.getloadavg()[0]
+
+
+def bench_rows(tmp: Path) -> list[tuple]:
+    """Calibration over its frame periods and capture over its fps limit, per bench."""
+    rows = []
+    for name, path in BENCHES.items():
+        config = BenchConfig() if path is None else load_bench(path)
+        cal, wall, frames = timed_calibration(config)
+        rows.append(
+            (f"calibration, {name}", "wall / summed frame periods", wall / frames.seconds,
+             None, "≤ 1.5", load(), "foreign_bench.py")
+        )  # fmt: skip
+        cal_path = calfile.save(cal, tmp / f"{len(rows)}.h5")
+        fps = 120.0 if path is None else 30.0
+        hog = multiprocessing.Process(target=spin, daemon=True)
+        hog.start()
+        try:
+            result = capture_rate(config, cal_path, fps, int(5 * fps), tmp / f"{len(rows)}s.h5")
+            busy = load()
+        finally:
+            hog.kill()
+        rows.append(
+            (f"capture {fps:g} fps, {name}, 1 CPU hog", "samples/s / fps limit",
+             result["samples_per_s"] / fps, None, "≥ 0.97", busy, "capture_speed.py")
+        )  # fmt: skip
+    return rows
+
+
+def step_rows(repeats: int, steps: int) -> list[tuple]:
+    """KD and NTKD steps over a CE step, interleaved repeats."""
+    data = digits()
+    batch = {
+        "x": torch.as_tensor(to_display(data.images[:128], (32, 32))),
+        "y": torch.as_tensor(data.labels[:128]),
+    }
+    extras = {
+        "ce": (CE(), dict),
+        "kd": (KD(), lambda: {"teacher_logits": torch.randn(128, 10)}),
+        "ntkd": (NTKD(), lambda: {"teacher_features": torch.randn(128, 10, 64)}),
+    }
+    ratios: dict[str, list[float]] = {"kd": [], "ntkd": []}
+    for _ in range(repeats):
+        t = step_times(
+            {k: stepper(ONN(StudentSpec()), loss, batch, e) for k, (loss, e) in extras.items()},
+            steps,
+            torch.device("cpu"),
+        )
+        for k in ratios:
+            ratios[k].append(t[k] / t["ce"])
+    busy = load()
+    return [
+        ("KD step, batch 128", "CE step", min(ratios["kd"]), statistics.median(ratios["kd"]),
+         "≤ 1.2", busy, "ntkd_speed.py"),
+        ("NTKD step, batch 128", "CE step", min(ratios["ntkd"]),
+         statistics.median(ratios["ntkd"]), "≤ 1.5", busy, "ntkd_speed.py"),
+    ]  # fmt: skip
+
+
+def cache_row(repeats: int) -> tuple:
+    """The teacher-feature cache over R x one batched JVP, 28x28 inputs."""
+    teacher = resnet18(1, 10).eval()
+    raw = torch.as_tensor(mnist5k().images[:32])
+    ratios = []
+    for _ in range(repeats):
+        floor = floor_time(teacher, raw, 16)
+        ratios.append(cache_time(teacher, raw, 16)[0] / floor)
+    return (
+        "teacher cache, 28x28, R = 16", "R × batched JVP", min(ratios),
+        statistics.median(ratios), "≤ 1.3", load(), "teacher_cache_speed.py",
+    )  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats of step rows")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    print(f"{os.cpu_count()} CPU threads, torch {torch.__version__}, device cpu\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = bench_rows(Path(tmp))
+    rows += step_rows(args.repeats, args.steps)
+    rows.append(cache_row(2))
+    print("| stage | floor or reference | ratio (min / median) | goal | met | load | script |")
+    print("| --- | --- | ---: | --- | --- | ---: | --- |")
+    for stage, ref, low, mid, goal, busy, script in rows:
+        mid = low if mid is None else mid
+        bound = float(goal.split()[-1])
+        met = mid <= bound if goal.startswith("≤") else mid >= bound
+        cells = [stage, ref, f"{low:.2f} / {mid:.2f}", goal, "yes" if met else "no"]
+        print("| " + " | ".join([*cells, f"{busy:.1f}", script]) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,6 @@
 """Every stage against its floor, in one table (`make bench`).
 
-    .venv/bin/python benchmarks/speed_table.py [--repeats 3] [--steps 10]
+    .venv/bin/python benchmarks/speed_table.py [--repeats 3] [--steps 10] [--device auto]
 
 One row per stage: what is measured, its floor or reference, the ratio (min / median over
 interleaved repeats; one run for the bench rows, which take tens of seconds each), the goal,
@@ -9,9 +9,9 @@ and the load average (1 min) when the row was done. The floors:
 - calibration: the summed frame periods the camera made it wait (max(exposure, 1/fps) each), on
   the default simulated bench and on examples/bench-demag.toml (1440×1080), in real time;
 - capture: the camera's fps limit, with one CPU-bound process running beside it;
-- KD and NTKD steps: a CE step of the same student at batch 128 (8x8 digits on the 32x32
-  display; the teacher's cached logits and features are random tensors of their shapes, which
-  cost the same as real ones);
+- KD and NTKD steps (on `--device`): a CE step of the same student at batch 128 (8x8 digits on
+  the 32x32 display; the teacher's cached logits and features are random tensors of their
+  shapes, which cost the same as real ones);
 - the teacher-feature cache: R x one batched JVP of resnet18 (28x28, R = 16, 32 samples).
 
 Each script named in the table prints the same figures with more detail.
@@ -36,6 +36,7 @@ from calibration import calfile
 from hil.bench.config import BenchConfig, load_bench
 from hil.data.datasets import digits, mnist5k
 from hil.data.placement import to_display
+from hil.device import add_device_argument
 from hil.models.onn import ONN, StudentSpec
 from hil.models.teachers import resnet18
 from hil.ntkd.losses import CE, KD, NTKD
@@ -73,24 +74,28 @@ def bench_rows(tmp: Path) -> list[tuple]:
     return rows
 
 
-def step_rows(repeats: int, steps: int) -> list[tuple]:
+def step_rows(repeats: int, steps: int, device: torch.device) -> list[tuple]:
     """KD and NTKD steps over a CE step, interleaved repeats."""
     data = digits()
     batch = {
-        "x": torch.as_tensor(to_display(data.images[:128], (32, 32))),
-        "y": torch.as_tensor(data.labels[:128]),
+        "x": torch.as_tensor(to_display(data.images[:128], (32, 32))).to(device),
+        "y": torch.as_tensor(data.labels[:128]).to(device),
     }
+    logits, feats = torch.randn(128, 10, device=device), torch.randn(128, 10, 64, device=device)
     extras = {
         "ce": (CE(), dict),
-        "kd": (KD(), lambda: {"teacher_logits": torch.randn(128, 10)}),
-        "ntkd": (NTKD(), lambda: {"teacher_features": torch.randn(128, 10, 64)}),
+        "kd": (KD(), lambda: {"teacher_logits": logits}),
+        "ntkd": (NTKD(), lambda: {"teacher_features": feats}),
     }
     ratios: dict[str, list[float]] = {"kd": [], "ntkd": []}
     for _ in range(repeats):
         t = step_times(
-            {k: stepper(ONN(StudentSpec()), loss, batch, e) for k, (loss, e) in extras.items()},
+            {
+                k: stepper(ONN(StudentSpec()).to(device), loss, batch, e)
+                for k, (loss, e) in extras.items()
+            },
             steps,
-            torch.device("cpu"),
+            device,
         )
         for k in ratios:
             ratios[k].append(t[k] / t["ce"])
@@ -103,10 +108,10 @@ def step_rows(repeats: int, steps: int) -> list[tuple]:
     ]  # fmt: skip
 
 
-def cache_row(repeats: int) -> tuple:
+def cache_row(repeats: int, device: torch.device) -> tuple:
     """The teacher-feature cache over R x one batched JVP, 28x28 inputs."""
-    teacher = resnet18(1, 10).eval()
-    raw = torch.as_tensor(mnist5k().images[:32])
+    teacher = resnet18(1, 10).eval().to(device)
+    raw = torch.as_tensor(mnist5k().images[:32]).to(device)
     ratios = []
     for _ in range(repeats):
         floor = floor_time(teacher, raw, 16)
@@ -121,20 +126,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats of step rows")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
+    add_device_argument(ap)
     args = ap.parse_args()
     torch.manual_seed(0)
-    print(f"{os.cpu_count()} CPU threads, torch {torch.__version__}, device cpu\n")
+    print(f"{os.cpu_count()} CPU threads, torch {torch.__version__}, device {args.device}\n")
     with tempfile.TemporaryDirectory() as tmp:
         rows = bench_rows(Path(tmp))
-    rows += step_rows(args.repeats, args.steps)
-    rows.append(cache_row(2))
+    rows += step_rows(args.repeats, args.steps, args.device)
+    rows.append(cache_row(2, args.device))
     print("| stage | floor or reference | ratio (min / median) | goal | met | load | script |")
     print("| --- | --- | ---: | --- | --- | ---: | --- |")
     for stage, ref, low, mid, goal, busy, script in rows:
         mid = low if mid is None else mid
         bound = float(goal.split()[-1])
         met = mid <= bound if goal.startswith("≤") else mid >= bound
-        cells = [stage, ref, f"{low:.2f} / {mid:.2f}", goal, "yes" if met else "no"]
+        cells = [stage, ref, f"{low:.3f} / {mid:.3f}", goal, "yes" if met else "no"]
         print("| " + " | ".join([*cells, f"{busy:.1f}", script]) + " |")
 
 

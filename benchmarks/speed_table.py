@@ -8,7 +8,7 @@ and the load average (1 min) when the row was done. The floors:
 
 - calibration: the summed frame periods the camera made it wait (max(exposure, 1/fps) each), on
   the default simulated bench and on examples/bench-demag.toml (1440×1080), in real time;
-- capture: the camera's fps limit, with one CPU-bound process running beside it;
+- capture: the camera's fps limit over 8 s of frames, with one CPU-bound process beside it;
 - KD and NTKD steps (on `--device`): a CE step of the same student at batch 128 (8x8 digits on
   the 32x32 display; the teacher's cached logits and features are random tensors of their
   shapes, which cost the same as real ones);
@@ -63,7 +63,7 @@ def bench_rows(tmp: Path) -> list[tuple]:
         hog = multiprocessing.Process(target=spin, daemon=True)
         hog.start()
         try:
-            result = capture_rate(config, cal_path, fps, int(5 * fps), tmp / f"{len(rows)}s.h5")
+            result = capture_rate(config, cal_path, fps, int(8 * fps), tmp / f"{len(rows)}s.h5")
             busy = load()
         finally:
             hog.kill()

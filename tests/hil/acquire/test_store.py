@@ -30,18 +30,24 @@ def open_store(path, n: int, size: int = 4) -> CaptureStore:
     )  # fmt: skip
 
 
-def test_a_kill_while_the_store_is_created_leaves_no_store_and_the_rerun_starts_clean(
-    tmp_path, monkeypatch
-):
-    path = tmp_path / "s.h5"
+def killed_before_the_rename(monkeypatch, path, rows: int) -> None:
+    """`open_store(path, rows)` in a process that dies just before its file is renamed into
+    place (a KeyboardInterrupt where os.replace would run)."""
 
-    def killed(src, dst):  # the process dies after writing the schema, before the rename
+    def killed(src, dst):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(store_module.os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
-        open_store(path, 3)
+        open_store(path, rows)
     monkeypatch.undo()
+
+
+def test_a_kill_while_the_store_is_created_leaves_no_store_and_the_rerun_starts_clean(
+    tmp_path, monkeypatch
+):
+    path = tmp_path / "s.h5"
+    killed_before_the_rename(monkeypatch, path, 3)  # after writing the schema
     assert not path.exists()
     assert (tmp_path / ".s.h5.create.tmp").exists()  # what the kill left
     with open_store(path, 3) as store:
@@ -74,14 +80,7 @@ def test_a_kill_while_a_rerun_recovers_the_store_loses_nothing(tmp_path, monkeyp
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
     with pytest.raises(OSError, match="consistency flags"):
         h5py.File(path, "a", libver="latest").close()
-
-    def killed(src, dst):  # the rerun dies after rewriting the rows, before the rename
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(store_module.os, "replace", killed)
-    with pytest.raises(KeyboardInterrupt):
-        open_store(path, 6)
-    monkeypatch.undo()
+    killed_before_the_rename(monkeypatch, path, 6)  # the rerun, after rewriting the rows
     with open_store(path, 6) as store:  # the next rerun recovers again and goes on
         assert store.count == 4
         for i in range(4, 6):

@@ -13,10 +13,12 @@ work; the table names the load average during each run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import os
 import platform
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -34,11 +36,23 @@ from sim.params import SensorParams, SimParams
 LIMITS = (30.0, 120.0)
 
 
-def spin() -> None:
-    """A CPU-bound process: the load beside the capture."""
+def _spin() -> None:
     x = 0
     while True:
         x = (x * 1103515245 + 12345) % 2**31
+
+
+@contextlib.contextmanager
+def cpu_hogs(n: int) -> Iterator[None]:
+    """`n` CPU-bound processes running for the block: the load beside a capture."""
+    hogs = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(n)]
+    for hog in hogs:
+        hog.start()
+    try:
+        yield
+    finally:
+        for hog in hogs:
+            hog.kill()
 
 
 def main() -> None:
@@ -67,15 +81,9 @@ def main() -> None:
             store = Path(tmp) / f"fps{fps:g}.h5"
             fraction = min(1.0, fps * args.seconds / train)
             request = CaptureRequest(cal, "digits", "train", store, fraction)
-            hogs = [multiprocessing.Process(target=spin, daemon=True) for _ in range(args.load)]
-            for hog in hogs:
-                hog.start()
-            try:
+            with cpu_hogs(args.load):
                 result = run_capture(config, request, Console(quiet=True))
                 load = os.getloadavg()[0]
-            finally:
-                for hog in hogs:
-                    hog.kill()
             rows.append((fps, result["captured"], result["samples_per_s"], load))
         exposure_ms = calfile.load(cal).exposure_s * 1e3
     print(f"\nexposure {exposure_ms:.2f} ms (from the calibration)\n")

@@ -20,14 +20,13 @@ Each script named in the table prints the same figures with more detail.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import statistics
 import tempfile
 from pathlib import Path
 
 import torch
-from capture_speed import spin
+from capture_speed import cpu_hogs
 from foreign_bench import ROOT, capture_rate, timed_calibration
 from ntkd_speed import step_times, stepper
 from teacher_cache_speed import cache_time, floor_time
@@ -60,13 +59,9 @@ def bench_rows(tmp: Path) -> list[tuple]:
         )  # fmt: skip
         cal_path = calfile.save(cal, tmp / f"{len(rows)}.h5")
         fps = 120.0 if path is None else 30.0
-        hog = multiprocessing.Process(target=spin, daemon=True)
-        hog.start()
-        try:
+        with cpu_hogs(1):
             result = capture_rate(config, cal_path, fps, int(8 * fps), tmp / f"{len(rows)}s.h5")
             busy = load()
-        finally:
-            hog.kill()
         rows.append(
             (f"capture {fps:g} fps, {name}, 1 CPU hog", "samples/s / fps limit",
              result["samples_per_s"] / fps, None, "≥ 0.97", busy, "capture_speed.py")

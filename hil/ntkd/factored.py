@@ -3,7 +3,8 @@
 `factored_ntk` is the kernel of `hil.ntkd.exact.student_ntk` at about the cost of a forward and
 backward pass of the student: a layer linear in its parameters enters the kernel through the
 δ at its output and its input, so its weights' Jacobians are never formed. `hil.ntkd.plan` says
-which layers the closed forms cover; anything else takes the per-sample vmap path here.
+which layers the closed forms cover; a segmentation map's convolutions are walked in cell boxes
+(`hil.ntkd.windows`); anything else takes the per-sample vmap path here.
 """
 
 from __future__ import annotations
@@ -19,6 +20,14 @@ from torch.func import functional_call, jacrev, vmap
 
 from hil.ntkd.exact import check_batch_independent, contract, select_params, student_ntk
 from hil.ntkd.plan import Plan, Segment, Unsupported, make_plan, uniform_block
+from hil.ntkd.windows import (
+    cell_axes,
+    conv_gradients,
+    pointwise_slope,
+    seeds,
+    segment_sums,
+    step_back,
+)
 
 __all__ = ["factored_ntk", "ntk_and_outputs"]
 
@@ -53,11 +62,17 @@ def factored_ntk(
 
 
 def ntk_and_outputs(
-    model: nn.Module, x: Tensor, params: Iterable[str] | None = None
+    model: nn.Module,
+    x: Tensor,
+    params: Iterable[str] | None = None,
+    *,
+    pool: int | None = None,
+    region: tuple[int, ...] | None = None,
 ) -> tuple[Tensor | None, Tensor]:
     """(`factored_ntk(model, x, params)`, `model(x)`), both differentiable, from one forward,
-    where the closed form covers the model and its outputs are (N, classes); otherwise (None,
-    `model(x)`), for the caller's own kernel (a segmentation map's is pooled first).
+    where the closed form covers the model; otherwise (None, `model(x)`), for the caller's own
+    kernel. Outputs (N, classes) give their kernel; logit maps (N, K, H, W) with `pool` give
+    the kernel of `hil.ntkd.losses.pool_logits(outputs, pool, region)` (`_pooled_terms`).
 
     The closed form's forward already computes the outputs (through the pooled shifted inputs,
     which equal the pooled convolution exactly), so NTKD's CE term needs no second forward and
@@ -67,7 +82,7 @@ def ntk_and_outputs(
     plan = make_plan(model, select_params(model, params))
     if plan is not None:
         try:
-            return _batched_ntk(plan, x, None, flat=True)
+            return _batched_ntk(plan, x, None, flat=True, pooled=pool and (pool, region))
         except Unsupported:
             pass
     return None, model(x)
@@ -185,14 +200,15 @@ def _cross(t: _Term, t2: _Term) -> Tensor:
 
 
 def _batched_ntk(
-    plan: Plan, x: Tensor, x2: Tensor | None, *, flat: bool = False
+    plan: Plan, x: Tensor, x2: Tensor | None, *, flat: bool = False, pooled: _Pooled = None
 ) -> tuple[Tensor, Tensor]:
     """(Σ over sites of per-sample gradient inner products, from `_sample_terms` of each side;
-    the chain's outputs of ``x``). ``flat``: outputs other than (N, classes) are `Unsupported`."""
+    the chain's outputs of ``x``). ``flat``: outputs other than (N, classes), unless pooled,
+    are `Unsupported`."""
     outer = torch.is_grad_enabled()
     with torch.enable_grad():  # the δ are taken by autograd even under no_grad
-        terms, outputs = _sample_terms(plan, x, outer, flat)
-        terms2 = terms if x2 is None else _sample_terms(plan, x2, outer)[0]
+        terms, outputs = _sample_terms(plan, x, outer, flat, pooled)
+        terms2 = terms if x2 is None else _sample_terms(plan, x2, outer, pooled=pooled)[0]
         total: Tensor | int = 0
         for t, t2 in zip(terms, terms2, strict=True):
             if x2 is None:
@@ -208,8 +224,11 @@ def _batched_ntk(
     return (total, outputs) if outer else (total.detach(), outputs.detach())
 
 
+_Pooled = tuple[int, tuple[int, ...] | None] | None  # (pool, region) of a logit map's kernel
+
+
 def _sample_terms(
-    plan: Plan, x: Tensor, create_graph: bool, flat: bool = False
+    plan: Plan, x: Tensor, create_graph: bool, flat: bool = False, pooled: _Pooled = None
 ) -> tuple[list[_Term], Tensor]:
     """The kernel terms of batch ``x`` (see `_Term`), in the order of the plan, and its outputs.
 
@@ -220,8 +239,12 @@ def _sample_terms(
     """
     n = x.shape[0]
     outputs, inputs, probes, segs, steps = _forward(plan, x)
-    if flat and outputs.dim() != 2:
-        raise Unsupported
+    if outputs.dim() == 4 and pooled is not None:
+        return _pooled_terms(plan, outputs, segs, steps, *pooled), outputs
+    if (flat and outputs.dim() != 2) or any(
+        type(plan.chain[i]) is not nn.Linear for i in plan.layers
+    ):
+        raise Unsupported  # a convolution's δ are walked for pooled logit maps only
     logits = outputs.reshape(n, -1)
     sites = probes + [out for _, out in segs]
     classes = logits.shape[1]
@@ -243,7 +266,7 @@ def _sample_terms(
             for d, p in zip(found, sites, strict=True)
         ]
     terms = []  # deltas: the Linears', then the segments'
-    for (w, b), a, d in zip(plan.linears.values(), inputs, deltas, strict=False):
+    for (w, b), a, d in zip(plan.layers.values(), inputs, deltas, strict=False):
         terms.append(_Term(d.reshape(n, 1, -1), None, None, a if w else None, b))
     for ((seg, z, cols), _), d in zip(segs, deltas[len(inputs) :], strict=True):
         terms.extend(_segment_terms(seg, z, cols, d))
@@ -272,7 +295,7 @@ def _forward(
         seg = plan.segments.get(i)
         if seg is None:
             out = chain[i](h)
-            if i in plan.linears:
+            if i in plan.layers and type(chain[i]) is nn.Linear:
                 if h.dim() != 2:
                     raise Unsupported  # per-sample weight gradients would sum over positions
                 inputs.append(h)
@@ -320,13 +343,8 @@ def _back(layer: nn.Module, inp: Tensor, out: Tensor, delta: Tensor) -> Tensor |
         return delta.reshape(*delta.shape[:2], *inp.shape[1:])
     if kind in (nn.Identity, nn.Dropout):  # dropout is off: `check_batch_independent`
         return delta
-    if kind is nn.ReLU:
-        return delta * (inp > 0).to(delta.dtype).unsqueeze(1)
-    if kind is nn.Tanh:
-        return delta * (1 - out.square()).unsqueeze(1)
-    if kind is nn.Sigmoid:
-        return delta * (out * (1 - out)).unsqueeze(1)
-    return None
+    slope = pointwise_slope(layer, inp, out)
+    return None if slope is None else delta * slope.unsqueeze(1)
 
 
 def _segment_forward(
@@ -368,16 +386,23 @@ def _segment_terms(seg: Segment, z: Tensor, cols: Tensor | None, delta: Tensor) 
     """
     n, classes = delta.shape[:2]
     if not seg.raw:
-        out: list[_Term] = []
-        if seg.gain:
-            gain = torch.einsum("ncmhw,nmhw->ncm", delta, z)
-            out.append(_Term(gain, None, None, None, True))
-        if seg.offset:
-            out.append(_Term(delta.sum(dim=(-2, -1)), None, None, None, True))
-        return out
-    assert seg.psf is not None and cols is not None
+        gains = torch.einsum("ncmhw,nmhw->ncm", delta, z) if seg.gain else None
+        return _affine_terms(seg, gains, delta.sum(dim=(-2, -1)))
+    assert cols is not None
     m, length = delta.shape[2], cols.shape[1]  # cols ends in the offset's ones when chosen
     s = delta.reshape(n, classes * m, length) @ cols  # (N, C·m, r): r kernel entries per map
+    return [_psf_term(seg, s.reshape(n, classes, -1), m)]
+
+
+def _affine_terms(seg: Segment, gains: Tensor | None, sums: Tensor) -> list[_Term]:
+    """A map affine's terms without the PSF: per-sample gradients Σ δ z̄ (gain), Σ δ (offset)."""
+    out = [_Term(gains, None, None, None, True)] if seg.gain else []
+    return out + ([_Term(sums, None, None, None, True)] if seg.offset else [])
+
+
+def _psf_term(seg: Segment, s: Tensor, m: int) -> _Term:
+    """The PSF's term from s (N, C, m·r) (see `_segment_terms`), with the affine's riding on it."""
+    assert seg.psf is not None
     kernel = _flipped(seg.psf.kernel.to(s.dtype))  # (m, Cin·k·k)
     w = _flipped(_psf_metric(seg.psf).reshape(seg.psf.kernel.shape)).to(s.dtype)
     if seg.affine is not None:  # (gain·s) W (gain·s)ᵀ = s (gain² W) sᵀ
@@ -389,7 +414,44 @@ def _segment_terms(seg: Segment, z: Tensor, cols: Tensor | None, delta: Tensor) 
     if seg.gain:  # map p's gain gradient is kernel_p · s_p: b is block-diagonal (m·r, m)
         b = torch.eye(m, dtype=s.dtype, device=s.device)[:, None, :] * kernel[:, :, None]
         b = b.reshape(-1, m)
-    return [_Term(s.reshape(n, classes, -1), w.reshape(-1), b, None, True)]
+    return _Term(s, w.reshape(-1), b, None, True)
+
+
+def _pooled_terms(
+    plan: Plan,
+    logits: Tensor,
+    segs: list[_SegmentSite],
+    steps: list[_Step],
+    pool: int,
+    region: tuple[int, ...] | None,
+) -> list[_Term]:
+    """The kernel terms of a logit map (N, K, H, W) traced over its pool x pool cells of
+    `region`: δ of every (cell, class) walked back in cell boxes (`hil.ntkd.windows`) to each
+    chosen convolution and segment, whose per-sample gradients sum over the boxes only.
+    Each term's classes are the Q·K (cell, class) outputs."""
+    axes = cell_axes(tuple(logits.shape[-2:]), pool, region)
+    chosen = {id(plan.chain[i]): flags for i, flags in plan.layers.items()}
+    if any(type(plan.chain[i]) is nn.Linear for i in plan.layers):
+        raise Unsupported  # a Linear's input is a map here: its gradient sums over positions
+    at_segment = {id(out): site for site, out in segs}
+    left = len(chosen) + len(at_segment)
+    delta, terms = seeds(logits, axes), []
+    for layer, inp, out in reversed(steps):
+        if layer is None and id(out) in at_segment:
+            seg, z, cols = at_segment[id(out)]
+            gains, sums, s = segment_sums(delta, axes, z, cols if seg.raw else None, seg.gain)
+            terms += [_psf_term(seg, s, z.shape[1])] if seg.raw else _affine_terms(seg, gains, sums)
+            left -= 1
+        elif layer is None:
+            raise Unsupported  # δ is not walked back through a segment
+        elif id(layer) in chosen:
+            g = conv_gradients(layer, inp, delta, axes, *chosen[id(layer)])
+            terms += [_Term(t, None, None, None, True) for t in g]
+            left -= 1
+        if left == 0:
+            return terms
+        delta, axes = step_back(layer, inp, out, delta, axes)
+    raise Unsupported
 
 
 def _psf_metric(front: nn.Module) -> Tensor:

@@ -56,8 +56,12 @@ def pooled_ntk(
     region: Region | None = None,
     params: list[str] | None = None,
 ) -> torch.Tensor:
-    """Exact NTK (N, N) of a segmentation model traced over its pooled logits."""
-    return factored_ntk(PooledLogits(model, pool, region), x, params)
+    """Exact NTK (N, N) of a segmentation model traced over its pooled logits: in closed form
+    where `ntk_and_outputs` covers the model, else through the view's generic kernel."""
+    kernel = ntk_and_outputs(model, x, params, pool=pool, region=region)[0]
+    return (
+        kernel if kernel is not None else factored_ntk(PooledLogits(model, pool, region), x, params)
+    )
 
 
 class CE:
@@ -132,7 +136,9 @@ class NTKD:
     def __call__(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         core = getattr(model, "module", model)  # the kernel is per sample: no DDP wrapper
         if core is model:  # the kernel and the logits from one forward, where it can
-            k_student, logits = ntk_and_outputs(model, batch["x"], self.params)
+            k_student, logits = ntk_and_outputs(
+                model, batch["x"], self.params, pool=self.pool, region=self.region
+            )
         else:  # DDP syncs the gradients only of outputs its own forward made
             k_student, logits = None, model(batch["x"])
         if k_student is None and logits.ndim > 2:

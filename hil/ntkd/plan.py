@@ -1,5 +1,6 @@
 """How `factored_ntk` covers a model in closed form: the model as a chain of layers, and for each
-chosen parameter the site (a Linear, or a PSF frontend → map affine segment) that carries it.
+chosen parameter the site (a Linear or convolution, or a PSF frontend → map affine segment) that
+carries it.
 
 The optical student's own layers (`ONN`, `MapAffine`, the PSF and 4f frontends) are recognised in
 one place, `_optical_layers`, imported on first use: the generic kernels (`hil.ntkd.exact`,
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-__all__ = ["SAMPLEWISE", "Plan", "Segment", "Unsupported", "make_plan", "uniform_block"]
+__all__ = ["SAMPLEWISE", "WEIGHTED", "Plan", "Segment", "Unsupported", "make_plan", "uniform_block"]
 
 
 class Unsupported(Exception):
@@ -47,6 +48,11 @@ SAMPLEWISE = (
     nn.BatchNorm2d,
     nn.Dropout,
 )
+
+
+# Layers y = W ⋆ a + b whose parameters enter the kernel through δ at y and their input a: a
+# Linear's in `hil.ntkd.factored`, a convolution's over cell boxes in `hil.ntkd.windows`.
+WEIGHTED = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
 
 
 @functools.cache
@@ -115,7 +121,7 @@ class Segment:
 @dataclass(frozen=True)
 class Plan:
     chain: list[nn.Module]
-    linears: dict[int, tuple[bool, bool]]  # chain position -> (weight chosen, bias chosen)
+    layers: dict[int, tuple[bool, bool]]  # chain position -> (weight chosen, bias chosen)
     segments: dict[int, Segment]  # chain position of the segment's first layer -> segment
 
 
@@ -135,7 +141,7 @@ def make_plan(model: nn.Module, chosen: Mapping[str, Tensor]) -> Plan | None:
         return f"{names[id(layer)]}.{attr}" if names[id(layer)] else attr
 
     covered: set[str] = set()
-    linears: dict[int, tuple[bool, bool]] = {}
+    layers: dict[int, tuple[bool, bool]] = {}
     segments: dict[int, Segment] = {}
     i = 0
     while i < len(chain):
@@ -145,13 +151,13 @@ def make_plan(model: nn.Module, chosen: Mapping[str, Tensor]) -> Plan | None:
             covered |= {name(m, a) for a, m in seg.sites() if getattr(seg, a)}
             i += seg.length
             continue
-        if type(chain[i]) is nn.Linear:
+        if type(chain[i]) in WEIGHTED:
             w, b = name(chain[i], "weight") in chosen, name(chain[i], "bias") in chosen
             if w or b:
-                linears[i] = (w, b)
+                layers[i] = (w, b)
                 covered |= {name(chain[i], a) for a, ok in (("weight", w), ("bias", b)) if ok}
         i += 1
-    return Plan(chain, linears, segments) if covered == set(chosen) else None
+    return Plan(chain, layers, segments) if covered == set(chosen) else None
 
 
 def _segment_at(

@@ -1,0 +1,180 @@
+"""δ of a pooled logit map carried in windows: the per-sample gradients of a segmentation
+decoder's NTK without full-map backward passes.
+
+A segmentation NTK is traced over the logit map averaged over a grid of cells
+(`hil.ntkd.losses.pool_logits`). The δ of one (class, cell) output is nonzero at a layer's
+activations only inside the cell's receptive field there: a box a few pixels wider than the cell,
+scaled to that layer's resolution, on a regular grid of cells. Carrying each δ as its box (an
+`Axis` pair) rather than as a full map makes the classes·cells backward passes cost about
+`classes` full ones, and a convolution's per-sample weight gradient Σ_l δ[l] ⊗ unfolded input[l]
+sums over the box only. Autograd's batched backward would carry every full map, which is what
+made segmentation NTKD about 130× a CE step; no library walks δ this way, so it is written here.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hil.ntkd.plan import Unsupported
+
+__all__ = ["Axis", "cell_axes", "conv_gradients", "pointwise_slope", "seeds", "step_back"]
+
+
+class Axis(NamedTuple):
+    """Along one axis of an activation, cell q's box is [start + q·stride, + size)."""
+
+    start: int
+    stride: int
+    size: int
+    cells: int
+
+
+Axes = tuple[Axis, Axis]  # (height, width)
+
+
+def cell_axes(hw: tuple[int, ...], pool: int, region: tuple[int, ...] | None) -> Axes:
+    """The pool x pool cells of `region` (top, left, h, w; the whole map when None) of a logit
+    map of size `hw`, where adaptive pooling cuts equal cells; otherwise `Unsupported`."""
+    top, left, h, w = (0, 0, *hw) if region is None else region
+    inside = top >= 0 and left >= 0 and top + h <= hw[0] and left + w <= hw[1]
+    if not inside or h % pool or w % pool:
+        raise Unsupported  # uneven cells overlap: the generic path
+    return Axis(top, h // pool, h // pool, pool), Axis(left, w // pool, w // pool, pool)
+
+
+def windows(t: Tensor, axes: Axes) -> Tensor:
+    """(N, C, H, W) → (N, Q, C, h, w): each cell's box of ``t``, zero where it leaves the map."""
+    ah, aw = axes
+    pads = []
+    for a, length in ((aw, t.shape[-1]), (ah, t.shape[-2])):
+        end = a.start + (a.cells - 1) * a.stride + a.size
+        pads += [max(0, -a.start), max(0, end - length)]
+    if any(pads):
+        t = F.pad(t, pads)
+    y0, x0 = ah.start + pads[2], aw.start + pads[0]
+    t = t[..., y0 : y0 + (ah.cells - 1) * ah.stride + ah.size, :]
+    t = t[..., x0 : x0 + (aw.cells - 1) * aw.stride + aw.size]
+    boxes = t.unfold(2, ah.size, ah.stride).unfold(3, aw.size, aw.stride)  # (N, C, Qh, Qw, h, w)
+    n, c = boxes.shape[:2]
+    return boxes.permute(0, 2, 3, 1, 4, 5).reshape(n, ah.cells * aw.cells, c, ah.size, aw.size)
+
+
+def seeds(logits: Tensor, axes: Axes) -> Tensor:
+    """δ (N, Q, K, K, h, w) of each (cell, class) mean over the logit map (N, K, H, W)."""
+    n, k = logits.shape[:2]
+    ah, aw = axes
+    eye = torch.eye(k, dtype=logits.dtype, device=logits.device) / (ah.size * aw.size)
+    return eye[None, None, :, :, None, None].expand(n, ah.cells * aw.cells, k, k, ah.size, aw.size)
+
+
+def pointwise_slope(layer: nn.Module, inp: Tensor, out: Tensor) -> Tensor | None:
+    """∂out/∂inp of an elementwise activation a backend is made of, or None for another layer."""
+    kind = type(layer)
+    if kind is nn.ReLU:
+        return (inp > 0).to(out.dtype)
+    if kind is nn.Tanh:
+        return 1 - out.square()
+    if kind is nn.Sigmoid:
+        return out * (1 - out)
+    return None
+
+
+def step_back(layer: nn.Module, inp: Tensor, out: Tensor, delta: Tensor, axes: Axes):
+    """(δ, axes) at `layer`'s input from δ (N, Q, K, C, h, w) in boxes `axes` at its output."""
+    kind = type(layer)
+    if kind in (nn.Identity, nn.Dropout):  # dropout is off: `check_batch_independent`
+        return delta, axes
+    slope = pointwise_slope(layer, inp, out)
+    if slope is not None:
+        return delta * windows(slope, axes)[:, :, None], axes
+    n, q, k, c, h, w = delta.shape
+    rows = delta.reshape(n * q * k, c, h, w)
+    if kind is nn.Conv2d:
+        stride, new = _conv_inputs(layer, axes)
+        grad = F.conv_transpose2d(rows, layer.weight.to(rows.dtype), stride=stride)
+    elif kind is nn.ConvTranspose2d:
+        padded, new = _transposed_padded(layer, rows, axes)
+        grad = F.conv2d(padded, layer.weight.to(rows.dtype), stride=layer.stride)
+    else:
+        raise Unsupported
+    grad = grad.reshape(n, q, k, *grad.shape[1:])
+    inside = windows(inp.new_ones(1, 1, *inp.shape[-2:]), new)  # the input's own positions
+    return grad * inside[:, :, None], new
+
+
+def conv_gradients(
+    layer: nn.Module, inp: Tensor, delta: Tensor, axes: Axes, weight: bool, bias: bool
+) -> list[Tensor]:
+    """Per-sample gradients (N, Q·K, F) of each (cell, class) output w.r.t. a Conv2d's or a
+    ConvTranspose2d's weight and bias (those asked for), from δ (N, Q, K, C, h, w) at its output
+    and its input ``inp``: Σ over the box of δ ⊗ the input each output position reads."""
+    n, q, k, c, h, w = delta.shape
+    out = []
+    if weight and type(layer) is nn.Conv2d:
+        stride, box = _conv_inputs(layer, axes)
+        cols = F.unfold(windows(inp, box).flatten(0, 1), layer.kernel_size, stride=stride)
+        g = delta.reshape(n * q, k * c, h * w) @ cols.transpose(1, 2)  # (N·Q, K·C, Cin·k·k)
+        out.append(g.reshape(n, q * k, -1))
+    elif weight:
+        padded, box = _transposed_padded(layer, delta.reshape(n * q * k, c, h, w), axes)
+        cols = F.unfold(padded, layer.kernel_size, stride=layer.stride)  # (rows, C·k·k, L)
+        x = windows(inp, box).flatten(3).flatten(0, 1)  # (N·Q, Cin, L)
+        g = cols.reshape(n * q, k * cols.shape[1], -1) @ x.transpose(1, 2)
+        out.append(g.reshape(n, q * k, -1))
+    if bias:
+        out.append(delta.sum(dim=(-2, -1)).reshape(n, q * k, c))
+    return out
+
+
+def segment_sums(delta: Tensor, axes: Axes, z: Tensor, cols: Tensor | None, gain: bool):
+    """(Σ δ z per map or None, Σ δ per map, s or None): a PSF → map-affine segment's sums from δ
+    (N, Q, K, m, h, w) at its output, z (N, m, H, W) before the affine and its shifted inputs
+    cols (N, H·W, r), each (N, Q·K, ...) for `hil.ntkd.factored`'s segment terms."""
+    n, q, k, m, h, w = delta.shape
+    sums = delta.sum(dim=(-2, -1)).reshape(n, q * k, m)
+    gains = None
+    if gain and cols is None:
+        gains = (delta * windows(z, axes)[:, :, None]).sum(dim=(-2, -1)).reshape(n, q * k, m)
+    s = None
+    if cols is not None:  # the PSF's: Σ_l δ[l] cols[l, u] over each box
+        maps = cols.transpose(1, 2).reshape(n, -1, *z.shape[-2:])
+        boxed = windows(maps, axes).flatten(3).flatten(0, 1)  # (N·Q, r, h·w)
+        s = delta.reshape(n * q, k * m, h * w) @ boxed.transpose(1, 2)
+        s = s.reshape(n, q * k, -1)
+    return gains, sums, s
+
+
+def _conv_inputs(layer: nn.Conv2d, axes: Axes) -> tuple[tuple[int, int], Axes]:
+    """(stride, the boxes of its zero-padded input) that a Conv2d's outputs in boxes `axes`
+    read: output o reads inputs o·s − p + t, t < k."""
+    plain = layer.groups == 1 and tuple(layer.dilation) == (1, 1) and layer.padding_mode == "zeros"
+    if not plain or isinstance(layer.padding, str):
+        raise Unsupported
+    boxes = [
+        Axis(a.start * s - p, a.stride * s, (a.size - 1) * s + k, a.cells)
+        for a, k, s, p in zip(axes, layer.kernel_size, layer.stride, layer.padding, strict=True)
+    ]
+    return tuple(layer.stride), (boxes[0], boxes[1])
+
+
+def _transposed_padded(layer: nn.ConvTranspose2d, rows: Tensor, axes: Axes):
+    """(δ rows padded or cut to what each input box's outputs span, the input boxes) for a
+    ConvTranspose2d, whose input i reaches outputs i·s − p + t, t < k: then δ at the input is
+    conv2d(padded, weight, stride s), and each column of its unfold one input's outputs."""
+    if layer.groups != 1 or tuple(layer.dilation) != (1, 1):
+        raise Unsupported
+    pads, new = [], []
+    for a, k, s, p in zip(axes, layer.kernel_size, layer.stride, layer.padding, strict=True):
+        if a.stride % s:
+            raise Unsupported  # the input boxes would not lie on a regular grid
+        first = -(-(a.start + p - k + 1) // s)
+        size = (a.start + a.size - 1 + p) // s - first + 1
+        lo = a.start - (first * s - p)
+        pads.append((lo, (size - 1) * s + k - a.size - lo))
+        new.append(Axis(first, a.stride // s, size, a.cells))
+    (top, bottom), (left, right) = pads
+    return F.pad(rows, (left, right, top, bottom)), (new[0], new[1])

@@ -22,7 +22,8 @@ from hil.ntkd.exact import check_batch_independent, contract, select_params, stu
 from hil.ntkd.plan import Plan, Segment, Unsupported, make_plan, uniform_block
 from hil.ntkd.windows import (
     cell_axes,
-    conv_gradients,
+    conv_factors,
+    conv_of_maps,
     pointwise_slope,
     seeds,
     segment_sums,
@@ -136,7 +137,7 @@ class _KernelOf(nn.Module):
 class _Term(NamedTuple):
     """Per-sample factors of one batch whose kernel term is G ⊙ (a a'ᵀ) for a Linear's weight
     (a: its inputs, None otherwise), plus G if plain, where G is `_Gram`'s sum over g (N, C, F)
-    with metric w and low-rank part b."""
+    with metric w (diagonal (F,) or full (F, F)) and low-rank part b."""
 
     g: Tensor
     w: Tensor | None
@@ -146,23 +147,24 @@ class _Term(NamedTuple):
 
 
 class _Gram(torch.autograd.Function):
-    """Σ_c g_c diag(w) g_cᵀ + Σ_c (g_c b)(g_c b)ᵀ over the classes c of g (N, C, F), with the
-    backward of a symmetric product (w None: no diag; b None: no low-rank part).
+    """Σ_c g_c W g_cᵀ + Σ_c (g_c b)(g_c b)ᵀ over the classes c of g (N, C, F), with the
+    backward of a symmetric product; W is diag(w) for w (F,), w itself for a symmetric (F, F),
+    the identity for None; b None: no low-rank part.
 
     b (F, q) maps a class's F gradient entries to q more that are linear in them (a gain's
     gradient is its PSF's contracted with the kernel), so their Gram rides on this one: no
     separate product, and their gradient is accumulated into g's by the same addmm.
     Autograd would take g's gradient twice, once per factor; the two are one: with
-    M = dK + dKᵀ, ∂/∂g = M g diag(w) + (M g b) bᵀ, ∂/∂w = ½ Σ_i g_i ⊙ (M g)_i and
-    ∂/∂b = Σ_i g_iᵀ (M g b)_i. Written with torch ops, so the backward is itself
-    differentiable.
+    M = dK + dKᵀ, ∂/∂g = M g W + (M g b) bᵀ, ∂/∂w = ½ Σ_i g_i ⊙ (M g)_i (½ Σ_i,c g_icᵀ (M g)_ic
+    for a full W) and ∂/∂b = Σ_i g_iᵀ (M g b)_i. Written with torch ops, so the backward is
+    itself differentiable.
     """
 
     @staticmethod
     def forward(ctx, g: Tensor, w: Tensor | None, b: Tensor | None) -> Tensor:
         n, c, f = g.shape
         flat = g.reshape(n, c * f)
-        k = (flat if w is None else flat * w.repeat(c)) @ flat.T
+        k = _metric(g, w).reshape(n, c * f) @ flat.T
         v = None
         if b is not None:
             v = (g.reshape(n * c, f) @ b).reshape(n, -1)
@@ -178,9 +180,11 @@ class _Gram(torch.autograd.Function):
         m = dk + dk.T
         mg = m @ flat
         grad_w = grad_b = None
-        if w is not None and ctx.needs_input_grad[1]:
+        if w is not None and w.dim() == 2 and ctx.needs_input_grad[1]:
+            grad_w = 0.5 * g.reshape(n * c, f).T @ mg.reshape(n * c, f)
+        elif w is not None and ctx.needs_input_grad[1]:
             grad_w = 0.5 * torch.linalg.vecdot(flat, mg, dim=0).reshape(c, f).sum(0)
-        grad = (mg if w is None else mg * w.repeat(c)).reshape(n * c, f)
+        grad = _metric(mg.reshape(n, c, f), w).reshape(n * c, f)
         if b is not None:
             mv = (m @ v).reshape(n * c, -1)
             grad = grad.addmm_(mv, b.T)  # in place: the out-of-place addmm copies first
@@ -189,11 +193,62 @@ class _Gram(torch.autograd.Function):
         return grad.reshape(n, c, f), grad_w, grad_b
 
 
+class _Pairs(NamedTuple):
+    """Per-sample gradients Σ_l d[l] ⊗ c[l] over each cell's box positions l, kept as their
+    factors d (N, Q, L, K·X) and c (N, Q, L, F) (`conv_factors`): the Gram over positions
+    Σ_q Σ_ll' (d d'ᵀ)(c c'ᵀ), summed over the K classes inside d, is smaller than the gradients
+    (N, Q·K, X·F) when N·L² < K·X·F, as in a decoder's low-resolution middle."""
+
+    d: Tensor
+    c: Tensor
+
+
+def _pair_kernel(t: _Pairs, t2: _Pairs) -> Tensor:
+    """The kernel term of `_Pairs` t between its batch and t2's."""
+    (n, q, length), n2 = t.d.shape[:3], t2.d.shape[0]
+
+    def rows(f: Tensor) -> Tensor:  # (Q, N·L, ·)
+        return f.transpose(0, 1).reshape(q, -1, f.shape[-1])
+
+    d, c = rows(t.d), rows(t.c)
+    d2, c2 = (d, c) if t2 is t else (rows(t2.d), rows(t2.c))
+    both = (d @ d2.transpose(1, 2)) * (c @ c2.transpose(1, 2))  # (Q, N·L, N2·L)
+    return both.reshape(q, n, length, n2, length).sum(dim=(0, 2, 4))
+
+
+def _explicit(t: _Term | _Pairs) -> _Term:
+    """`_Pairs` as the per-sample gradients they factor (classes and entries in one axis)."""
+    if isinstance(t, _Term):
+        return t
+    return _Term((t.d.transpose(2, 3) @ t.c).reshape(t.d.shape[0], 1, -1), None, None, None, True)
+
+
+def _conv_terms(
+    layer: nn.Module, inp: Tensor, delta: Tensor, axes, weight: bool, bias: bool
+) -> list[_Term | _Pairs]:
+    """A convolution's weight term (as `_Pairs` where they are the smaller) and bias term."""
+    n, q, k, c = delta.shape[:4]
+    out: list[_Term | _Pairs] = []
+    if weight:
+        d, cols = conv_factors(layer, inp, delta, axes)
+        pairs = _Pairs(d, cols)
+        out.append(pairs if n * d.shape[2] ** 2 < d.shape[3] * cols.shape[3] else _explicit(pairs))
+    if bias:
+        out.append(_Term(delta.sum(dim=(-2, -1)).reshape(n, q * k, c), None, None, None, True))
+    return out
+
+
+def _metric(g: Tensor, w: Tensor | None) -> Tensor:
+    """g (N, C, F) times `_Gram`'s W on its last axis."""
+    if w is None:
+        return g
+    return g @ w if w.dim() == 2 else g * w
+
+
 def _cross(t: _Term, t2: _Term) -> Tensor:
     """The kernel term of `_Term` t between two batches: `_Gram`'s sum with g' on the right."""
-    n, c, f = t.g.shape
-    flat, flat2 = t.g.reshape(n, -1), t2.g.reshape(t2.g.shape[0], -1)
-    k = (flat if t.w is None else flat * t.w.repeat(c)) @ flat2.T
+    n = t.g.shape[0]
+    k = _metric(t.g, t.w).reshape(n, -1) @ t2.g.reshape(t2.g.shape[0], -1).T
     if t.b is not None:
         k = k + (t.g @ t.b).reshape(n, -1) @ (t2.g @ t.b).reshape(t2.g.shape[0], -1).T
     return k
@@ -211,6 +266,10 @@ def _batched_ntk(
         terms2 = terms if x2 is None else _sample_terms(plan, x2, outer, pooled=pooled)[0]
         total: Tensor | int = 0
         for t, t2 in zip(terms, terms2, strict=True):
+            if isinstance(t, _Pairs) and isinstance(t2, _Pairs):
+                total = total + _pair_kernel(t, t2)
+                continue
+            t, t2 = _explicit(t), _explicit(t2)  # batches of other sizes may choose otherwise
             if x2 is None:
                 gg = _Gram.apply(t.g, t.w, t.b)
                 aa = None if t.a is None else _Gram.apply(t.a[:, None], None, None)
@@ -229,8 +288,8 @@ _Pooled = tuple[int, tuple[int, ...] | None] | None  # (pool, region) of a logit
 
 def _sample_terms(
     plan: Plan, x: Tensor, create_graph: bool, flat: bool = False, pooled: _Pooled = None
-) -> tuple[list[_Term], Tensor]:
-    """The kernel terms of batch ``x`` (see `_Term`), in the order of the plan, and its outputs.
+) -> tuple[list[_Term | _Pairs], Tensor]:
+    """The kernel terms of batch ``x`` (`_Term`, `_Pairs`) in the plan's order, and its outputs.
 
     δ_c at every site is walked back from the outputs (`_walked_deltas`) or, where the walk
     meets a layer it does not know, comes from one backward pass of Σ_i f_c(x_i), batched over
@@ -424,7 +483,7 @@ def _pooled_terms(
     steps: list[_Step],
     pool: int,
     region: tuple[int, ...] | None,
-) -> list[_Term]:
+) -> list[_Term | _Pairs]:
     """The kernel terms of a logit map (N, K, H, W) traced over its pool x pool cells of
     `region`: δ of every (cell, class) walked back in cell boxes (`hil.ntkd.windows`) to each
     chosen convolution and segment, whose per-sample gradients sum over the boxes only.
@@ -436,7 +495,14 @@ def _pooled_terms(
     at_segment = {id(out): site for site, out in segs}
     left = len(chosen) + len(at_segment)
     delta, terms = seeds(logits, axes), []
-    for layer, inp, out in reversed(steps):
+    for j in range(len(steps) - 1, -1, -1):
+        layer, inp, out = steps[j]
+        site = at_segment.get(id(inp)) if j else None
+        if site is not None and _fusable(layer, site, steps[j - 1]):
+            terms += _fused_terms(layer, chosen.get(id(layer)), site, steps[j - 1][1], delta, axes)
+            if left - (id(layer) in chosen) - 1 == 0:
+                return terms
+            raise Unsupported  # δ is not walked back through a segment
         if layer is None and id(out) in at_segment:
             seg, z, cols = at_segment[id(out)]
             gains, sums, s = segment_sums(delta, axes, z, cols if seg.raw else None, seg.gain)
@@ -445,13 +511,64 @@ def _pooled_terms(
         elif layer is None:
             raise Unsupported  # δ is not walked back through a segment
         elif id(layer) in chosen:
-            g = conv_gradients(layer, inp, delta, axes, *chosen[id(layer)])
-            terms += [_Term(t, None, None, None, True) for t in g]
+            terms += _conv_terms(layer, inp, delta, axes, *chosen[id(layer)])
             left -= 1
         if left == 0:
             return terms
         delta, axes = step_back(layer, inp, out, delta, axes)
     raise Unsupported
+
+
+def _fusable(layer: nn.Module | None, site: tuple[Segment, Tensor, Tensor | None], before) -> bool:
+    """Whether the Conv2d `layer` reads a PSF segment's "same" output, whose r shifted inputs
+    (with the offset's ones) are fewer than its maps: then `_fused_terms` applies."""
+    seg, z, _ = site
+    if type(layer) is not nn.Conv2d or seg.psf is None or before[1].shape[-2:] != z.shape[-2:]:
+        return False
+    plain = layer.groups == 1 and tuple(layer.dilation) == (1, 1) and layer.padding_mode == "zeros"
+    r = seg.psf.kernel[0].numel() + 1
+    return plain and not isinstance(layer.padding, str) and r < z.shape[1]
+
+
+def _fused_terms(
+    layer: nn.Conv2d,
+    flags: tuple[bool, bool] | None,
+    site: tuple[Segment, Tensor, Tensor | None],
+    h: Tensor,
+    delta: Tensor,
+    axes,
+) -> list[_Term | _Pairs]:
+    """The terms of a Conv2d and the PSF segment before it, from δ at the Conv2d's output.
+
+    The segment's output is a·cols, a (m, r) = [gain·kernel | offset] on its r shifted inputs
+    cols (`_shifted_inputs` with ones, zero outside the map as the Conv2d's padding is), so
+    with T = Σ δ ⊗ cols as the Conv2d reads them (`conv_of_maps`), its weight's per-sample
+    gradient is T aᵀ, whose Gram is T (aᵀa) Tᵀ, and the segment's s = Σ δ_seg ⊗ cols is Wᵀ T:
+    neither the m-map weight gradient nor δ at the m maps is formed (a third of the work).
+    """
+    seg, z, _ = site
+    assert seg.psf is not None
+    n, m = z.shape[:2]
+    cols = _shifted_inputs(h, seg.psf.kernel_size, None, ones=True)  # (N, H·W, r)
+    kernel = _flipped(seg.psf.kernel.to(cols.dtype))
+    gain, offset = cols.new_ones(m, 1), cols.new_zeros(m, 1)
+    if seg.affine is not None:
+        gain, offset = seg.affine.gain.reshape(m, 1), seg.affine.offset.reshape(m, 1)
+    a = torch.cat([kernel * gain, offset], dim=1)
+    maps = cols.transpose(1, 2).unflatten(-1, z.shape[-2:])  # (N, r, H, W)
+    t = conv_of_maps(layer, maps, delta, axes)  # (N, Q·K, Cout·k², r)
+    terms = []
+    weight, bias = flags or (False, False)
+    if weight:
+        terms.append(_Term(t.flatten(1, 2), a.T @ a, None, None, True))
+    if bias:
+        terms.append(_Term(delta.sum(dim=(-2, -1)).flatten(1, 2), None, None, None, True))
+    w = layer.weight.to(t.dtype).transpose(0, 1).reshape(m, -1)  # (m, Cout·k²)
+    s = (w @ t.reshape(-1, *t.shape[2:])).reshape(n, t.shape[1], m, -1)  # (N, Q·K, m, r)
+    if seg.raw:
+        return terms + [_psf_term(seg, (s if seg.offset else s[..., :-1]).flatten(2), m)]
+    gains = (s[..., :-1] * kernel).sum(-1) if seg.gain else None
+    return terms + _affine_terms(seg, gains, s[..., -1])
 
 
 def _psf_metric(front: nn.Module) -> Tensor:

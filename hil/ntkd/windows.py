@@ -21,7 +21,16 @@ from torch import Tensor, nn
 
 from hil.ntkd.plan import Unsupported
 
-__all__ = ["Axis", "cell_axes", "conv_gradients", "pointwise_slope", "seeds", "step_back"]
+__all__ = [
+    "Axis",
+    "cell_axes",
+    "conv_factors",
+    "conv_of_maps",
+    "pointwise_slope",
+    "seeds",
+    "segment_sums",
+    "step_back",
+]
 
 
 class Axis(NamedTuple):
@@ -106,28 +115,37 @@ def step_back(layer: nn.Module, inp: Tensor, out: Tensor, delta: Tensor, axes: A
     return grad * inside[:, :, None], new
 
 
-def conv_gradients(
-    layer: nn.Module, inp: Tensor, delta: Tensor, axes: Axes, weight: bool, bias: bool
-) -> list[Tensor]:
-    """Per-sample gradients (N, Q·K, F) of each (cell, class) output w.r.t. a Conv2d's or a
-    ConvTranspose2d's weight and bias (those asked for), from δ (N, Q, K, C, h, w) at its output
-    and its input ``inp``: Σ over the box of δ ⊗ the input each output position reads."""
+def conv_factors(layer: nn.Module, inp: Tensor, delta: Tensor, axes: Axes) -> tuple[Tensor, Tensor]:
+    """(d (N, Q, L, K·X), c (N, Q, L, F)) whose Σ_l d[l] ⊗ c[l] over each box's L positions is
+    the per-sample gradient of each (cell, class) output w.r.t. a Conv2d's or a
+    ConvTranspose2d's weight, from δ (N, Q, K, C, h, w) at its output and its input ``inp``:
+    for a Conv2d, δ and the input each output position reads (X = Cout, F = Cin·k²); for a
+    ConvTranspose2d, the outputs each input position reaches and the input (X = Cout·k²,
+    F = Cin)."""
     n, q, k, c, h, w = delta.shape
-    out = []
-    if weight and type(layer) is nn.Conv2d:
+    if type(layer) is nn.Conv2d:
         stride, box = _conv_inputs(layer, axes)
-        cols = F.unfold(windows(inp, box).flatten(0, 1), layer.kernel_size, stride=stride)
-        g = delta.reshape(n * q, k * c, h * w) @ cols.transpose(1, 2)  # (N·Q, K·C, Cin·k·k)
-        out.append(g.reshape(n, q * k, -1))
-    elif weight:
-        padded, box = _transposed_padded(layer, delta.reshape(n * q * k, c, h, w), axes)
-        cols = F.unfold(padded, layer.kernel_size, stride=layer.stride)  # (rows, C·k·k, L)
-        x = windows(inp, box).flatten(3).flatten(0, 1)  # (N·Q, Cin, L)
-        g = cols.reshape(n * q, k * cols.shape[1], -1) @ x.transpose(1, 2)
-        out.append(g.reshape(n, q * k, -1))
-    if bias:
-        out.append(delta.sum(dim=(-2, -1)).reshape(n, q * k, c))
-    return out
+        cols = _patches(windows(inp, box).flatten(0, 1), layer.kernel_size, stride)
+        d = delta.reshape(n, q, k * c, h * w).transpose(2, 3)
+        return d, cols.reshape(n, q, *cols.shape[1:])
+    padded, box = _transposed_padded(layer, delta.reshape(n * q * k, c, h, w), axes)
+    cols = _patches(padded, layer.kernel_size, layer.stride)  # (N·Q·K, L, C·k·k)
+    d = cols.reshape(n, q, k, *cols.shape[1:]).transpose(2, 3).flatten(3)
+    return d, windows(inp, box).flatten(3).transpose(2, 3)
+
+
+def conv_of_maps(layer: nn.Conv2d, inp_maps: Tensor, delta: Tensor, axes: Axes) -> Tensor:
+    """T (N, Q·K, Cout·k², r): Σ over the box of δ (N, Q, K, Cout, h, w) at a Conv2d's output
+    ⊗ the r maps ``inp_maps`` (N, r, H, W) its input is linear in, as that convolution reads
+    them. When the input is a·maps (m maps, r < m: a segment's output and its shifted inputs),
+    the weight's per-sample gradient is T aᵀ and the δ at the input reaches the maps' sums as
+    Wᵀ T, so neither the m-map gradient nor δ at the input is formed."""
+    n, q, k, c, h, w = delta.shape
+    stride, box = _conv_inputs(layer, axes)
+    cols = _patches(windows(inp_maps, box).flatten(0, 1), layer.kernel_size, stride)
+    t = delta.reshape(n * q, k * c, h * w) @ cols  # (N·Q, K·Cout, r·k²)
+    r = inp_maps.shape[1]
+    return t.reshape(n, q * k, c, r, -1).transpose(-1, -2).reshape(n, q * k, -1, r)
 
 
 def segment_sums(delta: Tensor, axes: Axes, z: Tensor, cols: Tensor | None, gain: bool):
@@ -146,6 +164,14 @@ def segment_sums(delta: Tensor, axes: Axes, z: Tensor, cols: Tensor | None, gain
         s = delta.reshape(n * q, k * m, h * w) @ boxed.transpose(1, 2)
         s = s.reshape(n, q * k, -1)
     return gains, sums, s
+
+
+def _patches(t: Tensor, size: tuple[int, ...], stride: tuple[int, ...]) -> Tensor:
+    """(B, C, H, W) → (B, L, C·kh·kw): `F.unfold`'s columns as rows, from one strided view and
+    one copy. `F.unfold` loops over the batch on the CPU, a millisecond for a few hundred boxes."""
+    p = t.unfold(2, size[0], stride[0]).unfold(3, size[1], stride[1])  # (B, C, oh, ow, kh, kw)
+    b, _, oh, ow = p.shape[:4]
+    return p.permute(0, 2, 3, 1, 4, 5).reshape(b, oh * ow, -1)
 
 
 def _conv_inputs(layer: nn.Conv2d, axes: Axes) -> tuple[tuple[int, int], Axes]:

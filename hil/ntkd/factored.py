@@ -546,10 +546,11 @@ def _fused_terms(
     gradient is T aᵀ, whose Gram is T (aᵀa) Tᵀ, and the segment's s = Σ δ_seg ⊗ cols is Wᵀ T:
     neither the m-map weight gradient nor δ at the m maps is formed (a third of the work).
     """
-    seg, z, _ = site
+    seg, z, cols = site
     assert seg.psf is not None
     n, m = z.shape[:2]
-    cols = _shifted_inputs(h, seg.psf.kernel_size, None, ones=True)  # (N, H·W, r)
+    if cols is None or not (seg.raw and seg.offset):  # the forward's, when they end in ones
+        cols = _shifted_inputs(h, seg.psf.kernel_size, None, ones=True)  # (N, H·W, r)
     kernel = _flipped(seg.psf.kernel.to(cols.dtype))
     gain, offset = cols.new_ones(m, 1), cols.new_zeros(m, 1)
     if seg.affine is not None:

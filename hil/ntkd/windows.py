@@ -111,6 +111,11 @@ def step_back(layer: nn.Module, inp: Tensor, out: Tensor, delta: Tensor, axes: A
     else:
         raise Unsupported
     grad = grad.reshape(n, q, k, *grad.shape[1:])
+    if all(
+        a.start >= 0 and a.start + (a.cells - 1) * a.stride + a.size <= length
+        for a, length in zip(new, inp.shape[-2:], strict=True)
+    ):
+        return grad, new
     inside = windows(inp.new_ones(1, 1, *inp.shape[-2:]), new)  # the input's own positions
     return grad * inside[:, :, None], new
 

@@ -76,6 +76,25 @@ def frame_times(trials: int = 30) -> None:
         print(f"{name:38s} best {min(times):6.1f} ms   median {np.median(times):6.1f} ms")
 
 
+def case_paths(m: int, k: int, size: int, batch: int, device: torch.device) -> dict:
+    """The same signed convolution of a random batch three ways, each a call: conv2d with the
+    flipped kernel, the frontend's FFT path and its `auto` choice."""
+    x = torch.rand(batch, 1, size, size).to(device)
+    fft = PSFFrontend(m, k, 1, True, seed=0, method="fft").to(device)
+    auto = PSFFrontend(m, k, 1, True, seed=0, method="auto").to(device)
+    auto.load_state_dict(fft.state_dict())
+    return {
+        "conv2d": lambda: F.conv2d(x, fft.kernel.flip(-2, -1), padding="same"),
+        "fft": lambda: fft(x),
+        "auto": lambda: auto(x),
+    }
+
+
+def training(fn):
+    """A training step (forward and backward) of one of `case_paths`."""
+    return lambda: fn().square().mean().backward()
+
+
 def rate(fn, batch: int, seconds: float, device: torch.device) -> float:
     """Best-of-3 images/s of fn(), each trial running for about `seconds` (on a GPU, until
     its queue is done)."""
@@ -110,23 +129,12 @@ def main() -> None:
     header = f"{'case':38s} {'mode':9s} {'conv2d':>10s} {'fft':>10s} {'auto':>10s}"
     print(header + f" {'fft/conv2d':>11s} {'auto/conv2d':>12s}")
     for name, m, k, size in CASES:
-        x = torch.rand(args.batch, 1, size, size).to(device)
-        fft = PSFFrontend(m, k, 1, True, seed=0, method="fft").to(device)
-        auto = PSFFrontend(m, k, 1, True, seed=0, method="auto").to(device)
-        auto.load_state_dict(fft.state_dict())
-        paths = {
-            "conv2d": lambda x=x, f=fft: F.conv2d(x, f.kernel.flip(-2, -1), padding="same"),
-            "fft": lambda x=x, f=fft: f(x),
-            "auto": lambda x=x, f=auto: f(x),
-        }
+        paths = case_paths(m, k, size, args.batch, device)
         with torch.no_grad():
             ref = paths["conv2d"]()
             err = float((paths["fft"]() - ref).norm() / ref.norm())
             infer = [rate(f, args.batch, args.seconds, device) for f in paths.values()]
-        train = [
-            rate(lambda f=f: f().square().mean().backward(), args.batch, args.seconds, device)
-            for f in paths.values()
-        ]
+        train = [rate(training(f), args.batch, args.seconds, device) for f in paths.values()]
         for mode, (c, f, a) in (("inference", infer), ("training", train)):
             print(f"{name:38s} {mode:9s} {c:10.0f} {f:10.0f} {a:10.0f} {f / c:11.2f} {a / c:12.2f}")
         print(f"{'':38s} FFT vs conv2d relative error {err:.1e}")

@@ -12,7 +12,12 @@ and the load average (1 min) when the row was done. The floors:
 - KD and NTKD steps (on `--device`): a CE step of the same student at batch 128 (8x8 digits on
   the 32x32 display; the teacher's cached logits and features are random tensors of their
   shapes, which cost the same as real ones);
-- the teacher-feature cache: R x one batched JVP of resnet18 (28x28, R = 16, 32 samples).
+- a segmentation NTKD epoch (on `--device`): a CE epoch of the shapes student (56 signed 3x3
+  kernels + the up-convolution decoder, logits pooled to 4x4, batch 8);
+- the teacher-feature cache: R x one batched JVP of resnet18 (28x28, R = 16, 32 samples);
+- the PSF frontend's training step (its `auto` path): `F.conv2d` with the flipped kernel, for a
+  small and a large PSF (on `--device`);
+- the capture store's commits: a bare h5py dataset written and flushed in the same batches.
 
 Each script named in the table prints the same figures with more detail.
 """
@@ -29,6 +34,9 @@ import torch
 from capture_speed import cpu_hogs
 from foreign_bench import ROOT, capture_rate, timed_calibration
 from ntkd_speed import step_times, stepper
+from optics_speed import CASES, case_paths, rate, training
+from segmentation_speed import epoch_ratios
+from store_speed import ratios as store_ratios
 from teacher_cache_speed import cache_time, floor_time
 
 from calibration import calfile
@@ -117,6 +125,40 @@ def cache_row(repeats: int, device: torch.device) -> tuple:
     )  # fmt: skip
 
 
+def segmentation_row(repeats: int, device: torch.device) -> tuple:
+    """A shapes NTKD epoch over a CE epoch, pool 4."""
+    found, _ = epoch_ratios(repeats, 4, device)
+    return (
+        "segmentation NTKD epoch, pool 4", "CE epoch", min(found), statistics.median(found),
+        "≤ 3", load(), "segmentation_speed.py",
+    )  # fmt: skip
+
+
+def optics_rows(repeats: int, device: torch.device) -> list[tuple]:
+    """The frontend's training step (`auto`) over conv2d's, per case, interleaved repeats."""
+    rows = []
+    for name, m, k, size in CASES:
+        paths = {p: training(f) for p, f in case_paths(m, k, size, 128, device).items()}
+        found = [
+            rate(paths["conv2d"], 128, 0.2, device) / rate(paths["auto"], 128, 0.2, device)
+            for _ in range(repeats)
+        ]
+        rows.append(
+            (f"PSF frontend training step, {name}", "F.conv2d", min(found),
+             statistics.median(found), "≤ 1.1", load(), "optics_speed.py")
+        )  # fmt: skip
+    return rows
+
+
+def store_row(repeats: int) -> tuple:
+    """Capture-store commits over plain h5py writes of the same rows."""
+    found, _ = store_ratios(960, 24, repeats)
+    return (
+        "capture store, 24 rows per commit", "plain h5py writes", min(found),
+        statistics.median(found), "≤ 2", load(), "store_speed.py",
+    )  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats of step rows")
@@ -128,7 +170,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         rows = bench_rows(Path(tmp))
     rows += step_rows(args.repeats, args.steps, args.device)
+    rows.append(segmentation_row(args.repeats, args.device))
     rows.append(cache_row(2, args.device))
+    rows += optics_rows(args.repeats, args.device)
+    rows.append(store_row(args.repeats))
     print("| stage | floor or reference | ratio (min / median) | goal | met | load | script |")
     print("| --- | --- | ---: | --- | --- | ---: | --- |")
     for stage, ref, low, mid, goal, busy, script in rows:

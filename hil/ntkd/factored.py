@@ -24,6 +24,7 @@ from hil.ntkd.windows import (
     cell_axes,
     conv_factors,
     conv_of_maps,
+    plain_conv,
     pointwise_slope,
     seeds,
     segment_sums,
@@ -224,12 +225,14 @@ def _explicit(t: _Term | _Pairs) -> _Term:
 
 
 def _conv_terms(
-    layer: nn.Module, inp: Tensor, delta: Tensor, axes, weight: bool, bias: bool
+    layer: nn.Module, inp: Tensor | None, delta: Tensor, axes, weight: bool, bias: bool
 ) -> list[_Term | _Pairs]:
-    """A convolution's weight term (as `_Pairs` where they are the smaller) and bias term."""
+    """A convolution's weight term (as `_Pairs` where they are the smaller; from its input
+    ``inp``) and bias term."""
     n, q, k, c = delta.shape[:4]
     out: list[_Term | _Pairs] = []
     if weight:
+        assert inp is not None
         d, cols = conv_factors(layer, inp, delta, axes)
         pairs = _Pairs(d, cols)
         out.append(pairs if n * d.shape[2] ** 2 < d.shape[3] * cols.shape[3] else _explicit(pairs))
@@ -525,9 +528,7 @@ def _fusable(layer: nn.Module | None, site: tuple[Segment, Tensor, Tensor | None
     seg, z, _ = site
     if type(layer) is not nn.Conv2d or seg.psf is None or before[1].shape[-2:] != z.shape[-2:]:
         return False
-    plain = layer.groups == 1 and tuple(layer.dilation) == (1, 1) and layer.padding_mode == "zeros"
-    r = seg.psf.kernel[0].numel() + 1
-    return plain and not isinstance(layer.padding, str) and r < z.shape[1]
+    return plain_conv(layer) and seg.psf.kernel[0].numel() + 1 < z.shape[1]
 
 
 def _fused_terms(
@@ -558,12 +559,9 @@ def _fused_terms(
     a = torch.cat([kernel * gain, offset], dim=1)
     maps = cols.transpose(1, 2).unflatten(-1, z.shape[-2:])  # (N, r, H, W)
     t = conv_of_maps(layer, maps, delta, axes)  # (N, Q·K, Cout·k², r)
-    terms = []
     weight, bias = flags or (False, False)
-    if weight:
-        terms.append(_Term(t.flatten(1, 2), a.T @ a, None, None, True))
-    if bias:
-        terms.append(_Term(delta.sum(dim=(-2, -1)).flatten(1, 2), None, None, None, True))
+    terms = [_Term(t.flatten(1, 2), a.T @ a, None, None, True)] if weight else []
+    terms += _conv_terms(layer, None, delta, axes, False, bias)
     w = layer.weight.to(t.dtype).transpose(0, 1).reshape(m, -1)  # (m, Cout·k²)
     s = (w @ t.reshape(-1, *t.shape[2:])).reshape(n, t.shape[1], m, -1)  # (N, Q·K, m, r)
     if seg.raw:

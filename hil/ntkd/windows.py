@@ -26,6 +26,7 @@ __all__ = [
     "cell_axes",
     "conv_factors",
     "conv_of_maps",
+    "plain_conv",
     "pointwise_slope",
     "seeds",
     "segment_sums",
@@ -179,11 +180,17 @@ def _patches(t: Tensor, size: tuple[int, ...], stride: tuple[int, ...]) -> Tenso
     return p.permute(0, 2, 3, 1, 4, 5).reshape(b, oh * ow, -1)
 
 
+def plain_conv(layer: nn.Conv2d) -> bool:
+    """A Conv2d whose outputs read a zero-padded input at o·s − p + t: no groups, dilation,
+    other padding mode or padding by name."""
+    plain = layer.groups == 1 and tuple(layer.dilation) == (1, 1) and layer.padding_mode == "zeros"
+    return plain and not isinstance(layer.padding, str)
+
+
 def _conv_inputs(layer: nn.Conv2d, axes: Axes) -> tuple[tuple[int, int], Axes]:
     """(stride, the boxes of its zero-padded input) that a Conv2d's outputs in boxes `axes`
     read: output o reads inputs o·s − p + t, t < k."""
-    plain = layer.groups == 1 and tuple(layer.dilation) == (1, 1) and layer.padding_mode == "zeros"
-    if not plain or isinstance(layer.padding, str):
+    if not plain_conv(layer):
         raise Unsupported
     boxes = [
         Axis(a.start * s - p, a.stride * s, (a.size - 1) * s + k, a.cells)

@@ -8,13 +8,14 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+import hil.ntkd.factored
 from hil.models.onn import ONN, StudentSpec
 from hil.ntkd.alignment import ntk_mse
 from hil.ntkd.exact import select_params, student_ntk
 from hil.ntkd.factored import _batched_ntk, ntk_and_outputs
 from hil.ntkd.losses import NTKD, PooledLogits, pooled_ntk
 from hil.ntkd.plan import make_plan
-from hil.ntkd.windows import Axis, windows
+from hil.ntkd.windows import Axis, conv_of_maps, windows
 
 F64 = torch.float64
 
@@ -33,9 +34,11 @@ def no_fallback(monkeypatch) -> None:
     monkeypatch.setattr(hil.ntkd.factored, "_factored_ntk_vmap", fail)
 
 
-def updecoder(size: int, signed: bool = True) -> nn.Module:
+def updecoder(size: int, kernels: int = 3) -> nn.Module:
+    """The shapes student's decoder; from 10 kernels on (more maps than a 3x3 PSF's 9 shifted
+    inputs and the offset's ones) its PSF segment is fused into the first convolution."""
     spec = StudentSpec(
-        kernels=3, kernel_size=3, image_size=size, backend="updecoder", classes=2, signed=signed
+        kernels=kernels, kernel_size=3, image_size=size, backend="updecoder", classes=2
     )
     return ONN(spec).double()
 
@@ -72,12 +75,13 @@ SUBSETS = {
     "up-convolutions": lambda n: n.startswith(("4.", "8.")),
 }
 
-# (model, input channels, display size, pool, region)
+# (model, kernels, input channels, display size, pool, region)
 CASES = {
-    "updecoder, region 4x4 cells": ("updecoder", 1, 12, 2, (2, 2, 8, 8)),
-    "updecoder, whole map 3x3 grid": ("updecoder", 1, 12, 3, None),
-    "updecoder, 6-pixel cells as on shapes": ("updecoder", 1, 16, 2, (2, 2, 12, 12)),
-    "odd decoder": ("odd", 2, 12, 2, (1, 2, 8, 8)),
+    "updecoder, region 4x4 cells": ("updecoder", 3, 1, 12, 2, (2, 2, 8, 8)),
+    "updecoder, whole map 3x3 grid": ("updecoder", 3, 1, 12, 3, None),
+    "updecoder, 6-pixel cells as on shapes": ("updecoder", 3, 1, 16, 2, (2, 2, 12, 12)),
+    "updecoder, 12 maps: the segment fused": ("updecoder", 12, 1, 12, 2, (2, 2, 8, 8)),
+    "odd decoder": ("odd", 0, 2, 12, 2, (1, 2, 8, 8)),
 }
 PAIRS = [(c, s) for c in CASES if c != "odd decoder" for s in SUBSETS if s != "up-convolutions"]
 PAIRS += [("odd decoder", "all"), ("odd decoder", "up-convolutions")]
@@ -87,8 +91,12 @@ PAIRS += [("odd decoder", "all"), ("odd decoder", "up-convolutions")]
 def test_pooled_kernel_equals_the_jacobian_kernel_with_its_gradients(monkeypatch, case, subset):
     """Kernel, cross-kernel and the gradients of a loss of both w.r.t. every parameter (PSF,
     map affine, convolutions, up-convolutions) agree with student_ntk of the pooled view."""
-    kind, channels, size, pool, region = CASES[case]
-    model = updecoder(size) if kind == "updecoder" else odd_decoder()
+    kind, kernels, channels, size, pool, region = CASES[case]
+    model = updecoder(size, kernels) if kind == "updecoder" else odd_decoder()
+    fused = []
+    monkeypatch.setattr(
+        hil.ntkd.factored, "conv_of_maps", lambda *a: fused.append(1) or conv_of_maps(*a)
+    )
     pick = SUBSETS[subset]
     names = None if pick is None else [n for n, _ in model.named_parameters() if pick(n)]
     x, x2 = inputs(5, channels, size, 1), inputs(3, channels, size, 2)
@@ -100,6 +108,8 @@ def test_pooled_kernel_equals_the_jacobian_kernel_with_its_gradients(monkeypatch
     plan = make_plan(model, select_params(model, names))
     fast2 = _batched_ntk(plan, x, x2, pooled=(pool, region))[0]  # no public cross kernel
     assert fast2.shape == (5, 3)
+    touches_segment = kind == "updecoder" and subset not in ("last conv", "up-convolutions")
+    assert bool(fused) == (kernels >= 10 and touches_segment)
     assert rel(fast, exact) < 1e-12 and rel(fast2, exact2) < 1e-12
     params = list(model.parameters())
     for e, f in ((exact, fast), (exact2, fast2)):

@@ -58,6 +58,14 @@ def cell_axes(hw: tuple[int, ...], pool: int, region: tuple[int, ...] | None) ->
 
 def windows(t: Tensor, axes: Axes) -> Tensor:
     """(N, C, H, W) → (N, Q, C, h, w): each cell's box of ``t``, zero where it leaves the map."""
+    boxes = _boxed(t, axes)  # (N, C, Qh, Qw, h, w)
+    n, c, qh, qw, h, w = boxes.shape
+    return boxes.permute(0, 2, 3, 1, 4, 5).reshape(n, qh * qw, c, h, w)
+
+
+def _boxed(t: Tensor, axes: Axes) -> Tensor:
+    """(N, C, H, W) → a view (N, C, Qh, Qw, h, w) of the cells' boxes of ``t`` (zero-padded
+    first where they leave the map)."""
     ah, aw = axes
     pads = []
     for a, length in ((aw, t.shape[-1]), (ah, t.shape[-2])):
@@ -68,9 +76,7 @@ def windows(t: Tensor, axes: Axes) -> Tensor:
     y0, x0 = ah.start + pads[2], aw.start + pads[0]
     t = t[..., y0 : y0 + (ah.cells - 1) * ah.stride + ah.size, :]
     t = t[..., x0 : x0 + (aw.cells - 1) * aw.stride + aw.size]
-    boxes = t.unfold(2, ah.size, ah.stride).unfold(3, aw.size, aw.stride)  # (N, C, Qh, Qw, h, w)
-    n, c = boxes.shape[:2]
-    return boxes.permute(0, 2, 3, 1, 4, 5).reshape(n, ah.cells * aw.cells, c, ah.size, aw.size)
+    return t.unfold(2, ah.size, ah.stride).unfold(3, aw.size, aw.stride)
 
 
 def seeds(logits: Tensor, axes: Axes) -> Tensor:
@@ -145,13 +151,16 @@ def conv_of_maps(layer: nn.Conv2d, inp_maps: Tensor, delta: Tensor, axes: Axes) 
     ⊗ the r maps ``inp_maps`` (N, r, H, W) its input is linear in, as that convolution reads
     them. When the input is a·maps (m maps, r < m: a segment's output and its shifted inputs),
     the weight's per-sample gradient is T aᵀ and the δ at the input reaches the maps' sums as
-    Wᵀ T, so neither the m-map gradient nor δ at the input is formed."""
+    Wᵀ T, so neither the m-map gradient nor δ at the input is formed. The maps are best
+    channels-last in memory: each patch row is then copied r entries at a time."""
     n, q, k, c, h, w = delta.shape
-    stride, box = _conv_inputs(layer, axes)
-    cols = _patches(windows(inp_maps, box).flatten(0, 1), layer.kernel_size, stride)
-    t = delta.reshape(n * q, k * c, h * w) @ cols  # (N·Q, K·Cout, r·k²)
-    r = inp_maps.shape[1]
-    return t.reshape(n, q * k, c, r, -1).transpose(-1, -2).reshape(n, q * k, -1, r)
+    (kh, kw), (sh, sw) = layer.kernel_size, layer.stride
+    box = _conv_inputs(layer, axes)[1]
+    patches = _boxed(inp_maps, box).unfold(4, kh, sh).unfold(5, kw, sw)
+    # (N, r, Qh, Qw, oh, ow, kh, kw) → (N·Q, L, k²·r): one copy, r innermost
+    cols = patches.permute(0, 2, 3, 4, 5, 6, 7, 1).reshape(n * q, h * w, -1)
+    t = delta.reshape(n * q, k * c, h * w) @ cols  # (N·Q, K·Cout, k²·r)
+    return t.reshape(n, q * k, -1, inp_maps.shape[1])
 
 
 def segment_sums(delta: Tensor, axes: Axes, z: Tensor, cols: Tensor | None, gain: bool):

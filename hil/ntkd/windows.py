@@ -13,6 +13,7 @@ made segmentation NTKD about 130× a CE step; no library walks δ this way, so i
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -63,17 +64,21 @@ def windows(t: Tensor, axes: Axes) -> Tensor:
     return boxes.permute(0, 2, 3, 1, 4, 5).reshape(n, qh * qw, c, h, w)
 
 
+def _padded(t: Tensor, axes: Axes) -> tuple[Tensor, int, int]:
+    """(``t`` zero-padded where the cells' boxes leave it, the top and left padding)."""
+    pads = []
+    for a, length in ((axes[1], t.shape[-1]), (axes[0], t.shape[-2])):
+        end = a.start + (a.cells - 1) * a.stride + a.size
+        pads += [max(0, -a.start), max(0, end - length)]
+    return (F.pad(t, pads) if any(pads) else t), pads[2], pads[0]
+
+
 def _boxed(t: Tensor, axes: Axes) -> Tensor:
     """(N, C, H, W) → a view (N, C, Qh, Qw, h, w) of the cells' boxes of ``t`` (zero-padded
     first where they leave the map)."""
     ah, aw = axes
-    pads = []
-    for a, length in ((aw, t.shape[-1]), (ah, t.shape[-2])):
-        end = a.start + (a.cells - 1) * a.stride + a.size
-        pads += [max(0, -a.start), max(0, end - length)]
-    if any(pads):
-        t = F.pad(t, pads)
-    y0, x0 = ah.start + pads[2], aw.start + pads[0]
+    t, top, left = _padded(t, axes)
+    y0, x0 = ah.start + top, aw.start + left
     t = t[..., y0 : y0 + (ah.cells - 1) * ah.stride + ah.size, :]
     t = t[..., x0 : x0 + (aw.cells - 1) * aw.stride + aw.size]
     return t.unfold(2, ah.size, ah.stride).unfold(3, aw.size, aw.stride)
@@ -137,13 +142,13 @@ def conv_factors(layer: nn.Module, inp: Tensor, delta: Tensor, axes: Axes) -> tu
     n, q, k, c, h, w = delta.shape
     if type(layer) is nn.Conv2d:
         stride, box = _conv_inputs(layer, axes)
-        cols = _patches(windows(inp, box).flatten(0, 1), layer.kernel_size, stride)
         d = delta.reshape(n, q, k * c, h * w).transpose(2, 3)
-        return d, cols.reshape(n, q, *cols.shape[1:])
+        return d, patches(inp, box, layer.kernel_size, stride)
     padded, box = _transposed_padded(layer, delta.reshape(n * q * k, c, h, w), axes)
-    cols = _patches(padded, layer.kernel_size, layer.stride)  # (N·Q·K, L, C·k·k)
-    d = cols.reshape(n, q, k, *cols.shape[1:]).transpose(2, 3).flatten(3)
-    return d, windows(inp, box).flatten(3).transpose(2, 3)
+    whole = (Axis(0, 1, padded.shape[-2], 1), Axis(0, 1, padded.shape[-1], 1))
+    cols = patches(padded, whole, layer.kernel_size, layer.stride)  # (N·Q·K, 1, L, k·k·C)
+    d = cols.reshape(n, q, k, *cols.shape[2:]).transpose(2, 3).flatten(3)
+    return d, patches(inp, box)
 
 
 def conv_of_maps(layer: nn.Conv2d, inp_maps: Tensor, delta: Tensor, axes: Axes) -> Tensor:
@@ -154,11 +159,8 @@ def conv_of_maps(layer: nn.Conv2d, inp_maps: Tensor, delta: Tensor, axes: Axes) 
     Wᵀ T, so neither the m-map gradient nor δ at the input is formed. The maps are best
     channels-last in memory: each patch row is then copied r entries at a time."""
     n, q, k, c, h, w = delta.shape
-    (kh, kw), (sh, sw) = layer.kernel_size, layer.stride
-    box = _conv_inputs(layer, axes)[1]
-    patches = _boxed(inp_maps, box).unfold(4, kh, sh).unfold(5, kw, sw)
-    # (N, r, Qh, Qw, oh, ow, kh, kw) → (N·Q, L, k²·r): one copy, r innermost
-    cols = patches.permute(0, 2, 3, 4, 5, 6, 7, 1).reshape(n * q, h * w, -1)
+    stride, box = _conv_inputs(layer, axes)
+    cols = patches(inp_maps, box, layer.kernel_size, stride).flatten(0, 1)  # (N·Q, L, k²·r)
     t = delta.reshape(n * q, k * c, h * w) @ cols  # (N·Q, K·Cout, k²·r)
     return t.reshape(n, q * k, -1, inp_maps.shape[1])
 
@@ -181,12 +183,39 @@ def segment_sums(delta: Tensor, axes: Axes, z: Tensor, cols: Tensor | None, gain
     return gains, sums, s
 
 
-def _patches(t: Tensor, size: tuple[int, ...], stride: tuple[int, ...]) -> Tensor:
-    """(B, C, H, W) → (B, L, C·kh·kw): `F.unfold`'s columns as rows, from one strided view and
-    one copy. `F.unfold` loops over the batch on the CPU, a millisecond for a few hundred boxes."""
-    p = t.unfold(2, size[0], stride[0]).unfold(3, size[1], stride[1])  # (B, C, oh, ow, kh, kw)
-    b, _, oh, ow = p.shape[:4]
-    return p.permute(0, 2, 3, 1, 4, 5).reshape(b, oh * ow, -1)
+def patches(
+    t: Tensor, axes: Axes, size: tuple[int, ...] = (1, 1), stride: tuple[int, ...] = (1, 1)
+) -> Tensor:
+    """(N, C, H, W) → (N, Q, L, kh·kw·C): in each cell's box, at each of the L output positions
+    of a `size` x `stride` convolution over it, the entries that position reads (zero off the
+    map), taps outer and channels inner. One channels-last copy and one gather, whose backward
+    is one index_add: a chain of unfolds backs into one full-size buffer per unfold, which was a
+    tenth of a segmentation NTKD step."""
+    ah, aw = axes
+    t, top, left = _padded(t, axes)
+    n, c, _, width = t.shape
+    index = _patch_index(ah, aw, top, left, width, tuple(size), tuple(stride))
+    rows = t.permute(0, 2, 3, 1).reshape(n, -1, c)  # a view when t is channels-last already
+    out = rows.index_select(1, index.to(t.device))
+    return out.reshape(n, ah.cells * aw.cells, -1, size[0] * size[1] * c)
+
+
+@functools.lru_cache(maxsize=256)
+def _patch_index(ah: Axis, aw: Axis, top: int, left: int, width: int, size, stride) -> Tensor:
+    """Flat positions, in a map `width` wide padded by (top, left), of `patches`' entries in
+    order (cell row, cell column, output row, output column, tap row, tap column)."""
+
+    def along(a: Axis, pad: int, k: int, s: int) -> Tensor:
+        out = (a.size - k) // s + 1
+        cells = torch.arange(a.cells) * a.stride + a.start + pad
+        return (
+            cells[:, None, None] + torch.arange(out)[None, :, None] * s + torch.arange(k)
+        ).long()
+
+    rows, cols = along(ah, top, size[0], stride[0]), along(aw, left, size[1], stride[1])
+    # (Qh, oh, kh) x (Qw, ow, kw) → (Qh, Qw, oh, ow, kh, kw)
+    flat = rows[:, None, :, None, :, None] * width + cols[None, :, None, :, None, :]
+    return flat.reshape(-1)
 
 
 def plain_conv(layer: nn.Conv2d) -> bool:

@@ -64,6 +64,11 @@ def windows(t: Tensor, axes: Axes) -> Tensor:
     return boxes.permute(0, 2, 3, 1, 4, 5).reshape(n, qh * qw, c, h, w)
 
 
+def _whole(hw: tuple[int, ...]) -> Axes:
+    """One cell whose box is a whole (h, w) map."""
+    return Axis(0, 1, hw[0], 1), Axis(0, 1, hw[1], 1)
+
+
 def _padded(t: Tensor, axes: Axes) -> tuple[Tensor, int, int]:
     """(``t`` zero-padded where the cells' boxes leave it, the top and left padding)."""
     pads = []
@@ -112,17 +117,29 @@ def step_back(layer: nn.Module, inp: Tensor, out: Tensor, delta: Tensor, axes: A
     slope = pointwise_slope(layer, inp, out)
     if slope is not None:
         return delta * windows(slope, axes)[:, :, None], axes
+    # as matmuls over gathered or scattered patches: torch's CPU convolutions of a few hundred
+    # rows of tiny boxes take a per-row path, a third of a segmentation NTKD step
     n, q, k, c, h, w = delta.shape
     rows = delta.reshape(n * q * k, c, h, w)
-    if kind is nn.Conv2d:
+    weight = layer.weight.to(rows.dtype)
+    if kind is nn.Conv2d:  # each output's Wᵀδ, added onto the input positions it read
         stride, new = _conv_inputs(layer, axes)
-        grad = F.conv_transpose2d(rows, layer.weight.to(rows.dtype), stride=stride)
-    elif kind is nn.ConvTranspose2d:
+        sizes = (new[0].size, new[1].size)
+        spread = rows.permute(0, 2, 3, 1).reshape(len(rows), h * w, c) @ weight.permute(
+            0, 2, 3, 1
+        ).reshape(c, -1)  # (rows, L, k²·Cin)
+        cin = weight.shape[1]
+        index = _patch_index(*_whole(sizes), 0, 0, sizes[1], layer.kernel_size, stride)
+        grad = rows.new_zeros(len(rows), sizes[0] * sizes[1], cin)
+        grad = grad.index_add(1, index.to(rows.device), spread.reshape(len(rows), -1, cin))
+    elif kind is nn.ConvTranspose2d:  # each input's reached outputs, times W
         padded, new = _transposed_padded(layer, rows, axes)
-        grad = F.conv2d(padded, layer.weight.to(rows.dtype), stride=layer.stride)
+        sizes = (new[0].size, new[1].size)
+        cols = patches(padded, _whole(padded.shape[-2:]), layer.kernel_size, layer.stride)
+        grad = cols[:, 0] @ weight.permute(2, 3, 1, 0).reshape(-1, weight.shape[0])
     else:
         raise Unsupported
-    grad = grad.reshape(n, q, k, *grad.shape[1:])
+    grad = grad.reshape(n, q, k, *sizes, -1).permute(0, 1, 2, 5, 3, 4)
     if all(
         a.start >= 0 and a.start + (a.cells - 1) * a.stride + a.size <= length
         for a, length in zip(new, inp.shape[-2:], strict=True)
@@ -145,8 +162,7 @@ def conv_factors(layer: nn.Module, inp: Tensor, delta: Tensor, axes: Axes) -> tu
         d = delta.reshape(n, q, k * c, h * w).transpose(2, 3)
         return d, patches(inp, box, layer.kernel_size, stride)
     padded, box = _transposed_padded(layer, delta.reshape(n * q * k, c, h, w), axes)
-    whole = (Axis(0, 1, padded.shape[-2], 1), Axis(0, 1, padded.shape[-1], 1))
-    cols = patches(padded, whole, layer.kernel_size, layer.stride)  # (N·Q·K, 1, L, k·k·C)
+    cols = patches(padded, _whole(padded.shape[-2:]), layer.kernel_size, layer.stride)
     d = cols.reshape(n, q, k, *cols.shape[2:]).transpose(2, 3).flatten(3)
     return d, patches(inp, box)
 

@@ -270,9 +270,9 @@ def test_the_device_reaches_the_model_every_batch_and_the_teacher(monkeypatch):
 
     kernels: list[torch.device] = []
 
-    def watched_ntk(model, x, params=None):
+    def watched_ntk(model, x, params=None, **pooled):
         kernels.append(x.device)
-        return ntk_and_outputs(model, x, params)
+        return ntk_and_outputs(model, x, params, **pooled)
 
     monkeypatch.setattr(hil.training.loop, "to_device", spy)
     monkeypatch.setattr(hil.ntkd.teacher_cache, "to_device", spy)

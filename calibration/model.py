@@ -69,8 +69,11 @@ def predict_frames(cal: Calibration, levels: np.ndarray, exposure_s: float | Non
 
 def noise_variance(cal: Calibration, mean_dn: np.ndarray) -> np.ndarray:
     """Temporal variance (DN²) of a frame with this mean: read noise, then shot noise."""
-    electrons_dn = np.maximum(mean_dn - cal.dark_dn, 0.0)
-    return cal.read_noise_dn**2 + electrons_dn / cal.conversion_gain_e_per_dn
+    return _variance(mean_dn, cal.dark_dn, cal.read_noise_dn, cal.conversion_gain_e_per_dn)
+
+
+def _variance(mean_dn, dark_dn, read_noise_dn, gain: float) -> np.ndarray:
+    return read_noise_dn**2 + np.maximum(mean_dn - dark_dn, 0.0) / gain
 
 
 def validate_prediction(
@@ -81,17 +84,20 @@ def validate_prediction(
     `excess_rel_error` is the residual beyond what sensor noise explains, relative to the
     signal: the model's own error. `chi2` is the residual over the expected noise (1 is perfect).
     """
-    scene = cal.exposure_s * predict_signal(cal, emitted_light(cal, images))
-    predicted = cal.dark_dn + cal.exposure_s * cal.background_dn_per_s + scene
-    residual = captured - predicted
-    var = noise_variance(cal, predicted)
-    signal = predicted - cal.dark_dn
-    use = scene > 0.01 * scene.max()  # where the scene's light reaches
-    excess = max(float(np.mean(residual[..., use] ** 2) - np.mean(var[..., use])), 0.0)
+    full = cal.exposure_s * predict_signal(cal, emitted_light(cal, images))
+    use = full > 0.01 * full.max()  # where the scene's light reaches; only these pixels count
+
+    def at(values: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(values, use.shape)[use]
+
+    dark = at(cal.dark_dn)
+    predicted = dark + cal.exposure_s * at(cal.background_dn_per_s) + full[use]
+    residual2 = (at(captured) - predicted) ** 2
+    var = _variance(predicted, dark, at(cal.read_noise_dn), cal.conversion_gain_e_per_dn)
+    signal2 = np.mean((predicted - dark) ** 2)
+    excess = max(float(np.mean(residual2) - np.mean(var)), 0.0)
     return {
-        "prediction_chi2": float(np.mean(residual[..., use] ** 2 / var[..., use])),
-        "prediction_excess_rel_error": float(np.sqrt(excess / np.mean(signal[..., use] ** 2))),
-        "prediction_rel_error": float(
-            np.sqrt(np.mean(residual[..., use] ** 2) / np.mean(signal[..., use] ** 2))
-        ),
+        "prediction_chi2": float(np.mean(residual2 / var)),
+        "prediction_excess_rel_error": float(np.sqrt(excess / signal2)),
+        "prediction_rel_error": float(np.sqrt(np.mean(residual2) / signal2)),
     }

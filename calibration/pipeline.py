@@ -115,6 +115,19 @@ class _Context:
             out[i] = photometry.mean_frame(self.cam, per_image, variance=False)[0]
         return out
 
+    def show_raw(self, images: list[np.ndarray]) -> np.ndarray:
+        """Lights on, each image shown in turn: one frame of it in the camera's own counts
+        (32 frames of 1440×1080 are 100 MB in uint16, 400 MB as float64)."""
+        photometry.set_lights(self.bench, True)
+        out = None
+        for i, img in enumerate(images):
+            self.disp.show(_with_channels(img.astype(np.float32), self.design.channels))
+            frame = self.cam.snap(self.cam.frame_timeout_s()).image
+            if out is None:
+                out = np.empty((len(images), *frame.shape), frame.dtype)
+            out[i] = frame
+        return out
+
 
 @dataclass(frozen=True)
 class _Photometry:
@@ -129,13 +142,31 @@ class _Photometry:
     response: np.ndarray
     gamma: float
 
-    def signal(self, frames: np.ndarray) -> np.ndarray:
-        """Frames → scene signal in DN/s: dark and stray light removed (in place when the
-        frames are float64: a stack of 32 full frames is 400 MB at 1440×1080)."""
-        out = np.subtract(frames, self.dark, out=frames if frames.dtype == np.float64 else None)
+    def signal(self, frames: np.ndarray, window: tuple[slice, slice] | None = None) -> np.ndarray:
+        """Frames (of the sensor's `window`, default all of it) → scene signal in DN/s: dark
+        and stray light removed, in place when the frames are float64."""
+        at = window or (slice(None), slice(None))
+        out = np.subtract(frames, self.dark[at], out=frames if frames.dtype == np.float64 else None)
         out /= self.exposure
-        out -= self.background
+        out -= self.background[at]
         return out
+
+
+@dataclass(frozen=True)
+class _SignalFrames:
+    """Raw frames (N, H, W) that stand for their signal and become it only where sliced: the
+    kernel fit reads its tiles' windows, a small part of each frame, so the whole stack is never
+    held in float64."""
+
+    raw: np.ndarray
+    phot: _Photometry
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __getitem__(self, key: tuple[slice, slice, slice]) -> np.ndarray:
+        _, ys, xs = key
+        return self.phot.signal(self.raw[key].astype(np.float64), (ys, xs))
 
 
 @dataclass(frozen=True)
@@ -351,7 +382,7 @@ def _register_dim(ctx: _Context, shots: _GridShots, r: int, subimages, prefer=No
 
 def _kernel_step(ctx: _Context, phot: _Photometry, found: _Found, regs, patterns) -> tuple:
     """Kernels from random binary patterns, with the sub-images assigned to designed tiles."""
-    pattern_signal = phot.signal(ctx.show_frames(list(patterns)))
+    pattern_signal = _SignalFrames(ctx.show_raw(list(patterns)), phot)
     kern = measure_kernels(ctx.design, regs, found.subimages, patterns, pattern_signal, found.white)
     return kern, kern.record()
 

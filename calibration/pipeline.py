@@ -106,22 +106,25 @@ class _Context:
     def frame_hw(self) -> tuple[int, int]:
         return self.cam.shape
 
-    def show_frames(self, images: list[np.ndarray], per_image: int = 1) -> np.ndarray:
-        """Lights on, each image shown in turn: its mean of `per_image` frames."""
+    def _each_shown(self, images: list[np.ndarray]):
+        """Lights on, then each image on the display in turn, yielding its index once shown."""
         photometry.set_lights(self.bench, True)
-        out = np.empty((len(images), *self.frame_hw))
         for i, img in enumerate(images):
             self.disp.show(_with_channels(img.astype(np.float32), self.design.channels))
+            yield i
+
+    def show_frames(self, images: list[np.ndarray], per_image: int = 1) -> np.ndarray:
+        """Each image's mean of `per_image` frames."""
+        out = np.empty((len(images), *self.frame_hw))
+        for i in self._each_shown(images):
             out[i] = photometry.mean_frame(self.cam, per_image, variance=False)[0]
         return out
 
     def show_raw(self, images: list[np.ndarray]) -> np.ndarray:
-        """Lights on, each image shown in turn: one frame of it in the camera's own counts
-        (32 frames of 1440×1080 are 100 MB in uint16, 400 MB as float64)."""
-        photometry.set_lights(self.bench, True)
+        """One frame of each image in the camera's own counts (32 frames of 1440×1080 are
+        100 MB in uint16, 400 MB as float64)."""
         out = None
-        for i, img in enumerate(images):
-            self.disp.show(_with_channels(img.astype(np.float32), self.design.channels))
+        for i in self._each_shown(images):
             frame = self.cam.snap(self.cam.frame_timeout_s()).image
             if out is None:
                 out = np.empty((len(images), *frame.shape), frame.dtype)
